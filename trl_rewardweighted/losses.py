@@ -121,10 +121,14 @@ def weighted_nll(policy_logps: torch.Tensor, weights: torch.Tensor) -> torch.Ten
 
 def _vcb_prepare(policy_logps, ref_logps, rewards, mask):
     if policy_logps.dim() != 2:
-        raise ValueError(f"VCB inputs must be (G, n) tensors (G prompts, n completions); got {tuple(policy_logps.shape)}.")
+        raise ValueError(
+            f"VCB inputs must be (G, n) tensors (G prompts, n completions); got {tuple(policy_logps.shape)}."
+        )
     for name, t in (("ref_logps", ref_logps), ("rewards", rewards)):
         if t.shape != policy_logps.shape:
-            raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(policy_logps.shape)} like `policy_logps`.")
+            raise ValueError(
+                f"`{name}` has shape {tuple(t.shape)}, expected {tuple(policy_logps.shape)} like `policy_logps`."
+            )
     device = policy_logps.device
     r = rewards.detach().float().to(device)
     ref = ref_logps.detach().float().to(device)
@@ -201,11 +205,11 @@ def vcb_loss(
     logp, ref, r, valid = _vcb_prepare(policy_logps, ref_logps, rewards, mask)
     rn, _ = _vcb_normalised_rewards(r, valid, pair_mode == "appendix", sigma_eps_abs, sigma_eps_rel)
     s = gamma * (logp - ref) - rn  # (G, n)
-    l = (s[:, :, None] - s[:, None, :]) ** 2  # (G, n, n)
+    pair_loss = (s[:, :, None] - s[:, None, :]) ** 2  # (G, n, n)
     if pair_mode == "appendix":
-        l = l / 2.0
+        pair_loss = pair_loss / 2.0
     pairs = _vcb_pair_mask(valid, pair_mode)
-    scaled = (l / lam).masked_fill(~pairs, float("-inf")).flatten(1)
+    scaled = (pair_loss / lam).masked_fill(~pairs, float("-inf")).flatten(1)
     group_ok = valid.sum(dim=1) >= 2
     # logsumexp of an all -inf row is -inf; such groups are replaced by 0 below (and their inputs are zeros).
     per_group = lam * torch.logsumexp(scaled.masked_fill(~group_ok[:, None], 0.0), dim=1)
