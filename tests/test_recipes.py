@@ -56,3 +56,19 @@ def test_var_script_trains_from_recipe(tiny_model_path, tmp_path):
     )  # fmt: skip
     assert trainer.state.global_step == 2
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_cli_train_subcommand(tiny_model_path, tmp_path):
+    from datasets import Dataset
+
+    from tests.distributed.var_grad_layout import ROWS
+    from trl_rewardweighted.cli import main as cli_main
+
+    data = tmp_path / "rows.jsonl"
+    Dataset.from_dict(ROWS).to_json(data)
+    out = tmp_path / "cli-out"
+    argv = ["train", "var", "--config", str(ROOT / "recipes/var/smollm2-135m/config_full.yaml")]
+    argv += ["--model_name_or_path", tiny_model_path, "--dataset_name", str(data), "--dtype", "float32"]
+    argv += ["--output_dir", str(out), "--max_steps", "1", *CPU_FLAGS]
+    assert cli_main(argv) == 0
+    assert (out / "model.safetensors").exists()

@@ -24,12 +24,34 @@ _LAZY = {
     "RewardAugmentedDPOTrainer": "trl_rewardweighted.trainers.ra_dpo",
     "reward_augment_dataset": "trl_rewardweighted.data.relabel",
     "build_goal_prompt": "trl_rewardweighted.data.relabel",
+    "generate_completions": "trl_rewardweighted.sampling",
+    "score_completions": "trl_rewardweighted.sampling",
+    "groups_to_rows": "trl_rewardweighted.data.convert",
+    "groups_to_pairs": "trl_rewardweighted.data.convert",
     "var_weights": "trl_rewardweighted.losses",
     "var_loss": "trl_rewardweighted.losses",
     "vcb_loss": "trl_rewardweighted.losses",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [
+    "RewardAugmentedDPOConfig",
+    "RewardAugmentedDPOTrainer",
+    "VARConfig",
+    "VARTrainer",
+    "VCBConfig",
+    "VCBTrainer",
+    "__version__",
+    "build_goal_prompt",
+    "generate_completions",
+    "groups_to_pairs",
+    "groups_to_rows",
+    "reward_augment_dataset",
+    "score_completions",
+    "var_loss",
+    "var_weights",
+    "vcb_loss",
+]
+assert set(__all__) == set(_LAZY) | {"__version__"}
 
 
 def __getattr__(name: str):
@@ -46,8 +68,10 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .data.convert import groups_to_pairs, groups_to_rows
     from .data.relabel import build_goal_prompt, reward_augment_dataset
     from .losses import var_loss, var_weights, vcb_loss
+    from .sampling import generate_completions, score_completions
     from .trainers.ra_dpo import RewardAugmentedDPOConfig, RewardAugmentedDPOTrainer
     from .trainers.var import VARConfig, VARTrainer
     from .trainers.vcb import VCBConfig, VCBTrainer

@@ -47,7 +47,7 @@ def load_splits(script_args):
 
         from trl_rewardweighted.data.convert import load_dataset_any
 
-        data = load_dataset_any(name)
+        data = load_dataset_any(name, keep_splits=True)
         if not isinstance(data, DatasetDict):
             return data, None
     else:

@@ -1,0 +1,367 @@
+"""The ``trl-rw`` console script: sample completions, score them, convert between dataset shapes.
+
+    trl-rw generate --model M --prompts prompts.txt --n 4 --output groups.jsonl
+    trl-rw score    --input groups.jsonl --scorer trl_rewardweighted.rewards:vader_positivity --output scored.jsonl
+    trl-rw convert  --input scored.jsonl --to pairs --strategy best_worst --output pairs.jsonl
+    trl-rw sample   --model M --prompts prompts.txt --scorer SPEC --output-groups g.jsonl --output-pairs p.jsonl
+    trl-rw train    var --config recipes/var/smollm2-135m/config_full.yaml --dataset_name rows.jsonl
+
+Adding a subcommand: write ``_add_<name>_parser(subparsers)`` that registers it with ``set_defaults(func=_cmd_<name>)``
+and call it from :func:`build_parser`. A command returns nothing on success; it raises ``ValueError`` /
+``FileNotFoundError`` / ``ImportError`` with a message for the user, which :func:`main` prints as
+``trl-rw <command>: error: ...`` and exits with code 2 (set ``TRL_RW_DEBUG=1`` to get the traceback instead).
+Heavy libraries are imported inside the commands, so ``trl-rw --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_USER_ERRORS = (OSError, ValueError, ImportError)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared argument groups
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--model", required=True, help="policy model: a local folder or Hub id")
+    group.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file: .txt (one prompt per line), .jsonl/.json/.parquet with a `prompt` column, "
+        "or a save_to_disk folder",
+    )
+    group.add_argument("--n", type=int, default=4, help="completions per prompt (default: 4)")
+    group.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default: 1.0)"
+    )
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    group.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
+    group.add_argument("--seed", type=int, default=0, help="same seed, same completions (default: 0)")
+    group.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: 16)")
+    group.add_argument(
+        "--backend", choices=["auto", "transformers", "vllm"], default="auto", help="default: auto (vLLM if usable)"
+    )
+    group.add_argument("--system-prompt", default=None, help="system message added for generation only")
+    group.add_argument(
+        "--goal-score",
+        type=float,
+        default=None,
+        help="for reward-augmented DPO models: condition generation on this goal score (e.g. 10)",
+    )
+    group.add_argument(
+        "--goal-template", default=None, help="goal text template used at training (default: the paper's wording)"
+    )
+
+
+def _add_pair_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pairs")
+    group.add_argument(
+        "--strategy",
+        choices=["best_worst", "best_vs_rest", "all_pairs"],
+        default="best_worst",
+        help="how pairs are drawn from each group (default: best_worst)",
+    )
+    group.add_argument(
+        "--ties", choices=["drop", "keep"], default="drop", help="pairs with equal rewards (default: drop)"
+    )
+
+
+def _add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _add_generate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="sample n completions per prompt",
+        description="Sample n completions per prompt and write a groups dataset (prompt, completions).",
+    )
+    _add_generation_args(parser)
+    parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder (save_to_disk)")
+    _add_progress_arg(parser)
+    parser.set_defaults(func=_cmd_generate)
+
+
+def _add_score_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "score",
+        help="score the completions of a groups dataset",
+        description="Add a `rewards` column (one float per completion) to a groups dataset.",
+    )
+    parser.add_argument("--input", required=True, help="groups dataset (prompt, completions)")
+    parser.add_argument(
+        "--scorer",
+        required=True,
+        help="reward model folder / Hub id, or 'module:function' (e.g. trl_rewardweighted.rewards:vader_positivity)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="completions per scorer call (default: 16)")
+    parser.add_argument("--max-length", type=int, default=None, help="truncate reward-model inputs (default: none)")
+    parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
+    _add_progress_arg(parser)
+    parser.set_defaults(func=_cmd_score)
+
+
+def _add_convert_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert between groups, rows and pairs",
+        description="Convert a groups or rows dataset into rows (VAR), groups (VCB) or pairs (DPO / RA-DPO), "
+        "or re-save a dataset in another format (by the output suffix).",
+    )
+    parser.add_argument("--input", required=True, help="groups, rows or pairs dataset")
+    parser.add_argument("--to", required=True, choices=["rows", "groups", "pairs"], help="target shape")
+    _add_pair_args(parser)
+    parser.add_argument("--seed", type=int, default=0, help="breaks ties for the best / worst completion")
+    parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
+    parser.set_defaults(func=_cmd_convert)
+
+
+def _add_sample_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="generate + score + write groups / rows / pairs in one go",
+        description="Sample n completions per prompt, score them, and write one or more dataset shapes.",
+    )
+    _add_generation_args(parser)
+    parser.add_argument("--scorer", required=True, help="reward model folder / Hub id, or 'module:function'")
+    parser.add_argument("--score-batch-size", type=int, default=None, help="default: --batch-size")
+    _add_pair_args(parser)
+    parser.add_argument("--output-groups", default=None, help="write prompt, completions, rewards here")
+    parser.add_argument("--output-rows", default=None, help="write prompt, completion, reward here")
+    parser.add_argument("--output-pairs", default=None, help="write prompt, chosen, rejected, score_* here")
+    _add_progress_arg(parser)
+    parser.set_defaults(func=_cmd_sample)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``trl-rw`` parser with all subcommands (each sets ``func`` to the function that runs it)."""
+    from trl_rewardweighted import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="trl-rw",
+        description="trl-rewardweighted: sample and score completions, build rows / groups / pairs datasets.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_generate_parser(subparsers)
+    _add_score_parser(subparsers)
+    _add_convert_parser(subparsers)
+    _add_sample_parser(subparsers)
+    _add_train_parser(subparsers)
+    return parser
+
+
+def _add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train with a recipe (same as `python -m trl_rewardweighted.scripts.<method>`)",
+        description="Train VAR, VCB or reward-augmented DPO. Everything after the method is parsed by the method's "
+        "launch script: `--config RECIPE.yaml` plus any config field as `--field value` (strict: unknown keys fail). "
+        "For several processes use `accelerate launch -m trl_rewardweighted.scripts.<method> ...`.",
+    )
+    p.add_argument("method", choices=["var", "vcb", "ra_dpo"])
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="--config RECIPE.yaml and config overrides")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> None:
+    from trl_rewardweighted.scripts.train import main as train_main
+
+    train_main(args.method, args.script_args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Implementations
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _read_prompts(path_str: str):
+    """A Dataset with a ``prompt`` column from a .txt file (one prompt per line, blank lines skipped) or any
+    dataset file / folder with a ``prompt`` column (other columns are kept)."""
+    from datasets import Dataset
+
+    from trl_rewardweighted.data.convert import load_dataset_any
+
+    path = Path(path_str)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise FileNotFoundError(f"Prompt file not found: {path}")
+        lines = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"{path} holds no prompt (one prompt per non-blank line).")
+        return Dataset.from_dict({"prompt": prompts})
+    ds = load_dataset_any(path)
+    if "prompt" not in ds.column_names:
+        raise ValueError(f"{path} has no `prompt` column; columns found: {ds.column_names}.")
+    if len(ds) == 0:
+        raise ValueError(f"{path} holds no rows.")
+    return ds
+
+
+def _goal_prompts(ds, args, tokenizer):
+    """Add ``generation_prompt``: each prompt conditioned on ``--goal-score`` (reward-augmented DPO models)."""
+    try:
+        from trl_rewardweighted.data.relabel import build_goal_prompt
+    except ImportError as err:
+        raise ImportError(f"--goal-score needs trl_rewardweighted.data.relabel: {err}") from err
+    goal = [
+        build_goal_prompt(
+            p, score=args.goal_score, tokenizer=tokenizer, system_role="auto", template=args.goal_template
+        )
+        for p in ds["prompt"]
+    ]
+    if "generation_prompt" in ds.column_names:
+        ds = ds.remove_columns("generation_prompt")
+    return ds.add_column("generation_prompt", goal)
+
+
+def _generate(args):
+    """Run generation for ``generate`` / ``sample``; returns the groups dataset."""
+    from trl_rewardweighted.sampling import generate_completions
+
+    if args.goal_template is not None and args.goal_score is None:
+        raise ValueError("--goal-template needs --goal-score.")
+    ds = _read_prompts(args.prompts)
+    tokenizer, prompt_column = None, "prompt"
+    if args.goal_score is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        ds = _goal_prompts(ds, args, tokenizer)
+        prompt_column = "generation_prompt"
+    return generate_completions(
+        args.model,
+        ds,
+        n=args.n,
+        tokenizer=tokenizer,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        system_prompt=args.system_prompt,
+        progress=not args.no_progress,
+        prompt_column=prompt_column,
+    )
+
+
+def _reward_summary(ds, column: str = "rewards") -> str:
+    values = [r for group in ds[column] for r in group] if column == "rewards" else list(ds[column])
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    mean = f"{sum(finite) / len(finite):.4f}" if finite else "n/a"
+    nan = len(values) - len(finite)
+    return f"mean reward {mean} over {len(values)} completions" + (f" ({nan} NaN)" if nan else "")
+
+
+def _cmd_generate(args) -> None:
+    from trl_rewardweighted.data.convert import save_dataset
+
+    ds = _generate(args)
+    path = save_dataset(ds, args.output)
+    print(f"generate: wrote {len(ds)} prompts x {args.n} completions to {path}")
+
+
+def _cmd_score(args) -> None:
+    from trl_rewardweighted.data.convert import load_dataset_any, save_dataset
+    from trl_rewardweighted.sampling import score_completions
+
+    ds = load_dataset_any(args.input)
+    ds = score_completions(
+        ds, args.scorer, batch_size=args.batch_size, progress=not args.no_progress, max_length=args.max_length
+    )
+    path = save_dataset(ds, args.output)
+    print(f"score: wrote {len(ds)} rows to {path}; {_reward_summary(ds)}")
+
+
+def _convert(ds, to: str, strategy: str, ties: str, seed: int):
+    from trl_rewardweighted.data.convert import detect_shape, groups_to_pairs, groups_to_rows, rows_to_groups
+
+    shape = detect_shape(ds)
+    if shape == to:
+        return ds
+    if shape == "pairs":
+        raise ValueError(f"Cannot convert pairs to {to}: a pair does not hold the other completions of its prompt.")
+    if shape == "groups" and "rewards" not in ds.column_names:
+        raise ValueError(
+            f"The groups dataset has no `rewards` column (columns found: {ds.column_names}); score it first with "
+            "`trl-rw score`."
+        )
+    groups = rows_to_groups(ds) if shape == "rows" else ds
+    if to == "groups":
+        return groups
+    if to == "rows":
+        return groups_to_rows(groups)
+    return groups_to_pairs(groups, strategy=strategy, ties=ties, seed=seed)
+
+
+def _cmd_convert(args) -> None:
+    from trl_rewardweighted.data.convert import load_dataset_any, save_dataset
+
+    ds = load_dataset_any(args.input)
+    out = _convert(ds, args.to, args.strategy, args.ties, args.seed)
+    path = save_dataset(out, args.output)
+    print(f"convert: wrote {len(out)} {args.to} to {path} (from {len(ds)} rows)")
+
+
+def _cmd_sample(args) -> None:
+    from trl_rewardweighted.data.convert import groups_to_pairs, groups_to_rows, save_dataset
+    from trl_rewardweighted.sampling import score_completions
+
+    outputs = {"groups": args.output_groups, "rows": args.output_rows, "pairs": args.output_pairs}
+    if not any(outputs.values()):
+        raise ValueError("Give at least one of --output-groups, --output-rows, --output-pairs.")
+    groups = _generate(args)
+    groups = score_completions(
+        groups, args.scorer, batch_size=args.score_batch_size or args.batch_size, progress=not args.no_progress
+    )
+    builders = {
+        "groups": lambda: groups,
+        "rows": lambda: groups_to_rows(groups),
+        "pairs": lambda: groups_to_pairs(groups, strategy=args.strategy, ties=args.ties, seed=args.seed),
+    }
+    written = []
+    for shape, path in outputs.items():
+        if path:
+            ds = builders[shape]()
+            written.append(f"{shape}: {len(ds)} rows -> {save_dataset(ds, path)}")
+    print(f"sample: {len(groups)} prompts x {args.n} completions, {_reward_summary(groups)}; " + "; ".join(written))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``trl-rw`` with ``argv`` (default: ``sys.argv[1:]``). Returns 0; user errors exit with code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except _USER_ERRORS as err:
+        if os.environ.get("TRL_RW_DEBUG"):
+            raise
+        print(f"trl-rw {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

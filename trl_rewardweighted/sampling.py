@@ -1,0 +1,705 @@
+"""Sample n completions per prompt from a policy and score them with a reward model or a reward function.
+
+The result is the *groups* dataset shape that the rest of the package builds on::
+
+    from trl_rewardweighted.sampling import generate_completions, score_completions
+
+    groups = generate_completions("path/to/model", ["Tell me about cats."], n=4, max_new_tokens=64)
+    groups = score_completions(groups, "trl_rewardweighted.rewards:vader_positivity")
+    # columns: prompt, completions (list[str], length n), rewards (list[float], aligned with completions)
+
+``trl_rewardweighted.data.convert`` turns groups into rows (VAR) or preference pairs (DPO / reward-augmented DPO);
+``trl-rw sample`` does all of it from the command line (see docs/sampling.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "generate_completions",
+    "score_completions",
+    "load_scorer",
+    "RewardModelScorer",
+    "is_conversational_prompt",
+]
+
+BACKENDS = ("auto", "transformers", "vllm")
+# "package.module:function" (a dotted import path, a colon, a dotted attribute path).
+_CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def is_conversational_prompt(prompt: Any) -> bool:
+    """True when ``prompt`` is a list of ``{"role": ..., "content": ...}`` messages (TRL's conversational format)."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
+
+
+def _check_prompts(prompts: Sequence[Any], column: str = "prompt") -> bool:
+    """Validate that all prompts are strings or all are message lists; return True for conversational prompts."""
+    if len(prompts) == 0:
+        raise ValueError(f"No prompts: the `{column}` column / list is empty.")
+    conversational = is_conversational_prompt(prompts[0])
+    for i, prompt in enumerate(prompts):
+        if conversational:
+            if not is_conversational_prompt(prompt):
+                raise ValueError(
+                    f"Prompt {i} in `{column}` is {type(prompt).__name__}, but prompt 0 is a message list: use one "
+                    "shape for all prompts (all strings, or all lists of {'role', 'content'} messages)."
+                )
+            bad = [m for m in prompt if "role" not in m or "content" not in m]
+            if bad:
+                raise ValueError(f"Prompt {i} in `{column}` has a message without 'role'/'content': {bad[0]!r}.")
+        elif not isinstance(prompt, str):
+            raise ValueError(
+                f"Prompt {i} in `{column}` is {type(prompt).__name__}, expected a string (or, for every prompt, a "
+                "list of {'role', 'content'} messages)."
+            )
+    return conversational
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _add_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Prepend a system message; when the conversation already starts with one, prepend the text to its content."""
+    if system_prompt is None:
+        return list(messages)
+    messages = [dict(m) for m in messages]
+    if messages and messages[0].get("role") == "system":
+        messages[0]["content"] = f"{system_prompt}\n\n{messages[0]['content']}"
+        return messages
+    return [{"role": "system", "content": system_prompt}] + messages
+
+
+def _render_generation_prompt(prompt: str | list[dict], tokenizer, system_prompt: str | None) -> str:
+    """The text the policy continues: the chat template with a generation prompt, or the raw string."""
+    if _has_chat_template(tokenizer):
+        messages = prompt if is_conversational_prompt(prompt) else [{"role": "user", "content": prompt}]
+        messages = _add_system_prompt(messages, system_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if is_conversational_prompt(prompt):
+        raise ValueError(
+            "The prompts are conversational (message lists) but the tokenizer has no chat_template. Set "
+            "`tokenizer.chat_template`, or pass plain string prompts."
+        )
+    return prompt if system_prompt is None else f"{system_prompt}\n\n{prompt}"
+
+
+def _tokenize_prompts(prompts: Sequence[Any], tokenizer, system_prompt: str | None) -> list[list[int]]:
+    """Token ids of each rendered prompt. Chat-templated text already holds its special tokens, so none are added."""
+    texts = [_render_generation_prompt(p, tokenizer, system_prompt) for p in prompts]
+    add_special_tokens = not _has_chat_template(tokenizer)
+    ids = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    for i, row in enumerate(ids):
+        if len(row) == 0:
+            raise ValueError(f"Prompt {i} is empty after tokenization; remove it or give it some text.")
+    return [list(row) for row in ids]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _default_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _default_dtype():
+    """bfloat16 on a GPU that supports it, float32 otherwise (CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _load_causal_lm(path: str, model_kwargs: dict | None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": _default_dtype()}
+    kwargs.update(model_kwargs or {})
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(_default_device())
+    return model.eval()
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str):
+    """Pad token-id lists into ``(input_ids, attention_mask)`` long tensors, on the left or the right."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[i, cols] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, cols] = 1
+    return input_ids, attention_mask
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the tokenizer's EOS plus every EOS of the model's generation config."""
+    ids = _as_id_list(tokenizer.eos_token_id)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        ids += [i for i in _as_id_list(generation_config.eos_token_id) if i not in ids]
+    if not ids:
+        raise ValueError("Neither the tokenizer nor the model's generation_config defines an EOS token id.")
+    return ids
+
+
+def _pad_id(tokenizer, eos_ids: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
+def _resolve_backend(backend: str, model) -> str:
+    """``"transformers"`` or ``"vllm"``; ``"auto"`` picks vLLM when it is installed, a GPU is visible, and
+    ``model`` is a path (vLLM cannot take an already-loaded model)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKENDS}.")
+    if backend != "auto":
+        return backend
+    import torch
+
+    if isinstance(model, str) and importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        return "vllm"
+    return "transformers"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _generation_kwargs(temperature: float, top_p: float, max_new_tokens: int, eos_ids: list[int], pad_id: int):
+    """Arguments for ``model.generate``: sample with ``temperature`` and ``top_p`` only.
+
+    Every other filter is switched off explicitly (top-k, which transformers would default to 50, repetition
+    penalty, typical-p, n-gram blocking), whatever the model's ``generation_config`` says, so that the samples come
+    from the model's own distribution, as with vLLM's ``SamplingParams`` defaults. ``temperature == 0`` is greedy.
+    """
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        num_beams=1,
+        num_return_sequences=1,
+    )
+    if temperature == 0:
+        kwargs.update(do_sample=False)
+    else:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0, typical_p=1.0)
+    return kwargs
+
+
+def _decode_until_eos(tokenizer, token_ids: list[int], eos_ids: list[int]) -> str:
+    """Decode generated ids up to (not including) the first EOS, without special tokens."""
+    stop = {int(i) for i in eos_ids}
+    for k, tok in enumerate(token_ids):
+        if tok in stop:
+            token_ids = token_ids[:k]
+            break
+    return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _generate_transformers(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> list[list[str]]:
+    """n completions per prompt with ``model.generate``: ``batch_size`` prompts (``batch_size * n`` sequences) per
+    call, left padded, under a forked RNG seeded with ``seed`` (the global RNG state is left untouched)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, eos_ids)
+    kwargs = _generation_kwargs(temperature, top_p, max_new_tokens, eos_ids, pad_id)
+    device = next(model.parameters()).device
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    results: list[list[str]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            starts = range(0, len(prompt_ids), batch_size)
+            for start in tqdm(starts, desc="Generating", unit="batch", disable=not progress):
+                batch = prompt_ids[start : start + batch_size]
+                expanded = [ids for ids in batch for _ in range(n)]
+                input_ids, attention_mask = _pad(expanded, pad_id, side="left")
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+                )
+                new_tokens = output[:, input_ids.shape[1] :].tolist()
+                texts = [_decode_until_eos(tokenizer, toks, eos_ids) for toks in new_tokens]
+                results.extend(texts[i * n : (i + 1) * n] for i in range(len(batch)))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _generate_vllm(
+    model_path: str,
+    prompt_ids: list[list[int]],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    progress: bool,
+    vllm_kwargs: dict | None,
+) -> list[list[str]]:
+    """n completions per prompt with vLLM. The prompts go in as token ids (rendered and tokenized exactly as for the
+    transformers backend, so no BOS is added twice). Prompt ``i`` is sampled with seed ``seed + i``."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as err:
+        raise ImportError(
+            "backend='vllm' needs vLLM, which is not installed: `pip install vllm` (Linux with a CUDA GPU). "
+            "Use backend='transformers' (or 'auto') to generate with transformers instead."
+        ) from err
+    llm = LLM(model=model_path, seed=seed, **(vllm_kwargs or {}))
+    # Greedy decoding gives one answer; some vLLM versions refuse n > 1 with temperature 0, so ask once and repeat.
+    n_request = 1 if temperature == 0 else n
+    params = [
+        SamplingParams(n=n_request, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + i)
+        for i in range(len(prompt_ids))
+    ]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
+    texts = [[completion.text for completion in request.outputs] for request in outputs]
+    return [group * n if n_request == 1 and n > 1 else group for group in texts]
+
+
+def _prompts_dataset(prompts, prompt_column: str):
+    """A Dataset with the prompts in ``prompt_column``; stale ``completions``/``rewards`` columns are dropped."""
+    from datasets import Dataset
+
+    if isinstance(prompts, Dataset):
+        if prompt_column not in prompts.column_names:
+            raise ValueError(
+                f"The prompts dataset has no `{prompt_column}` column; columns found: {prompts.column_names}."
+            )
+        stale = [c for c in ("completions", "rewards") if c in prompts.column_names]
+        if stale:
+            warnings.warn(f"The prompts dataset already has column(s) {stale}; they are dropped and regenerated.")
+            prompts = prompts.remove_columns(stale)
+        return prompts
+    if isinstance(prompts, str) or is_conversational_prompt(prompts):
+        raise ValueError("`prompts` must be a list of prompts (or a Dataset); wrap a single prompt in a list.")
+    prompts = list(prompts)
+    _check_prompts(prompts, prompt_column)  # before Arrow, which cannot store mixed shapes
+    return Dataset.from_dict({prompt_column: prompts})
+
+
+def generate_completions(
+    model,
+    prompts,
+    n: int = 4,
+    *,
+    tokenizer=None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+    backend: str = "auto",
+    system_prompt: str | None = None,
+    progress: bool = True,
+    prompt_column: str = "prompt",
+    model_kwargs: dict | None = None,
+    vllm_kwargs: dict | None = None,
+):
+    """Sample ``n`` completions for every prompt; return a ``datasets.Dataset`` with ``prompt`` and ``completions``.
+
+    Args:
+        model: a local folder / Hub id, or an already-loaded causal LM (then ``tokenizer`` is required).
+        prompts: a list of plain strings, or a list of conversational prompts (``[{"role": "user", "content": ...}]``),
+            or a ``Dataset`` with a ``prompt_column`` column (its other columns are kept in the result).
+        n: completions per prompt.
+        tokenizer: the tokenizer; loaded from ``model`` when it is a path and this is None.
+        temperature: sampling temperature; ``0`` means greedy decoding (the n completions are then identical).
+        top_p: nucleus sampling. No other filter is applied (no top-k, no repetition penalty), whatever the model's
+            generation_config says.
+        max_new_tokens: generation stops at EOS or after this many new tokens.
+        seed: the same call with the same seed gives the same completions (the global RNG state is not changed).
+        batch_size: prompts per ``generate`` call (each call runs ``batch_size * n`` sequences). Unused by vLLM.
+        backend: ``"auto"`` (vLLM when ``vllm`` is importable, a CUDA GPU is visible and ``model`` is a path;
+            transformers otherwise), ``"transformers"`` or ``"vllm"``.
+        system_prompt: a system message put before each prompt for generation only (prepended to an existing system
+            message; ``text + "\\n\\n"`` before a plain prompt when the tokenizer has no chat template). The stored
+            ``prompt`` stays the user's prompt; the system prompt is stored in a ``system_prompt`` column.
+        progress: show a tqdm progress bar over batches.
+        prompt_column: the column of a prompts ``Dataset`` to generate from.
+        model_kwargs: extra ``from_pretrained`` arguments when ``model`` is a path (default dtype: bfloat16 on a GPU
+            that supports it, float32 on CPU).
+        vllm_kwargs: extra arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``, ``tensor_parallel_size``).
+
+    Returns:
+        A Dataset with the prompts as given (string prompts stay strings, message lists stay message lists) and
+        ``completions``: a list of ``n`` plain strings (the assistant text, special tokens and the EOS removed).
+
+    For chat models (the tokenizer has a ``chat_template``) the prompt is rendered with the chat template and
+    ``add_generation_prompt=True``; a string prompt is sent as one user message. Without a chat template the string
+    is used as is.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+
+    if isinstance(model, Path):
+        model = str(model)
+    dataset = _prompts_dataset(prompts, prompt_column)
+    prompt_list = list(dataset[prompt_column])
+    _check_prompts(prompt_list, prompt_column)
+    chosen_backend = _resolve_backend(backend, model)
+    model_is_path = isinstance(model, str)
+    if not model_is_path and tokenizer is None:
+        raise ValueError("`model` is an already-loaded model: pass its `tokenizer` as well.")
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(model)
+    prompt_ids = _tokenize_prompts(prompt_list, tokenizer, system_prompt)
+    sampling = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+
+    if chosen_backend == "vllm":
+        if not model_is_path:
+            raise ValueError("backend='vllm' needs `model` as a path or Hub id; vLLM cannot use a loaded model.")
+        completions = _generate_vllm(model, prompt_ids, progress=progress, vllm_kwargs=vllm_kwargs, **sampling)
+    else:
+        lm = _load_causal_lm(model, model_kwargs) if model_is_path else model
+        completions = _generate_transformers(
+            lm, tokenizer, prompt_ids, batch_size=batch_size, progress=progress, **sampling
+        )
+
+    dataset = dataset.add_column("completions", completions)
+    if system_prompt is not None:
+        if "system_prompt" in dataset.column_names:
+            dataset = dataset.remove_columns("system_prompt")
+        dataset = dataset.add_column("system_prompt", [system_prompt] * len(dataset))
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _completion_text(completion) -> str:
+    """A completion as plain text: a string, or the content of an assistant message list."""
+    if isinstance(completion, str):
+        return completion
+    if is_conversational_prompt(completion):
+        return "".join(str(m.get("content") or "") for m in completion)
+    raise ValueError(f"A completion must be a string (or an assistant message list), got {type(completion).__name__}.")
+
+
+class RewardModelScorer:
+    """Score ``(prompt, completion)`` pairs with an ``AutoModelForSequenceClassification`` reward model (1 label).
+
+    The text scored (see :meth:`render`) is the reward tokenizer's chat template applied to the conversation
+    ``prompt messages + [{"role": "assistant", "content": completion}]`` when the tokenizer has a chat template (a
+    string prompt becomes one user message); otherwise it is the plain concatenation ``prompt + completion`` (with
+    the tokenizer's own special tokens, e.g. BOS). Batches are right padded; the score is ``logits[:, 0]``.
+    """
+
+    def __init__(self, model, tokenizer, max_length: int | None = None):
+        num_labels = getattr(model.config, "num_labels", 1)
+        if num_labels != 1:
+            raise ValueError(
+                f"The reward model must have one output (num_labels=1), this one has {num_labels}. Is it a reward "
+                "model (AutoModelForSequenceClassification trained with one label), not a policy or a classifier?"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.templated = _has_chat_template(tokenizer)
+        self.pad_id = self._ensure_pad_id()
+
+    @classmethod
+    def from_pretrained(cls, path: str, tokenizer=None, model_kwargs: dict | None = None, **kwargs):
+        """Load the reward model (and its tokenizer, unless given) from a folder or Hub id."""
+        from transformers import AutoModelForSequenceClassification
+
+        load_kwargs = {"dtype": _default_dtype()}
+        load_kwargs.update(model_kwargs or {})
+        model = AutoModelForSequenceClassification.from_pretrained(path, **load_kwargs)
+        if "device_map" not in load_kwargs:
+            model.to(_default_device())
+        return cls(model.eval(), tokenizer if tokenizer is not None else _load_tokenizer(path), **kwargs)
+
+    def _ensure_pad_id(self) -> int:
+        """The id batches are padded with. It must equal the model's ``pad_token_id``: sequence classifiers pool
+        the rightmost token that is not ``pad_token_id``. Sets the config's pad id when it has none."""
+        config = self.model.config.get_text_config()
+        if config.pad_token_id is not None:
+            return int(config.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            eos = _as_id_list(self.tokenizer.eos_token_id)
+            if not eos:
+                raise ValueError("The reward model and its tokenizer define no pad or EOS token id; set one.")
+            pad = eos[0]
+        warnings.warn(f"The reward model config has no pad_token_id; using {pad} (from the tokenizer).")
+        config.pad_token_id = int(pad)
+        return int(pad)
+
+    def render(self, prompt, completion) -> str:
+        """The exact text the reward model scores for one ``(prompt, completion)``."""
+        completion = _completion_text(completion)
+        if not isinstance(prompt, str) and not is_conversational_prompt(prompt):
+            raise ValueError(f"A prompt must be a string or a message list, got {type(prompt).__name__}: {prompt!r}.")
+        if self.templated:
+            messages = prompt if is_conversational_prompt(prompt) else [{"role": "user", "content": prompt}]
+            messages = list(messages) + [{"role": "assistant", "content": completion}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        if is_conversational_prompt(prompt):
+            raise ValueError(
+                "The prompts are conversational but the reward model's tokenizer has no chat_template, so there is "
+                "no defined text to score. Give the tokenizer a chat_template, or use string prompts."
+            )
+        return prompt + completion
+
+    def encode(self, prompts: Sequence, completions: Sequence[str]) -> list[list[int]]:
+        """Token ids of the rendered texts (no special tokens added to chat-templated text)."""
+        texts = [self.render(p, c) for p, c in zip(prompts, completions)]
+        kwargs = {"add_special_tokens": not self.templated}
+        if self.max_length is not None:
+            kwargs.update(truncation=True, max_length=self.max_length)
+        return [list(ids) for ids in self.tokenizer(texts, **kwargs)["input_ids"]]
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str]) -> list[float]:
+        import torch
+
+        if len(prompts) == 0:
+            return []
+        input_ids, attention_mask = _pad(self.encode(prompts, completions), self.pad_id, side="right")
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        return logits[:, 0].float().cpu().tolist()
+
+
+def _import_callable(spec: str) -> Callable | None:
+    """Import ``"module:function"``; None when the module cannot be found (``spec`` may then be a path)."""
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            return None
+        raise
+    obj = module
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise ValueError(f"Scorer {spec!r}: module {module_name!r} has no attribute {attr_path!r}.")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise ValueError(f"Scorer {spec!r} is not callable (it is a {type(obj).__name__}).")
+    return obj
+
+
+def load_scorer(spec, *, tokenizer=None, model_kwargs: dict | None = None, max_length: int | None = None) -> Callable:
+    """Turn a scorer spec into a callable ``f(prompts, completions) -> list[float]``.
+
+    ``spec`` is one of:
+
+    - a Python callable ``f(prompts, completions)``, returned as is;
+    - a string ``"package.module:function"`` naming such a callable (used when the module imports);
+    - a reward model: a path / Hub id of an ``AutoModelForSequenceClassification`` with ``num_labels=1`` (any other
+      string), or an already-loaded one (then ``tokenizer`` is required). It becomes a :class:`RewardModelScorer`.
+
+    ``prompts`` are passed as stored in the dataset (strings, or message lists for conversational prompts);
+    ``completions`` are always plain strings.
+    """
+    import torch
+
+    if isinstance(spec, Path):
+        spec = str(spec)
+    if isinstance(spec, str):
+        if _CALLABLE_SPEC.match(spec) and not Path(spec).exists():
+            fn = _import_callable(spec)
+            if fn is not None:
+                return fn
+            raise ValueError(
+                f"Scorer {spec!r} looks like 'module:function' but module {spec.partition(':')[0]!r} cannot be "
+                "imported (is it installed / on PYTHONPATH?). A reward model is given as a folder path or Hub id."
+            )
+        return RewardModelScorer.from_pretrained(
+            spec, tokenizer=tokenizer, model_kwargs=model_kwargs, max_length=max_length
+        )
+    if isinstance(spec, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("The scorer is a loaded reward model: pass its `tokenizer` as well.")
+        return RewardModelScorer(spec, tokenizer, max_length=max_length)
+    if callable(spec):
+        return spec
+    raise TypeError(
+        f"Cannot use a {type(spec).__name__} as a scorer: give a reward model (path or loaded), a callable "
+        "f(prompts, completions) -> list[float], or a 'module:function' string."
+    )
+
+
+def _validate_scores(values, expected: int, first_index: int) -> list[float]:
+    """Floats from a scorer's output; None and non-finite values become NaN."""
+    if hasattr(values, "tolist"):  # torch / numpy
+        values = values.tolist()
+    values = list(values)
+    if len(values) != expected:
+        raise ValueError(
+            f"The scorer returned {len(values)} scores for {expected} completions (flat completions "
+            f"{first_index}..{first_index + expected - 1}); it must return one float per completion."
+        )
+    scores = []
+    for k, value in enumerate(values):
+        if value is None:
+            scores.append(math.nan)
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"The scorer returned {value!r} for completion {first_index + k}; expected a float."
+            ) from err
+        scores.append(value if math.isfinite(value) else math.nan)
+    return scores
+
+
+def _as_dataset(dataset):
+    from datasets import Dataset
+
+    if isinstance(dataset, Dataset):
+        return dataset
+    if isinstance(dataset, dict):
+        return Dataset.from_dict(dataset)
+    if isinstance(dataset, (list, tuple)):
+        return Dataset.from_list(list(dataset))
+    raise TypeError(
+        f"Expected a datasets.Dataset (or a dict of columns / list of rows), got {type(dataset).__name__}."
+    )
+
+
+def _group_completions(dataset) -> tuple[list, list[list]]:
+    """The ``prompt`` and ``completions`` columns, validated."""
+    missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"score_completions needs the columns `prompt` and `completions` (a list of strings per prompt); "
+            f"missing {missing}, columns found: {dataset.column_names}."
+        )
+    prompts = list(dataset["prompt"])
+    groups = list(dataset["completions"])
+    for i, group in enumerate(groups):
+        if not isinstance(group, (list, tuple)):
+            raise ValueError(
+                f"Row {i}: `completions` must be a list of strings, got {type(group).__name__}. For one completion "
+                "per row, rename the column to `completions` holding one-element lists."
+            )
+    return prompts, groups
+
+
+def score_completions(
+    dataset,
+    scorer,
+    *,
+    batch_size: int = 16,
+    tokenizer=None,
+    progress: bool = True,
+    reward_column: str = "rewards",
+    model_kwargs: dict | None = None,
+    max_length: int | None = None,
+):
+    """Score every completion of a groups dataset; return it with ``reward_column`` (list[float] per row).
+
+    Args:
+        dataset: a Dataset with ``prompt`` and ``completions`` (list of strings) columns, e.g. from
+            :func:`generate_completions`.
+        scorer: a reward model (path / Hub id / loaded), a callable ``f(prompts, completions) -> list[float]``, or a
+            ``"module:function"`` string (see :func:`load_scorer`).
+        batch_size: completions per scorer call (per reward-model forward).
+        tokenizer: the reward model's tokenizer (required for a loaded reward model).
+        progress: show a tqdm progress bar.
+        reward_column: name of the added column (replaced if it exists).
+        model_kwargs: extra ``from_pretrained`` arguments for a reward-model path.
+        max_length: truncate reward-model inputs to this many tokens (default: no truncation).
+
+    ``rewards[i][j]`` is the score of ``completions[i][j]``. Non-finite scores (NaN, inf) and None are stored as NaN
+    with a warning giving their count; the trainers skip and count such rows.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    dataset = _as_dataset(dataset)
+    prompts, groups = _group_completions(dataset)
+    fn = load_scorer(scorer, tokenizer=tokenizer, model_kwargs=model_kwargs, max_length=max_length)
+    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
+    flat_completions = [_completion_text(c) for group in groups for c in group]
+
+    scores: list[float] = []
+    starts = range(0, len(flat_completions), batch_size)
+    for start in tqdm(starts, desc="Scoring", unit="batch", disable=not progress):
+        chunk_prompts = flat_prompts[start : start + batch_size]
+        chunk = fn(chunk_prompts, flat_completions[start : start + batch_size])
+        scores.extend(_validate_scores(chunk, len(chunk_prompts), start))
+
+    bad = sum(math.isnan(s) for s in scores)
+    if bad:
+        warnings.warn(
+            f"{bad} of {len(scores)} rewards are not finite (NaN/inf/None); stored as NaN. The trainers skip and "
+            "count them; the pair converter excludes them."
+        )
+    rewards, offset = [], 0
+    for group in groups:
+        rewards.append(scores[offset : offset + len(group)])
+        offset += len(group)
+    if reward_column in dataset.column_names:
+        dataset = dataset.remove_columns(reward_column)
+    return dataset.add_column(reward_column, rewards)
