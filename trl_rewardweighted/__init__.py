@@ -24,6 +24,8 @@ _LAZY = {
     "RewardAugmentedDPOTrainer": "trl_rewardweighted.trainers.ra_dpo",
     "reward_augment_dataset": "trl_rewardweighted.data.relabel",
     "build_goal_prompt": "trl_rewardweighted.data.relabel",
+    "generate_with_goal": "trl_rewardweighted.trainers.ra_dpo",
+    "implicit_reward_relabel": "trl_rewardweighted.data.ira",
     "generate_completions": "trl_rewardweighted.sampling",
     "score_completions": "trl_rewardweighted.sampling",
     "groups_to_rows": "trl_rewardweighted.data.convert",
@@ -43,8 +45,10 @@ __all__ = [
     "__version__",
     "build_goal_prompt",
     "generate_completions",
+    "generate_with_goal",
     "groups_to_pairs",
     "groups_to_rows",
+    "implicit_reward_relabel",
     "reward_augment_dataset",
     "score_completions",
     "var_loss",
@@ -69,9 +73,10 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data.convert import groups_to_pairs, groups_to_rows
+    from .data.ira import implicit_reward_relabel
     from .data.relabel import build_goal_prompt, reward_augment_dataset
     from .losses import var_loss, var_weights, vcb_loss
     from .sampling import generate_completions, score_completions
-    from .trainers.ra_dpo import RewardAugmentedDPOConfig, RewardAugmentedDPOTrainer
+    from .trainers.ra_dpo import RewardAugmentedDPOConfig, RewardAugmentedDPOTrainer, generate_with_goal
     from .trainers.var import VARConfig, VARTrainer
     from .trainers.vcb import VCBConfig, VCBTrainer
