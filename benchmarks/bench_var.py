@@ -6,8 +6,8 @@
 Three trainers on the same model and data: SFT, VAR with a precomputed reference (`ref_weighting=True`, the reference
 pass runs once at init and is not timed), and VAR with `ref_weighting=False`. Step times are measured in interleaved
 rounds within one process (each round runs a few steps of every trainer, the first step of each round is discarded), so
-machine noise hits all three alike; the median is reported. Peak memory: on CUDA, `max_memory_allocated` per trainer
-in-process; on CPU, the peak RSS of a fresh subprocess per trainer (model + optimizer + activations). Goal: VAR ≤ 1.10×
+machine noise hits all three alike; the median is reported. Peak memory: on CUDA, `max_memory_allocated` per trainer;
+on CPU, the peak RSS sampled during `train()` in a fresh subprocess per trainer (model + optimizer + activations). Goal: VAR ≤ 1.10×
 SFT's step time and ≤ 1.05× its peak memory.
 """
 
@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,18 +120,36 @@ def run_timing(opts) -> dict:
     return {k: statistics.median(v) for k, v in kept.items()}
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def run_memory_child(opts, kind: str) -> float:
-    """Peak memory (MiB) of one trainer: CUDA max allocated, or this process's peak RSS on CPU."""
+    """Peak memory (MiB) while one trainer trains: CUDA max allocated, or on CPU the peak RSS sampled every 2 ms
+    during `train()` (the process peak `ru_maxrss` is reached while loading the model, the same for every trainer)."""
     path = model_path(opts.model)
     dataset = make_dataset(opts.rows, opts.words)
     kw = dict(batch_size=opts.batch_size, steps=opts.memory_steps, max_length=opts.max_length, bf16=opts.bf16)
     trainer = build_trainer(kind, path, dataset, kw, StepTimer())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    if torch.cuda.is_available():
+        trainer.train()
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = [_rss_mib()]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    trainer.train()
+    done.set()
+    sampler.join()
+    return max(peak[0], _rss_mib())
 
 
 def main(argv=None):
@@ -177,7 +195,7 @@ def main(argv=None):
         m_ratio = f"{mem / memory['sft']:.3f}x" if mem else "-"
         mem_s = f"{mem:.0f}" if mem else "-"
         print(f"{labels[kind]:<28}{times[kind]:>16.4f}{t_ratio:>11.3f}x{mem_s:>12}{m_ratio:>11}")
-    print("memory: " + ("CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS of a fresh process"))
+    print("memory: " + ("CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS during train()"))
 
 
 if __name__ == "__main__":
