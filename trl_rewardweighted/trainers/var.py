@@ -363,7 +363,10 @@ class VARTrainer(SFTTrainer):
         return values
 
     def _release_reference(self):
-        # The reference is only needed for the pre-pass: free it.
+        # The reference is only needed for the pre-pass: free it. A DeepSpeed inference engine built around the policy
+        # must be destroyed: its ZeRO-3 hooks stay on the shared modules and would break the training engine's forward.
+        if self._precompute_engine is not None and hasattr(self._precompute_engine, "destroy"):
+            self._precompute_engine.destroy()
         self._var_ref_model = None
         self._precompute_engine = None
 
