@@ -89,17 +89,19 @@ def save_plot(history, before, after, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history if "loss" in h and "var/weighted_reward" in h]
-    losses = [h["loss"] for h in history if "loss" in h and "var/weighted_reward" in h]
-    wrew = [h["var/weighted_reward"] for h in history if "loss" in h and "var/weighted_reward" in h]
+    logged = [h for h in history if "loss" in h and "var/ess" in h]
+    steps = [h["step"] for h in logged]
+    losses = [h["loss"] for h in logged]
+    window = max(1, len(losses) // 6)
+    smooth = [statistics.mean(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    ess = statistics.mean(h["var/ess"] for h in logged) if logged else float("nan")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
-    ax.plot(steps, losses, marker="o", color="tab:blue", label="VAR loss")
+    ax.plot(steps, losses, marker="o", ms=3, lw=0.8, color="tab:blue", alpha=0.6, label="VAR loss per step")
+    ax.plot(steps, smooth, color="tab:red", lw=2, label=f"moving average ({window} steps)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss  -Σ w·log π(y|x)", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(steps, wrew, marker="s", color="tab:orange", label="weighted reward Σ w·r")
-    ax2.set_ylabel("weighted batch reward Σ w·r", color="tab:orange")
+    ax.set_ylabel("loss  -Σ w·log π(y|x)")
+    ax.legend(title=f"mean effective sample size {ess:.1f}", fontsize=8)
     ax.set_title("Training curve")
     ax = axes[1]
     ax.boxplot([before, after], showmeans=True)
