@@ -49,6 +49,8 @@ lint: install-dev
 
 bench: install-dev
 	$(PYTHON) benchmarks/bench_var.py
+	$(PYTHON) benchmarks/bench_vcb.py
+	$(PYTHON) benchmarks/bench_ra_dpo.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache quickstart_output

@@ -316,3 +316,16 @@ def test_wrong_args_type(tiny_model_path):
         VARTrainer(
             model=tiny_model_path, args=SFTConfig(**cpu_args(output_dir="x")), train_dataset=Dataset.from_dict(ROWS)
         )
+
+
+def test_iterable_dataset_without_known_features_is_not_rejected():
+    from datasets import IterableDataset
+
+    from trl_rewardweighted.data.validation import check_float_column
+
+    def gen():
+        yield {"prompt": "a", "completion": " b", "reward": 1.0}
+
+    check_float_column(IterableDataset.from_generator(gen), "reward", "fix")  # checked later, in the collator
+    with pytest.raises(ValueError, match=r"no `reward` column \(columns: \['prompt'\]\)"):
+        check_float_column(Dataset.from_dict({"prompt": ["a"]}), "reward", "fix")

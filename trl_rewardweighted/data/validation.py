@@ -12,7 +12,10 @@ def check_float_column(dataset, column: str, fix: str, list_valued: bool = False
     """
     from datasets import Dataset
 
-    names = list(dataset.column_names or []) if hasattr(dataset, "column_names") else []
+    names = getattr(dataset, "column_names", None)
+    if names is None and not isinstance(dataset, Dataset):
+        return  # an IterableDataset with unknown features: values are checked in the collator
+    names = list(names or [])
     if column not in names:
         raise ValueError(f"The dataset has no `{column}` column (columns: {names}). {fix}")
     if not isinstance(dataset, Dataset):

@@ -1,0 +1,960 @@
+"""VCB: value-based calibration over n scored responses per prompt (arXiv 2402.16030), built on TRL's ``DPOTrainer``.
+
+One dataset row is one *prompt group*: a ``prompt``, a list of ``completions`` and one reward per completion. The
+loss (``trl_rewardweighted.losses.vcb_loss``, shared spec ``ALGORITHMS.md`` section 2) pulls the gap between the
+policy/reference log-ratios of every pair of completions of a prompt towards their reward gap divided by
+``gamma * sigma(x)``, so the optimum is ``pi(y) ∝ pi_ref(y) exp(r(x, y) / (gamma * sigma(x)))`` on the candidates.
+
+``DPOTrainer`` provides the reference model handling (a live ``ref_model``, the PEFT base with adapters disabled,
+DeepSpeed/FSDP placement, precomputation); this module changes the data (groups instead of pairs), the loss and the
+metrics. See ``docs/vcb.md`` for the user guide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import textwrap
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.data.data_collator import DataCollatorMixin
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import _tokenize, common_prefix_length
+from trl.models import prepare_deepspeed
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import (
+    add_fused_lm_head,
+    create_model_from_path,
+    get_config_model_id,
+    global_then_local_main_first,
+    pad,
+    use_adapter,
+)
+
+from ..losses import VCB_PAIR_MODES, vcb_loss, vcb_pair_stats
+from ._common import adapters_disabled, check_float_column, compute_rowwise_distributed, sequence_logps
+
+__all__ = ["VCBConfig", "VCBTrainer", "DataCollatorForVCB"]
+
+logger = get_logger(__name__)
+
+# DPO-only knobs that mean nothing for VCB, with their DPOConfig defaults. Setting one to anything else is an error.
+_DPO_ONLY_FIELDS = {
+    "loss_type": ["sigmoid"],
+    "loss_weights": None,
+    "label_smoothing": 0.0,
+    "f_divergence_type": "reverse_kl",
+    "ld_alpha": None,
+    "use_weighting": False,
+}
+_DPO_DEFAULT_BETA = 0.1
+
+# Columns produced by `VCBTrainer._prepare_dataset` (and read by `DataCollatorForVCB`).
+PROMPT_IDS = "prompt_ids"
+COMPLETION_IDS = "completion_ids"
+COMPLETION_REWARDS = "completion_rewards"
+REF_LOGPS = "ref_logps"
+
+# Sums accumulated per logging window (gathered over processes), see `VCBTrainer._record_metrics`.
+_STAT_KEYS = (
+    "calib_abs_sum",
+    "num_pairs",
+    "agree_sum",
+    "agree_count",
+    "sigma_sum",
+    "num_groups",
+    "logratio_sum",
+    "num_valid",
+    "groups_skipped",
+    "masked_completions",
+    "num_tokens",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VCBConfig(DPOConfig):
+    r"""
+    Configuration class for [`VCBTrainer`] (Value-based CaliBration, Mao et al., arXiv 2402.16030).
+
+    Inherits every field of [`~trl.DPOConfig`] (reference model, precomputation, ``max_length``, ...) and of
+    [`~transformers.TrainingArguments`]. Only the fields below are VCB-specific.
+
+    Parameters:
+        > VCB loss (Eqs. 19-20 of the paper; ``ALGORITHMS.md`` section 2)
+
+        gamma (`float`, *optional*, defaults to `0.05`):
+            Scale γ > 0 of the log-ratio in ``s_i = γ·log(π(y_i|x)/π_ref(y_i|x)) − r_i/σ(x)``. The optimum is
+            ``π ∝ π_ref·exp(r/(γσ))``: a smaller γ moves the policy further from the reference. 0.05 is the paper's best
+            value on Anthropic-HH. (The paper's Appendix A.4 code calls it ``beta``; DPO's ``beta`` is *not* used.)
+        lam (`float`, *optional*, defaults to `1.0`):
+            Temperature λ > 0 of the log-sum-exp over pairs, ``λ·log Σ exp(l_ij/λ)``. Large λ approaches a plain
+            average of the pair losses; small λ focuses on the worst pair. The paper reports it barely matters.
+        pair_mode (`str`, *optional*, defaults to `"paper"`):
+            ``"paper"``: Eq. 20, unordered pairs ``j ≥ i`` including the diagonal, population σ (1/n).
+            ``"appendix"``: the Appendix A.4 code, all ordered pairs, ``l_ij/2``, unbiased σ (1/(n−1)).
+        sigma_eps_abs (`float`, *optional*, defaults to `1e-6`):
+        sigma_eps_rel (`float`, *optional*, defaults to `1e-6`):
+            A group whose reward std is ``σ ≤ sigma_eps_abs + sigma_eps_rel·max|r|`` (all rewards equal, up to float
+            noise) gets normalised reward gaps of 0: its loss only pulls the completions' log-ratios together.
+
+        > Data
+
+        completions_column (`str`, *optional*, defaults to `"completions"`):
+            Column holding, per row, the list of completions of the row's ``prompt``: strings, or (conversational
+            data) assistant message lists / assistant texts.
+        rewards_column (`str`, *optional*, defaults to `"rewards"`):
+            Column holding, per row, one reward (float) per completion, in the same order. NaN/inf entries are
+            masked out of the loss and counted.
+
+    Notes:
+        - ``per_device_train_batch_size`` / ``per_device_eval_batch_size`` count **prompts (groups)**, not sequences:
+          a micro-batch of 4 prompts with 8 completions each forwards 32 sequences. A group is never split across
+          micro-batches or processes.
+        - The training loss is the mean over the valid groups (at least 2 completions with a finite reward) of the
+          whole optimizer step, over every gradient-accumulation micro-batch and every process, so the gradient does
+          not depend on how the step is split. (The paper sums over prompts; the mean only rescales the learning
+          rate.)
+        - ``beta`` (DPO's KL coefficient) is not used: VCB's temperature is ``gamma``. Setting ``beta`` to anything
+          but its default is an error, as are the DPO-only ``loss_type``, ``loss_weights``, ``label_smoothing``,
+          ``f_divergence_type``, ``ld_alpha`` and ``use_weighting``.
+        - ``accelerator_config.split_batches`` and ``dispatch_batches=True`` are not supported (they would cut
+          groups apart).
+    """
+
+    gamma: float = field(
+        default=0.05,
+        metadata={
+            "help": "Scale γ > 0 of the log-ratio; the optimum is π ∝ π_ref·exp(r/(γσ)). Paper default 0.05. "
+            "(DPO's `beta` is not used.)"
+        },
+    )
+    lam: float = field(
+        default=1.0,
+        metadata={"help": "Temperature λ > 0 of the log-sum-exp over the pairs of a prompt (Eq. 20)."},
+    )
+    pair_mode: str = field(
+        default="paper",
+        metadata={
+            "help": "'paper': Eq. 20 (pairs j >= i incl. diagonal, population std). 'appendix': the Appendix A.4 "
+            "code (all ordered pairs, l/2, unbiased std).",
+            "choices": list(VCB_PAIR_MODES),
+        },
+    )
+    completions_column: str = field(
+        default="completions",
+        metadata={"help": "Column with the list of completions of each prompt."},
+    )
+    rewards_column: str = field(
+        default="rewards",
+        metadata={"help": "Column with one reward per completion (same order)."},
+    )
+    sigma_eps_abs: float = field(
+        default=1e-6,
+        metadata={"help": "Absolute threshold under which a group's reward std counts as 0 (reward gaps set to 0)."},
+    )
+    sigma_eps_rel: float = field(
+        default=1e-6,
+        metadata={"help": "Relative threshold (times max|r|) under which a group's reward std counts as 0."},
+    )
+
+    def __post_init__(self):
+        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"`gamma` must be a finite number > 0, got {self.gamma!r} (paper default: 0.05).")
+        if not (isinstance(self.lam, (int, float)) and self.lam > 0 and math.isfinite(self.lam)):
+            raise ValueError(f"`lam` must be a finite number > 0, got {self.lam!r} (default: 1.0).")
+        if self.pair_mode not in VCB_PAIR_MODES:
+            raise ValueError(f"`pair_mode` must be one of {VCB_PAIR_MODES}, got {self.pair_mode!r}.")
+        for name in ("sigma_eps_abs", "sigma_eps_rel"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+        for name in ("completions_column", "rewards_column"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"`{name}` must be a non-empty column name, got {value!r}.")
+        if self.completions_column == self.rewards_column:
+            raise ValueError(f"`completions_column` and `rewards_column` are both {self.completions_column!r}.")
+        for name, default in _DPO_ONLY_FIELDS.items():
+            value = getattr(self, name)
+            if name == "loss_type" and isinstance(value, str):
+                value = [value]
+            if value != default:
+                raise ValueError(
+                    f"`{name}={value!r}` is a DPO-only option that VCB does not use; leave it at its default "
+                    f"({default!r}). VCB's loss is set by `gamma`, `lam` and `pair_mode`."
+                )
+        if self.beta != _DPO_DEFAULT_BETA:
+            raise ValueError(
+                f"`beta={self.beta!r}` is not used by VCB: its temperature is `gamma` (the paper's Appendix A.4 code "
+                f"calls it `beta`). Set `gamma={self.beta!r}` instead and leave `beta` at its default."
+            )
+        super().__post_init__()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Collator
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataCollatorForVCB(DataCollatorMixin):
+    """Pads prompt groups into one flat batch of sequences plus ``(G, n_max)`` group tensors.
+
+    Each example has ``prompt_ids`` (list[int]), ``completion_ids`` (list of list[int]), ``completion_rewards``
+    (list[float]) and optionally ``ref_logps`` (list[float]). The output holds:
+
+    - ``rewards`` (G, n_max) float32 (0 on padding) and ``group_mask`` (G, n_max) bool (True on real completions);
+    - ``ref_logps`` (G, n_max) float32 when every example carries them;
+    - ``input_ids``, ``attention_mask``, ``completion_mask`` (N, T), N = total number of completions, group-major
+      (the rows of group g follow those of group g-1, in completion order), right-padded; each prompt+completion is
+      truncated to ``max_length`` like DPO's collator.
+
+    ``rewards`` comes first so that ``transformers``' ``find_batch_size`` counts groups.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        num_groups = len(examples)
+        n_max = max(len(example[COMPLETION_IDS]) for example in examples)
+        rewards = torch.zeros(num_groups, n_max, dtype=torch.float32)
+        group_mask = torch.zeros(num_groups, n_max, dtype=torch.bool)
+        has_ref = all(example.get(REF_LOGPS) is not None for example in examples)
+        ref_logps = torch.zeros(num_groups, n_max, dtype=torch.float32) if has_ref else None
+        if self.max_length is None:
+            sl = slice(None)
+        elif self.truncation_mode == "keep_start":
+            sl = slice(None, self.max_length)
+        elif self.truncation_mode == "keep_end":
+            sl = slice(-self.max_length, None)
+        else:
+            raise ValueError(
+                f"Unsupported truncation mode: {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'."
+            )
+
+        input_ids, completion_mask = [], []
+        for g, example in enumerate(examples):
+            prompt_ids = list(example[PROMPT_IDS])
+            completions = example[COMPLETION_IDS]
+            values = example[COMPLETION_REWARDS]
+            if len(values) != len(completions):
+                raise ValueError(
+                    f"Group {g} of the batch has {len(completions)} completions but {len(values)} rewards."
+                )
+            for j, completion in enumerate(completions):
+                ids = prompt_ids + list(completion)
+                mask = [0] * len(prompt_ids) + [1] * len(completion)
+                input_ids.append(torch.tensor(ids[sl], dtype=torch.long))
+                completion_mask.append(torch.tensor(mask[sl], dtype=torch.long))
+                group_mask[g, j] = True
+            rewards[g, : len(values)] = torch.tensor([_as_float(v) for v in values], dtype=torch.float32)
+            if has_ref:
+                ref = example[REF_LOGPS]
+                ref_logps[g, : len(ref)] = torch.tensor([_as_float(v) for v in ref], dtype=torch.float32)
+
+        attention_mask = [torch.ones_like(ids) for ids in input_ids]
+        output = {"rewards": rewards, "group_mask": group_mask}
+        if has_ref:
+            output["ref_logps"] = ref_logps
+        output["input_ids"] = pad(
+            input_ids,
+            padding_value=self.pad_token_id,
+            padding_side="right",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        output["attention_mask"] = pad(
+            attention_mask, padding_value=0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+        )
+        output["completion_mask"] = pad(
+            completion_mask, padding_value=0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+        )
+        return output
+
+
+def _as_float(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class VCBTrainer(DPOTrainer):
+    r"""
+    Trainer for Value-based CaliBration (VCB, Mao et al., arXiv 2402.16030) over n scored completions per prompt.
+
+    The dataset has one row per prompt: ``prompt`` (a string, or a list of chat messages), ``completions`` (a list of
+    strings; for conversational data a list of assistant texts or of ``[{"role": "assistant", ...}]`` lists) and
+    ``rewards`` (one float per completion). An optional ``ref_logps`` column (one summed reference log-prob per
+    completion) is used instead of running a reference model.
+
+    Everything else is [`~trl.DPOTrainer`]: pass a model id or a model object, an optional ``ref_model``, a
+    ``peft_config`` (then the reference is the base model with the adapters disabled), or
+    ``precompute_ref_log_probs=True`` (computed once, sharded over processes). Without any of these and with a model
+    *object*, the reference is a frozen copy of that object taken before training.
+
+    Example:
+
+    ```python
+    from datasets import Dataset
+    from trl_rewardweighted import VCBConfig, VCBTrainer
+
+    dataset = Dataset.from_dict(
+        {
+            "prompt": ["The sky is", "Two plus two is"],
+            "completions": [[" blue.", " green.", " falling."], [" four.", " five."]],
+            "rewards": [[1.0, 0.2, -0.5], [1.0, -1.0]],
+        }
+    )
+    trainer = VCBTrainer(
+        model="path/to/sft-model",
+        args=VCBConfig(output_dir="vcb-model", gamma=0.05, per_device_train_batch_size=2),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    ```
+
+    Args:
+        model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
+        quantization_config, peft_config: as for [`~trl.DPOTrainer`]; ``args`` must be a [`VCBConfig`] and
+        ``processing_class`` a tokenizer (text only). ``compute_metrics`` is not supported (VCB has no logits to
+        evaluate) and is ignored with a warning; the VCB metrics are logged automatically.
+    """
+
+    # The loss is normalised over the whole optimizer step in `_compute_loss` (see `get_batch_samples`).
+    loss_is_scaled_for_ga = True
+
+    _tag_names = ["trl", "vcb", "trl-rewardweighted"]
+    _name = "VCB"
+    _paper = {
+        "title": "Don't Forget Your Reward Values: Language Model Alignment via Value-based Calibration",
+        "id": "2402.16030",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{mao2024dont,
+                title        = {{Don't Forget Your Reward Values: Language Model Alignment via Value-based Calibration}},
+                author       = {Xin Mao and Feng-Lin Li and Huimin Xu and Wei Zhang and Anh Tuan Luu},
+                year         = 2024,
+                eprint       = {arXiv:2402.16030},
+                journal      = {arXiv preprint arXiv:2402.16030},
+                note         = {EMNLP 2024},
+            }"""),
+    }
+
+    # Per-token fields the fused LM head computes for the policy: VCB only needs the log-probs (DPO also asks for
+    # entropy, mean logits and top-1 hits for its metrics, which cost a pass over the vocabulary each).
+    _fused_outputs = ("log_probs",)
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: VCBConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = VCBConfig(f"{model_name.split('/')[-1]}-VCB")
+        elif not isinstance(args, VCBConfig):
+            raise TypeError(
+                f"`args` must be a `VCBConfig`, got `{type(args).__name__}`. VCB needs its own fields (`gamma`, `lam`, "
+                "`pair_mode`, column names): build `VCBConfig(...)` with the same arguments."
+            )
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        if compute_metrics is not None:
+            warnings.warn(
+                "`compute_metrics` is ignored by VCBTrainer: the fused LM head builds no logits to evaluate. The VCB "
+                "metrics (calibration error, pair agreement, ...) are logged automatically.",
+                UserWarning,
+                stacklevel=2,
+            )
+            compute_metrics = None
+
+        acc = args.accelerator_config
+        if getattr(acc, "split_batches", False):
+            raise ValueError(
+                "`accelerator_config.split_batches=True` is not supported by VCBTrainer: splitting a batch across "
+                "processes would cut prompt groups apart. Leave it False (batch sizes count prompts per device)."
+            )
+        if getattr(acc, "dispatch_batches", None) is True and not isinstance(train_dataset, IterableDataset):
+            raise ValueError(
+                "`accelerator_config.dispatch_batches=True` is not supported by VCBTrainer: dispatching concatenates "
+                "and re-splits batches, which would cut prompt groups apart. Leave it unset."
+            )
+
+        first = next(iter(train_dataset))
+        if "image" in first or "images" in first:
+            raise NotImplementedError("VCBTrainer supports text data only (the dataset has an image column).")
+
+        # Processing class: resolved here (as DPO would) so the VCB collator can be built with the right pad token.
+        if processing_class is None:
+            model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+            revision = (args.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
+            processing_class = AutoProcessor.from_pretrained(
+                model_id, revision=revision, trust_remote_code=args.trust_remote_code
+            )
+        if isinstance(processing_class, ProcessorMixin) or not isinstance(processing_class, PreTrainedTokenizerBase):
+            raise TypeError(
+                f"VCBTrainer needs a tokenizer as `processing_class` (text only), got {type(processing_class).__name__}."
+            )
+        tokenizer = processing_class
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+        if data_collator is None:
+            if pad_token not in tokenizer.get_vocab():
+                raise ValueError(
+                    f"The specified `pad_token` ('{pad_token}') is not found in the vocabulary of the given "
+                    f"`processing_class` ({type(tokenizer).__name__})."
+                )
+            data_collator = DataCollatorForVCB(
+                pad_token_id=tokenizer.convert_tokens_to_ids(pad_token),
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None,
+            )
+
+        # A reference given by id: load it like the policy (DPOTrainer itself only takes a model object here).
+        if isinstance(ref_model, str):
+            ref_kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                ref_kwargs["quantization_config"] = quantization_config
+            if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+                ref_kwargs["device_map"] = None
+            ref_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            ref_model = create_model_from_path(ref_model, **ref_kwargs)
+
+        # A dataset that already carries reference log-probs needs no reference model.
+        if _column_names(train_dataset, first) and REF_LOGPS in _column_names(train_dataset, first):
+            if not args.precompute_ref_log_probs:
+                logger.info(
+                    f"The train dataset has a `{REF_LOGPS}` column: it is used as the reference and no reference "
+                    "model is kept (`precompute_ref_log_probs` set to True)."
+                )
+                args.precompute_ref_log_probs = True
+
+        # DPO reloads its reference from `config._name_or_path` when no ref_model / PEFT / precompute is given, which
+        # fails for (or silently differs from) a model object built in memory. Copy the object instead, before DPO
+        # patches the policy with the fused LM head. (Not under ZeRO-3, whose partitioned parameters cannot be
+        # deep-copied: DPO's reload from the path is kept there.)
+        if (
+            ref_model is None
+            and not isinstance(model, str)
+            and peft_config is None
+            and not is_peft_model(model)
+            and not args.precompute_ref_log_probs
+            and not is_deepspeed_zero3_enabled()
+        ):
+            ref_model = _frozen_copy(model)
+
+        # Counters filled by `_prepare_dataset` (rows dropped per dataset name).
+        self.dropped_rows: dict[str, int] = {}
+        self.nonfinite_rewards: dict[str, int] = {}
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+
+        # Re-patch the policy with a fused head that computes only the log-probs (the outer patch takes over).
+        add_fused_lm_head(
+            self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=self._fused_outputs
+        )
+        if self.aux_loss_enabled:
+            warnings.warn(
+                "VCBTrainer does not add the MoE router auxiliary loss; set `router_aux_loss_coef=0.0` to silence "
+                "this warning.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+        self._vcb_sums = {mode: torch.zeros(len(_STAT_KEYS), dtype=torch.float64) for mode in ("train", "eval")}
+        self._vcb_cumulative = {"groups_skipped": 0.0, "masked_completions": 0.0, "num_tokens": 0.0}
+        self._warned_fallback = False
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args: VCBConfig, dataset_name: str):
+        """Validate and tokenize one row per prompt group (idempotent: a tokenized dataset is returned as is)."""
+        first = next(iter(dataset))
+        names = _column_names(dataset, first)
+        if {PROMPT_IDS, COMPLETION_IDS, COMPLETION_REWARDS} <= set(names):
+            return dataset
+        completions_column, rewards_column = args.completions_column, args.rewards_column
+        if "prompt" not in names:
+            raise ValueError(
+                f"The {dataset_name} dataset has no `prompt` column (columns: {names}). VCB needs one row per prompt "
+                "with a `prompt` (a string or a list of chat messages) shared by the row's completions."
+            )
+        if completions_column not in names:
+            raise ValueError(
+                f"The {dataset_name} dataset has no `{completions_column}` column (columns: {names}). Each row needs "
+                f"the list of completions of its prompt: rename your column to `{completions_column}` or set "
+                "`VCBConfig(completions_column=...)`."
+            )
+        rewards_fix = (
+            f"Each row needs one reward per completion: rename your column to `{rewards_column}` or set "
+            "`VCBConfig(rewards_column=...)`."
+        )
+        if rewards_column not in names:
+            raise ValueError(
+                f"The {dataset_name} dataset has no `{rewards_column}` column (columns: {names}). {rewards_fix}"
+            )
+        if isinstance(dataset, Dataset):
+            check_float_column(dataset, rewards_column, rewards_fix, list_valued=True)
+        has_ref = REF_LOGPS in names
+
+        map_kwargs = {}
+        if isinstance(dataset, Dataset):
+            map_kwargs["num_proc"] = args.dataset_num_proc
+            map_kwargs["desc"] = f"Tokenizing {dataset_name} dataset"
+        with global_then_local_main_first():
+            dataset = dataset.map(
+                _tokenize_group,
+                with_indices=True,
+                fn_kwargs={
+                    "processing_class": processing_class,
+                    "completions_column": completions_column,
+                    "rewards_column": rewards_column,
+                    "has_ref": has_ref,
+                    "eos_token": self._tokenizer.eos_token,
+                },
+                **map_kwargs,
+            )
+
+        max_length = args.max_length if args.truncation_mode == "keep_start" else None
+        if isinstance(dataset, IterableDataset):
+            return dataset.filter(
+                lambda ex: (
+                    len(ex[COMPLETION_REWARDS]) >= 2 and (max_length is None or len(ex[PROMPT_IDS]) < max_length)
+                )
+            )
+
+        # Map-style: drop unusable rows, count and report them.
+        rewards_lists = dataset[COMPLETION_REWARDS]
+        prompt_lengths = [len(p) for p in dataset[PROMPT_IDS]] if max_length is not None else None
+        too_few = [i for i, r in enumerate(rewards_lists) if len(r) < 2]
+        too_long = [] if max_length is None else [i for i, n in enumerate(prompt_lengths) if n >= max_length]
+        dropped = sorted(set(too_few) | set(too_long))
+        self.dropped_rows[dataset_name] = len(dropped)
+        if too_few:
+            warnings.warn(
+                f"VCB: {len(too_few)} of {len(dataset)} rows of the {dataset_name} dataset have fewer than 2 "
+                f"completions and are skipped (no pair to calibrate), e.g. rows {too_few[:5]}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if too_long:
+            warnings.warn(
+                f"VCB: {len(too_long)} rows of the {dataset_name} dataset have a prompt of at least `max_length` "
+                f"({max_length}) tokens, which leaves no completion token, and are skipped, e.g. rows {too_long[:5]}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if len(dropped) == len(dataset):
+            raise ValueError(
+                f"No usable row in the {dataset_name} dataset: all {len(dataset)} rows have fewer than 2 completions "
+                f"(or a prompt that fills `max_length`). VCB compares completions of the same prompt: give each row "
+                f"at least 2 entries in `{completions_column}` and `{rewards_column}`."
+            )
+        if dropped:
+            keep = sorted(set(range(len(dataset))) - set(dropped))
+            dataset = dataset.select(keep)
+            rewards_lists = [rewards_lists[i] for i in keep]
+        nonfinite = [sum(not math.isfinite(v) for v in r) for r in rewards_lists]
+        self.nonfinite_rewards[dataset_name] = sum(nonfinite)
+        if sum(nonfinite):
+            warnings.warn(
+                f"VCB: {sum(nonfinite)} rewards in {sum(1 for k in nonfinite if k)} rows of the {dataset_name} dataset "
+                "are NaN/inf. Those completions are masked out of the loss; a group left with fewer than 2 finite "
+                "rewards contributes nothing and is counted in the `groups_skipped` metric.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = [PROMPT_IDS, COMPLETION_IDS, COMPLETION_REWARDS, REF_LOGPS]
+
+    def _prepare_inputs(self, inputs):
+        # Under DeepSpeed, `_prepare_input` casts every float tensor to the training dtype (bf16): a summed log-prob of
+        # -300 would then have a resolution of 2. Rewards and reference log-probs stay float32.
+        keep = {k: inputs[k] for k in ("rewards", "ref_logps") if torch.is_tensor(inputs.get(k))}
+        inputs = super()._prepare_inputs(inputs)
+        for key, value in keep.items():
+            inputs[key] = value.to(device=self.accelerator.device, dtype=torch.float32)
+        return inputs
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Reference log-probs
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _reference_context(self):
+        """Adapters off (or the "ref" adapter) when the reference is the PEFT policy itself."""
+        if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if "ref" in unwrapped.peft_config:
+                return use_adapter(unwrapped, adapter_name="ref")
+            return adapters_disabled(unwrapped)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _reference_sequence_logps(self, model, input_ids, attention_mask, labels):
+        """Summed completion log-probs (N,) of ``model`` as the reference (no grad, fp32)."""
+        with (
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_context(),
+        ):
+            logps, _ = sequence_logps(model, input_ids, attention_mask, labels)
+        return logps.float()
+
+    def _reference_grid(self, inputs, labels, group_mask):
+        if "ref_logps" in inputs:
+            return inputs["ref_logps"].float()
+        if self.precompute_ref_logps:
+            raise ValueError(
+                "The batch has no `ref_logps` although `precompute_ref_log_probs=True`: the dataset was not prepared "
+                "by this trainer. Pass it to the trainer (train/eval dataset) or to `evaluate()` so that it gets them."
+            )
+        model = self.ref_model if self.ref_model is not None else self.model
+        flat = self._reference_sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], labels)
+        return flat.new_zeros(group_mask.shape).masked_scatter(group_mask, flat)
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """Add a ``ref_logps`` column (one list per row) computed on every process, sharded, gathered on all ranks.
+
+        TRL's own precompute writes its cache with rank 0 only, which fails for in-memory datasets on several
+        processes; ``compute_rowwise_distributed`` returns the full column on every rank instead.
+        """
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+                "Dataset or set `precompute_ref_log_probs=False`."
+            )
+        if REF_LOGPS in dataset.column_names:
+            return dataset
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model if self.ref_model is not None else self.model
+        lengths = [len(r) for r in dataset[COMPLETION_REWARDS]]
+        n_max = max(lengths)
+        columns = dataset.select_columns([PROMPT_IDS, COMPLETION_IDS, COMPLETION_REWARDS])
+        device = self.accelerator.device
+
+        def compute_fn(indices):
+            batch = self.data_collator([columns[int(i)] for i in indices])
+            group_mask = batch["group_mask"].to(device)
+            input_ids = batch["input_ids"].to(device)
+            labels = input_ids.masked_fill(batch["completion_mask"].to(device) == 0, -100)
+            with self.accelerator.autocast():
+                flat = self._reference_sequence_logps(model, input_ids, batch["attention_mask"].to(device), labels)
+            grid = torch.full(group_mask.shape, float("nan"), device=device).masked_scatter(group_mask, flat)
+            return torch.nn.functional.pad(grid, (0, n_max - grid.shape[1]), value=float("nan"))
+
+        values = compute_rowwise_distributed(
+            self.accelerator, len(dataset), batch_size, compute_fn, desc=f"Computing reference log probs for {name}"
+        )
+        column = [values[i, :n].tolist() for i, n in enumerate(lengths)]
+        return dataset.add_column(REF_LOGPS, column)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _valid_groups(batch) -> int:
+        """Groups of a collated batch with at least 2 completions whose reward (and reference log-prob) is finite."""
+        valid = batch["group_mask"].bool() & torch.isfinite(batch["rewards"])
+        if "ref_logps" in batch:
+            valid &= torch.isfinite(batch["ref_logps"])
+        return int((valid.sum(dim=1) >= 2).sum())
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the micro-batches of one optimizer step and count their valid groups over all processes.
+
+        The count is returned as ``num_items_in_batch``: ``_compute_loss`` divides the sum of the group losses of each
+        micro-batch by it (times the number of processes, since DDP averages gradients), so the step's loss is the
+        mean over all its valid groups whatever the micro-batch / process layout.
+        """
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        count = torch.tensor(float(sum(self._valid_groups(b) for b in batch_samples)), device=device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return batch_samples, count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, grid = self._compute_vcb_loss(model, inputs, num_items_in_batch)
+        return (loss, {"policy_logps": grid}) if return_outputs else loss
+
+    def _compute_loss(self, model, inputs, return_outputs):  # DPO's internal entry point, kept for compatibility
+        return self.compute_loss(model, inputs, return_outputs=return_outputs)
+
+    def _vcb_kwargs(self) -> dict:
+        """The config fields shared by `vcb_loss` and `vcb_pair_stats`."""
+        args = self.args
+        return dict(
+            gamma=args.gamma,
+            pair_mode=args.pair_mode,
+            sigma_eps_abs=args.sigma_eps_abs,
+            sigma_eps_rel=args.sigma_eps_rel,
+        )
+
+    def _compute_vcb_loss(self, model, inputs, num_items_in_batch):
+        mode = "train" if self.model.training else "eval"
+        group_mask = inputs["group_mask"].bool()
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = input_ids.masked_fill(inputs["completion_mask"] == 0, -100)
+
+        flat, _ = sequence_logps(model, input_ids, attention_mask, labels)  # (N,) float32, graph
+        policy = flat.new_zeros(group_mask.shape).masked_scatter(group_mask, flat)  # (G, n_max)
+        ref = self._reference_grid(inputs, labels, group_mask).to(policy.device)
+        rewards = inputs["rewards"].float()
+        args = self.args
+        # (G,), 0 (with a graph) for groups with < 2 valid completions
+        per_group = vcb_loss(
+            policy, ref, rewards, lam=args.lam, mask=group_mask, reduction="none", **self._vcb_kwargs()
+        )
+        valid = group_mask & torch.isfinite(rewards) & torch.isfinite(ref) & torch.isfinite(policy.detach())
+        local_groups = int((valid.sum(dim=1) >= 2).sum())
+
+        if mode == "train" and num_items_in_batch is not None:
+            # Mean over the valid groups of the whole optimizer step (all micro-batches, all processes).
+            denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=per_group.device).clamp(min=1.0)
+            loss = per_group.sum() * self.accelerator.num_processes / denom
+        else:
+            loss = per_group.sum() / max(local_groups, 1)
+            if mode == "train":
+                # Not called through `get_batch_samples` (e.g. a custom loop): per-micro-batch mean, scaled for GA.
+                if not self._warned_fallback:
+                    logger.warning(
+                        "VCBTrainer.compute_loss got no step-wide group count; using the per-micro-batch mean."
+                    )
+                    self._warned_fallback = True
+                loss = loss / getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+
+        self._record_metrics(mode, policy.detach(), ref, rewards, group_mask, valid, attention_mask)
+        return loss, policy.detach()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Metrics
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _record_metrics(self, mode, policy, ref, rewards, group_mask, valid, attention_mask):
+        stats = vcb_pair_stats(policy, ref, rewards, mask=group_mask, **self._vcb_kwargs())
+        logratio = torch.where(valid, policy - ref, torch.zeros_like(policy))
+        real_groups = group_mask.any(dim=1)
+        values = {
+            **stats,
+            "logratio_sum": logratio.sum(),
+            "num_valid": valid.sum(),
+            "groups_skipped": (real_groups & (valid.sum(dim=1) < 2)).sum(),
+            "masked_completions": (group_mask & ~valid).sum(),
+            "num_tokens": attention_mask.sum(),
+        }
+        vec = torch.stack([values[k].float().to(policy.device) for k in _STAT_KEYS])
+        if self.accelerator.num_processes > 1:
+            vec = self.accelerator.gather(vec).reshape(-1, len(_STAT_KEYS)).sum(dim=0)
+        self._vcb_sums[mode] += vec.double().cpu()
+
+    def _vcb_logs(self, mode: str) -> dict[str, float]:
+        s = dict(zip(_STAT_KEYS, self._vcb_sums[mode].tolist(), strict=True))
+        logs = {}
+        if s["num_pairs"] > 0:
+            logs["calibration_error"] = s["calib_abs_sum"] / s["num_pairs"]
+        if s["agree_count"] > 0:
+            logs["pair_agreement"] = s["agree_sum"] / s["agree_count"]
+        if s["num_groups"] > 0:
+            logs["sigma"] = s["sigma_sum"] / s["num_groups"]
+        if s["num_valid"] > 0:
+            logs["logratio"] = s["logratio_sum"] / s["num_valid"]
+        if mode == "train":
+            for key in self._vcb_cumulative:
+                self._vcb_cumulative[key] += s[key]
+            logs["groups_skipped"] = self._vcb_cumulative["groups_skipped"]
+            logs["masked_completions"] = self._vcb_cumulative["masked_completions"]
+            logs["num_tokens"] = self._vcb_cumulative["num_tokens"]
+        else:
+            logs["groups_skipped"] = s["groups_skipped"]
+            logs["masked_completions"] = s["masked_completions"]
+        return logs
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        if self._vcb_sums[mode].any():
+            extra = self._vcb_logs(mode)
+            if mode == "eval":
+                # `evaluate()` names its keys `{metric_key_prefix}_runtime` (e.g. `eval_<name>_` for a dict of
+                # eval datasets): reuse that prefix so the VCB metrics of each split stay apart.
+                prefix = next((k[: -len("runtime")] for k in logs if k.endswith("_runtime")), "eval_")
+                extra = {f"{prefix}{key}": value for key, value in extra.items()}
+            logs.update(extra)  # in place: `evaluate()` returns this dict
+            self._vcb_sums[mode].zero_()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _column_names(dataset, first_example=None) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    if names:
+        return list(names)
+    if first_example is None:
+        first_example = next(iter(dataset))
+    return list(first_example.keys())
+
+
+def _frozen_copy(model):
+    """A frozen deep copy of ``model`` to serve as the reference, without any fused-LM-head patch of the original."""
+    ref = copy.deepcopy(model)
+    # A model patched by an earlier trainer keeps a `forward` instance attribute whose non-fused path is bound to the
+    # original object (TRL_NOTES: deepcopy trap); drop it so the copy uses its own class forward.
+    # (`functools.wraps` renames the patch to `forward`; its code object keeps the real name.)
+    forward = ref.__dict__.get("forward")
+    code = getattr(getattr(forward, "__func__", None), "__code__", None)
+    if code is not None and code.co_name == "_fused_forward":
+        del ref.__dict__["forward"]
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+def _as_assistant_messages(completion, row: int) -> list[dict]:
+    if isinstance(completion, str):
+        return [{"role": "assistant", "content": completion}]
+    if isinstance(completion, dict):
+        return [completion]
+    if isinstance(completion, (list, tuple)) and all(isinstance(m, dict) for m in completion):
+        return list(completion)
+    raise ValueError(
+        f"Row {row}: a completion of a conversational prompt must be an assistant text or a list of messages "
+        f"(e.g. [{{'role': 'assistant', 'content': ...}}]), got {type(completion).__name__}."
+    )
+
+
+def _tokenize_group(example, idx, processing_class, completions_column, rewards_column, has_ref, eos_token):
+    prompt = example["prompt"]
+    completions = example[completions_column]
+    rewards = example[rewards_column]
+    if not isinstance(completions, (list, tuple)):
+        raise ValueError(
+            f"Row {idx}: `{completions_column}` must be a list of completions, got {type(completions).__name__}."
+        )
+    if not isinstance(rewards, (list, tuple)):
+        raise ValueError(f"Row {idx}: `{rewards_column}` must be a list of floats, got {type(rewards).__name__}.")
+    if len(completions) != len(rewards):
+        raise ValueError(
+            f"Row {idx}: `{completions_column}` has {len(completions)} entries but `{rewards_column}` has "
+            f"{len(rewards)}. Give exactly one reward per completion, in the same order."
+        )
+    for value in rewards:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"Row {idx}: `{rewards_column}` must hold numbers, got {value!r}.")
+    ref = None
+    if has_ref:
+        ref = example[REF_LOGPS]
+        if not isinstance(ref, (list, tuple)) or len(ref) != len(completions):
+            got = len(ref) if isinstance(ref, (list, tuple)) else type(ref).__name__
+            raise ValueError(
+                f"Row {idx}: `{REF_LOGPS}` must hold one reference log-prob per completion: `{completions_column}` "
+                f"has {len(completions)} entries but `{REF_LOGPS}` has {got}."
+            )
+
+    tools = example.get("tools")
+    if isinstance(tools, str):
+        import json
+
+        tools = json.loads(tools)
+    template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+    if isinstance(prompt, (list, tuple)):  # conversational
+        prompt = list(prompt)
+        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
+        full_ids = [
+            _tokenize(processing_class, prompt + _as_assistant_messages(c, idx), **template_kwargs)["input_ids"]
+            for c in completions
+        ]
+    elif isinstance(prompt, str):
+        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+        full_ids = []
+        for completion in completions:
+            if not isinstance(completion, str):
+                raise ValueError(
+                    f"Row {idx}: the prompt is a string, so each completion must be a string too, got "
+                    f"{type(completion).__name__}. For chat data, make the prompt a list of messages."
+                )
+            if not completion.endswith(eos_token):
+                completion = completion + eos_token
+            full_ids.append(_tokenize(processing_class, prompt + completion)["input_ids"])
+    else:
+        raise ValueError(f"Row {idx}: `prompt` must be a string or a list of messages, got {type(prompt).__name__}.")
+
+    # The completion starts where the tokenized prompt and every prompt+completion agree (see DPO).
+    prompt_len = min([len(prompt_ids)] + [common_prefix_length(prompt_ids, ids) for ids in full_ids])
+    if prompt_len < len(prompt_ids):
+        logger.warning_once(
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the "
+            "prompt alone differently, or tokens merge across the boundary). The completions start where they "
+            f"diverge; this end of the prompt is left out of the training sequence: "
+            f"{processing_class.decode(prompt_ids[prompt_len:])!r}."
+        )
+    output = {
+        PROMPT_IDS: prompt_ids[:prompt_len],
+        COMPLETION_IDS: [ids[prompt_len:] for ids in full_ids],
+        COMPLETION_REWARDS: [_as_float(v) for v in rewards],
+    }
+    if has_ref:
+        output[REF_LOGPS] = [_as_float(v) for v in ref]
+    return output
