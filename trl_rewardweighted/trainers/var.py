@@ -225,7 +225,6 @@ class VARTrainer(SFTTrainer):
         # Only used by the reference pre-pass in __init__, then released.
         self._var_ref_model = ref_model
         self._var_external_ref = ref_model is not None
-        self._var_metrics_step: dict[str, list[float]] = {}
         self._var_rows_skipped = 0
 
         super().__init__(
