@@ -16,3 +16,26 @@ def cpu_args(**overrides):
     )
     base.update(overrides)
     return base
+
+
+def make_grad_capture():
+    """A TrainerCallback that keeps the flattened gradient of the first optimizer step (after DDP's all-reduce, before
+    the update); parameters without a gradient contribute zeros so vectors from different runs line up."""
+    import torch
+    from transformers import TrainerCallback
+
+    class GradCapture(TrainerCallback):
+        def __init__(self):
+            self.grad = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.grad is None:
+                self.grad = torch.cat(
+                    [
+                        p.grad.detach().flatten().float().cpu() if p.grad is not None else torch.zeros(p.numel())
+                        for p in model.parameters()
+                        if p.requires_grad
+                    ]
+                )
+
+    return GradCapture()

@@ -13,7 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+
+from tests._helpers import make_grad_capture  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -24,17 +25,6 @@ ROWS = {
     "completion": [" likes the red ball.", " sees a good book.", " is blue and bright.", " writes a long letter."],
     "reward": [1.0, -1.0, 0.3, 2.0],
 }
-
-
-class GradCapture(TrainerCallback):
-    def __init__(self):
-        self.grad = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grad is None:
-            self.grad = torch.cat(
-                [p.grad.detach().flatten().float().cpu() for p in model.parameters() if p.grad is not None]
-            )
 
 
 def run_layout(model_path, out_dir, bs, ga, z_scope="step", ref_weighting=True, rows=None):
@@ -58,7 +48,7 @@ def run_layout(model_path, out_dir, bs, ga, z_scope="step", ref_weighting=True, 
         disable_tqdm=True,
         seed=0,
     )
-    capture = GradCapture()
+    capture = make_grad_capture()
     rows = rows or ROWS
     trainer = VARTrainer(model=model_path, args=args, train_dataset=Dataset.from_dict(rows), callbacks=[capture])
     ref = list(trainer.train_dataset["ref_logps"]) if ref_weighting else None

@@ -15,7 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+
+from tests._helpers import make_grad_capture  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -34,23 +35,6 @@ ROWS = {
     ],
     "rewards": [[1.0, -1.0, 0.3], [0.5, 0.5], [2.0, 0.0, -1.0, 1.5], [0.7, NAN, float("inf")]],
 }
-
-
-class GradCapture(TrainerCallback):
-    """Flattened gradient of the first optimizer step (after DDP's all-reduce, before the update)."""
-
-    def __init__(self):
-        self.grad = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grad is None:
-            self.grad = torch.cat(
-                [
-                    p.grad.detach().flatten().float().cpu() if p.grad is not None else torch.zeros(p.numel())
-                    for p in model.parameters()
-                    if p.requires_grad
-                ]
-            )
 
 
 def make_args(out_dir, bs, ga, **overrides):
@@ -82,7 +66,7 @@ def run_layout(model_path, out_dir, bs, ga, **overrides):
     """One optimizer step with `bs` prompts per micro-batch and `ga` accumulation steps; returns (grad, trainer)."""
     from trl_rewardweighted import VCBTrainer
 
-    capture = GradCapture()
+    capture = make_grad_capture()
     trainer = VCBTrainer(
         model=model_path,
         args=make_args(out_dir, bs, ga, **overrides),
