@@ -24,3 +24,60 @@ class StepTimer(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._t0)
+
+
+def interleaved_step_medians(trainers: dict, timers: dict, rounds: int) -> dict[str, float]:
+    """Median step time of each trainer over `rounds` interleaved rounds (each `train()` call runs its `max_steps`).
+
+    The order alternates every round so that neither trainer always runs first; the first step of each round is a
+    warm-up and is dropped.
+    """
+    import statistics
+
+    kinds = list(trainers)
+    kept = {k: [] for k in kinds}
+    for r in range(rounds):
+        for k in kinds if r % 2 == 0 else kinds[::-1]:
+            timers[k].times.clear()
+            trainers[k].train()
+            kept[k].extend(timers[k].times[1:])
+    return {k: statistics.median(v) for k, v in kept.items()}
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process, in MiB."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def train_peak_memory(trainer) -> dict[str, float]:
+    """Run `trainer.train()` and return its peak memory in MiB.
+
+    CUDA: `{"peak_mib": max_memory_allocated during train()}`. CPU: `peak_mib` is the peak RSS sampled every 2 ms
+    during `train()` (the process peak is reached while loading the model, the same for every trainer), and
+    `train_mib` its increase over the RSS before `train()` (optimizer state + activations + reference forward).
+    """
+    import threading
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "train_mib": None}
+    before = rss_mib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    trainer.train()
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], rss_mib())
+    return {"peak_mib": peak[0], "train_mib": peak[0] - before}

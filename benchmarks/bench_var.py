@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import StepTimer  # noqa: E402
+from _common import StepTimer, interleaved_step_medians, train_peak_memory  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 KINDS = ("sft", "var_ref", "var_noref")
@@ -95,18 +92,7 @@ def run_timing(opts) -> dict:
     kw = dict(batch_size=opts.batch_size, steps=opts.steps_per_round, max_length=opts.max_length, bf16=opts.bf16)
     timers = {k: StepTimer() for k in KINDS}
     trainers = {k: build_trainer(k, path, dataset, kw, timers[k]) for k in KINDS}
-    kept = {k: [] for k in KINDS}
-    for _ in range(opts.rounds):
-        for k in KINDS:
-            timers[k].times.clear()
-            trainers[k].train()
-            kept[k].extend(timers[k].times[1:])  # first step of a round: warm-up
-    return {k: statistics.median(v) for k, v in kept.items()}
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return interleaved_step_medians(trainers, timers, opts.rounds)
 
 
 def run_memory_child(opts, kind: str) -> float:
@@ -116,24 +102,7 @@ def run_memory_child(opts, kind: str) -> float:
     dataset = make_dataset(opts.rows, opts.words)
     kw = dict(batch_size=opts.batch_size, steps=opts.memory_steps, max_length=opts.max_length, bf16=opts.bf16)
     trainer = build_trainer(kind, path, dataset, kw, StepTimer())
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        trainer.train()
-        return torch.cuda.max_memory_allocated() / 2**20
-    peak = [_rss_mib()]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    trainer.train()
-    done.set()
-    sampler.join()
-    return max(peak[0], _rss_mib())
+    return train_peak_memory(trainer)["peak_mib"]
 
 
 def main(argv=None):

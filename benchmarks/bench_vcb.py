@@ -27,17 +27,15 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import StepTimer  # noqa: E402
+from _common import StepTimer, interleaved_step_medians, train_peak_memory  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
@@ -152,19 +150,7 @@ def run_timing(opts) -> dict:
     kinds = opts.kinds
     timers = {k: StepTimer() for k in kinds}
     trainers = {k: build_trainer(k, path, opts, timers[k], opts.steps_per_round) for k in kinds}
-    kept = {k: [] for k in kinds}
-    for r in range(opts.rounds):
-        order = kinds if r % 2 == 0 else kinds[::-1]
-        for k in order:
-            timers[k].times.clear()
-            trainers[k].train()
-            kept[k].extend(timers[k].times[1:])  # first step of a round: warm-up
-    return {k: statistics.median(v) for k, v in kept.items()}
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return interleaved_step_medians(trainers, timers, opts.rounds)
 
 
 def _peak_rss_mib() -> float:
@@ -189,26 +175,10 @@ def run_memory_child(opts, kind: str) -> dict:
     """
     path = model_path(opts.model)
     trainer = build_trainer(kind, path, opts, StepTimer(), opts.memory_steps)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        trainer.train()
-        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "train_mib": None}
-    import threading
-
-    before, peak, done = _rss_mib(), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    trainer.train()
-    done.set()
-    thread.join()
-    peak[0] = max(peak[0], _rss_mib())
-    return {"peak_mib": _peak_rss_mib(), "train_mib": peak[0] - before}
+    result = train_peak_memory(trainer)
+    if not torch.cuda.is_available():
+        result["peak_mib"] = _peak_rss_mib()  # whole-process peak (VmHWM); train_mib is what train() added
+    return result
 
 
 def main(argv=None):
