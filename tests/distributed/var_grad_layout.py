@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from tests._helpers import make_grad_capture  # noqa: E402
+from tests._helpers import cpu_args, make_grad_capture  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -40,13 +40,7 @@ def run_layout(model_path, out_dir, bs, ga, z_scope="step", ref_weighting=True, 
         beta=0.7,
         z_scope=z_scope,
         ref_weighting=ref_weighting,
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+        **cpu_args(),
     )
     capture = make_grad_capture()
     rows = rows or ROWS

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
+from tests._helpers import cpu_args  # noqa: E402
 from tests.distributed.var_grad_layout import ROWS  # noqa: E402
 
 torch.set_num_threads(1)
@@ -36,15 +37,8 @@ def main(model_path, out, mode, precision="fp32"):
         max_steps=3,
         learning_rate=1e-3,
         beta=0.7,
-        bf16=precision == "bf16",
-        gradient_checkpointing=False,
-        use_cpu=mode == "plain",
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
         deepspeed=ZERO3 if mode == "zero3" else None,
+        **cpu_args(bf16=precision == "bf16", use_cpu=mode == "plain"),
     )
     trainer = VARTrainer(model=model_path, args=args, train_dataset=Dataset.from_dict(ROWS))
     ref = list(trainer.train_dataset["ref_logps"])

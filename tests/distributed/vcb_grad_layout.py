@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from tests._helpers import make_grad_capture  # noqa: E402
+from tests._helpers import cpu_args, make_grad_capture  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -49,14 +49,7 @@ def make_args(out_dir, bs, ga, **overrides):
         max_grad_norm=0.0,  # no clipping: compare raw gradients
         gamma=0.5,
         lam=1.0,
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        seed=0,
+        **cpu_args(),
     )
     kwargs.update(overrides)
     return VCBConfig(**kwargs)
