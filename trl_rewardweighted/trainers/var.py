@@ -20,7 +20,7 @@ from trl.models.utils import prepare_deepspeed
 from trl.trainer.utils import add_fused_lm_head
 
 from ..losses import var_log_weights, weighted_nll
-from ._common import adapters_disabled, check_float_column, compute_rowwise_distributed
+from ._common import adapters_disabled, check_float_column, compute_rowwise_distributed, sequence_logps
 
 __all__ = ["VARConfig", "VARTrainer", "DataCollatorForVAR"]
 
@@ -329,29 +329,19 @@ class VARTrainer(SFTTrainer):
     @torch.no_grad()
     def _compute_ref_logps(self, dataset: Dataset, name: str) -> torch.Tensor:
         ref, disable_adapters = self._reference_forward_model()
-        collate = (
-            self.data_collator.base_collator
-            if isinstance(self.data_collator, DataCollatorForVAR)
-            else self.data_collator
-        )
+        collate = self.data_collator.base_collator  # __init__ wraps the collator before the pre-pass
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         was_training = self.model.training
         self.model.eval()
 
+        columns = dataset.select_columns(["input_ids", "labels"])
+
         def compute(indices):
-            rows = [{"input_ids": dataset[i]["input_ids"], "labels": dataset[i]["labels"]} for i in indices]
-            batch = collate(rows)
+            batch = collate([columns[int(i)] for i in indices])
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            ctx = adapters_disabled(self.model) if disable_adapters else contextlib.nullcontext()
-            with ctx:
-                out = ref(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch.get("attention_mask"),
-                    labels=batch["labels"],
-                    fused_lm_head=True,
-                    use_cache=False,
-                )
-            return out.log_probs.float().sum(dim=-1)
+            with adapters_disabled(self.model) if disable_adapters else contextlib.nullcontext():
+                logps, _ = sequence_logps(ref, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+            return logps
 
         try:
             values = compute_rowwise_distributed(
