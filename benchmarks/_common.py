@@ -81,3 +81,19 @@ def train_peak_memory(trainer) -> dict[str, float]:
     sampler.join()
     peak[0] = max(peak[0], rss_mib())
     return {"peak_mib": peak[0], "train_mib": peak[0] - before}
+
+
+def bench_args(**overrides) -> dict:
+    """Training-argument overrides every benchmark run shares: no checkpoints, no logging or reporting, the CPU when
+    there is no GPU, no gradient checkpointing (it would dominate the timing), a fixed seed."""
+    args = dict(
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        seed=0,
+    )
+    args.update(overrides)
+    return args

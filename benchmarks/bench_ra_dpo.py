@@ -31,6 +31,7 @@ os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402  (imported up front: its ~3 s import is not relabeling time)
+from _common import bench_args  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 
@@ -119,20 +120,13 @@ def bench_steps(model_path: str, n_pairs: int, steps: int, rounds: int, batch_si
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data = reward_augment_dataset(synthetic_pairs(n_pairs, conversational=True), tokenizer)
-    common = dict(
+    common = bench_args(
         per_device_train_batch_size=batch_size,
         max_steps=steps + 1,  # the first interval is skipped
         learning_rate=1e-6,
         max_length=512,
         bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10_000,
-        disable_tqdm=True,
         dataloader_num_workers=0,
-        seed=0,
     )
     out = tempfile.mkdtemp()
     timers = {"dpo": StepTimer(), "ra_dpo": StepTimer()}

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import StepTimer, interleaved_step_medians, train_peak_memory  # noqa: E402
+from _common import StepTimer, bench_args, interleaved_step_medians, train_peak_memory  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 KINDS = ("sft", "var_ref", "var_noref")
@@ -59,20 +59,13 @@ def build_trainer(kind: str, path: str, dataset: Dataset, args_kw: dict, timer: 
 
     from trl_rewardweighted import VARConfig, VARTrainer
 
-    common = dict(
+    common = bench_args(
         per_device_train_batch_size=args_kw["batch_size"],
         gradient_accumulation_steps=1,
         learning_rate=1e-6,
         max_steps=args_kw["steps"],
         max_length=args_kw["max_length"],
         bf16=args_kw["bf16"],
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
-        disable_tqdm=True,
-        seed=0,
     )
     out = tempfile.mkdtemp(prefix=f"bench-{kind}-")
     if kind == "sft":

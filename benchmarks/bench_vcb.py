@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import StepTimer, interleaved_step_medians, train_peak_memory  # noqa: E402
+from _common import StepTimer, bench_args, interleaved_step_medians, train_peak_memory  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
@@ -116,20 +116,13 @@ def build_trainer(kind: str, path: str, opts, timer: StepTimer, steps: int):
 
     groups = make_groups(opts.prompts, opts.n, opts.words)
     pairs_per_group = opts.n // 2
-    common = dict(
+    common = bench_args(
         gradient_accumulation_steps=1,
         learning_rate=1e-6,
         max_steps=steps,
         max_length=opts.max_length,
         bf16=opts.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
         precompute_ref_log_probs=kind.endswith("_pre"),
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
-        disable_tqdm=True,
-        seed=0,
     )
     out = tempfile.mkdtemp(prefix=f"bench-{kind}-")
     if kind.startswith("dpo"):
