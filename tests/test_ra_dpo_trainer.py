@@ -14,10 +14,10 @@ from trl.trainer.utils import add_fused_lm_head
 
 from tests._helpers import cpu_args
 from trl_rewardweighted import RewardAugmentedDPOConfig, RewardAugmentedDPOTrainer, build_goal_prompt
-from trl_rewardweighted.data.ira import _tokenize_pair, implicit_reward_relabel
+from trl_rewardweighted.ira import _tokenize_pair, implicit_reward_relabel
 from trl_rewardweighted.data.relabel import reward_augment_dataset
-from trl_rewardweighted.trainers._common import sequence_logps
-from trl_rewardweighted.trainers.ra_dpo import generate_with_goal
+from trl_rewardweighted.model_utils import sequence_logps
+from trl_rewardweighted.sampling import generate_with_goal
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "reward_augmented_dpo"
 

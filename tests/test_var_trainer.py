@@ -321,7 +321,7 @@ def test_wrong_args_type(tiny_model_path):
 def test_iterable_dataset_without_known_features_is_not_rejected():
     from datasets import IterableDataset
 
-    from trl_rewardweighted.data.validation import check_float_column
+    from trl_rewardweighted.data.utils import check_float_column
 
     def gen():
         yield {"prompt": "a", "completion": " b", "reward": 1.0}

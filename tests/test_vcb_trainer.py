@@ -13,7 +13,7 @@ from trl.trainer.utils import add_fused_lm_head
 from tests._helpers import cpu_args
 from trl_rewardweighted import VCBConfig, VCBTrainer
 from trl_rewardweighted.losses import vcb_pair_stats
-from trl_rewardweighted.trainers._common import sequence_logps
+from trl_rewardweighted.model_utils import sequence_logps
 
 # Groups of sizes 3, 2, 4 (and 3): mixed in every batch.
 STRING_ROWS = {

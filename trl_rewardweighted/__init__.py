@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
-    "VARConfig": "trl_rewardweighted.trainers.var",
-    "VARTrainer": "trl_rewardweighted.trainers.var",
-    "VCBConfig": "trl_rewardweighted.trainers.vcb",
-    "VCBTrainer": "trl_rewardweighted.trainers.vcb",
-    "RewardAugmentedDPOConfig": "trl_rewardweighted.trainers.ra_dpo",
-    "RewardAugmentedDPOTrainer": "trl_rewardweighted.trainers.ra_dpo",
+    "VARConfig": "trl_rewardweighted.trainers.var_config",
+    "VARTrainer": "trl_rewardweighted.trainers.var_trainer",
+    "VCBConfig": "trl_rewardweighted.trainers.vcb_config",
+    "VCBTrainer": "trl_rewardweighted.trainers.vcb_trainer",
+    "RewardAugmentedDPOConfig": "trl_rewardweighted.trainers.ra_dpo_config",
+    "RewardAugmentedDPOTrainer": "trl_rewardweighted.trainers.ra_dpo_trainer",
     "reward_augment_dataset": "trl_rewardweighted.data.relabel",
     "build_goal_prompt": "trl_rewardweighted.data.relabel",
-    "generate_with_goal": "trl_rewardweighted.trainers.ra_dpo",
-    "implicit_reward_relabel": "trl_rewardweighted.data.ira",
+    "generate_with_goal": "trl_rewardweighted.sampling",
+    "implicit_reward_relabel": "trl_rewardweighted.ira",
     "generate_completions": "trl_rewardweighted.sampling",
     "score_completions": "trl_rewardweighted.sampling",
     "groups_to_rows": "trl_rewardweighted.data.convert",
@@ -73,10 +73,13 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data.convert import groups_to_pairs, groups_to_rows
-    from .data.ira import implicit_reward_relabel
     from .data.relabel import build_goal_prompt, reward_augment_dataset
+    from .ira import implicit_reward_relabel
     from .losses import var_loss, var_weights, vcb_loss
-    from .sampling import generate_completions, score_completions
-    from .trainers.ra_dpo import RewardAugmentedDPOConfig, RewardAugmentedDPOTrainer, generate_with_goal
-    from .trainers.var import VARConfig, VARTrainer
-    from .trainers.vcb import VCBConfig, VCBTrainer
+    from .sampling import generate_completions, generate_with_goal, score_completions
+    from .trainers.ra_dpo_config import RewardAugmentedDPOConfig
+    from .trainers.ra_dpo_trainer import RewardAugmentedDPOTrainer
+    from .trainers.var_config import VARConfig
+    from .trainers.var_trainer import VARTrainer
+    from .trainers.vcb_config import VCBConfig
+    from .trainers.vcb_trainer import VCBTrainer

@@ -23,6 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .data.utils import completion_text
+from .data.utils import is_messages as is_conversational_prompt
+
 __all__ = [
     "generate_completions",
     "score_completions",
@@ -39,11 +42,6 @@ _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def is_conversational_prompt(prompt: Any) -> bool:
-    """True when ``prompt`` is a list of ``{"role": ..., "content": ...}`` messages (TRL's conversational format)."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
 
 
 def _check_prompts(prompts: Sequence[Any], column: str = "prompt") -> bool:
@@ -432,15 +430,6 @@ def generate_completions(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _completion_text(completion) -> str:
-    """A completion as plain text: a string, or the content of an assistant message list."""
-    if isinstance(completion, str):
-        return completion
-    if is_conversational_prompt(completion):
-        return "".join(str(m.get("content") or "") for m in completion)
-    raise ValueError(f"A completion must be a string (or an assistant message list), got {type(completion).__name__}.")
-
-
 class RewardModelScorer:
     """Score ``(prompt, completion)`` pairs with an ``AutoModelForSequenceClassification`` reward model (1 label).
 
@@ -493,7 +482,7 @@ class RewardModelScorer:
 
     def render(self, prompt, completion) -> str:
         """The exact text the reward model scores for one ``(prompt, completion)``."""
-        completion = _completion_text(completion)
+        completion = completion_text(completion)
         if not isinstance(prompt, str) and not is_conversational_prompt(prompt):
             raise ValueError(f"A prompt must be a string or a message list, got {type(prompt).__name__}: {prompt!r}.")
         if self.templated:
@@ -681,7 +670,7 @@ def score_completions(
     prompts, groups = _group_completions(dataset)
     fn = load_scorer(scorer, tokenizer=tokenizer, model_kwargs=model_kwargs, max_length=max_length)
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
-    flat_completions = [_completion_text(c) for group in groups for c in group]
+    flat_completions = [completion_text(c) for group in groups for c in group]
 
     scores: list[float] = []
     starts = range(0, len(flat_completions), batch_size)
@@ -703,3 +692,64 @@ def score_completions(
     if reward_column in dataset.column_names:
         dataset = dataset.remove_columns(reward_column)
     return dataset.add_column(reward_column, rewards)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Goal-conditioned generation (reward-augmented DPO inference)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def generate_with_goal(
+    model,
+    tokenizer,
+    prompts,
+    score: float = 10,
+    system_role: str = "auto",
+    template: str | None = None,
+    attributes=None,
+    **generate_kwargs,
+) -> list[str]:
+    """Generate completions for ``prompts`` conditioned on the goal ``score`` (10 = the paper's inference goal).
+
+    ``prompts`` is one prompt or a list (strings or message lists). The goal prompt comes from
+    :func:`build_goal_prompt` (the training code path; pass the training ``system_role``/``template``/``attributes``).
+    Conversational prompts are rendered with the chat template and ``add_generation_prompt=True``. Returns the decoded
+    new text of each prompt (special tokens skipped). ``generate_kwargs`` go to ``model.generate`` (default
+    ``max_new_tokens=64``).
+    """
+    import torch
+
+    from .data.relabel import build_goal_prompt
+
+    single = isinstance(prompts, str) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], dict) and "role" in prompts[0]
+    )
+    batch = [prompts] if single else list(prompts)
+    texts = []
+    for prompt in batch:
+        goal_prompt = build_goal_prompt(prompt, score, tokenizer, system_role, template, attributes)
+        if isinstance(goal_prompt, str):
+            texts.append(goal_prompt)
+        else:
+            texts.append(tokenizer.apply_chat_template(goal_prompt, tokenize=False, add_generation_prompt=True))
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        # The chat template already wrote any special tokens it wants.
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = padding_side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    generate_kwargs.setdefault("max_new_tokens", 64)
+    if tokenizer.pad_token_id is not None:
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(**enc, **generate_kwargs)
+    finally:
+        model.train(was_training)
+    new_tokens = out[:, enc["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .utils import completion_text, is_messages, to_float
+
 __all__ = [
     "groups_to_rows",
     "rows_to_groups",
@@ -48,10 +50,6 @@ _FLOAT_COLUMNS = ("reward", "rewards", "score_chosen", "score_rejected")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, dict) for m in value)
-
-
 def _require_columns(ds, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
@@ -69,23 +67,6 @@ def _as_completion(text: str, conversational: bool):
     return [{"role": "assistant", "content": text}] if conversational else text
 
 
-def _completion_text(completion: Any, where: str) -> str:
-    if isinstance(completion, str):
-        return completion
-    if _is_messages(completion):
-        return "".join(str(m.get("content") or "") for m in completion)
-    raise ValueError(f"{where}: a completion must be a string or an assistant message list, got {completion!r}.")
-
-
-def _to_float(value: Any, where: str) -> float:
-    if value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: reward {value!r} is not a number.") from err
-
-
 def _group(cols: dict[str, list], i: int, completions_column: str, rewards_column: str) -> tuple[list, list[float]]:
     completions, rewards = cols[completions_column][i], cols[rewards_column][i]
     if not isinstance(completions, (list, tuple)) or not isinstance(rewards, (list, tuple)):
@@ -99,7 +80,7 @@ def _group(cols: dict[str, list], i: int, completions_column: str, rewards_colum
             f"Row {i}: {len(completions)} completions but {len(rewards)} rewards; they must be aligned one to one."
         )
     where = f"Row {i}"
-    return [_completion_text(c, where) for c in completions], [_to_float(r, where) for r in rewards]
+    return [completion_text(c, where) for c in completions], [to_float(r, where) for r in rewards]
 
 
 def _from_columns(out: dict[str, list]):
@@ -144,7 +125,7 @@ def groups_to_rows(ds, completions_column: str = "completions", rewards_column: 
     out: dict[str, list] = {"prompt": [], "completion": [], "reward": [], **{c: [] for c in extras}}
     for i, prompt in enumerate(cols["prompt"]):
         completions, rewards = _group(cols, i, completions_column, rewards_column)
-        conversational = _is_messages(prompt)
+        conversational = is_messages(prompt)
         for completion, reward in zip(completions, rewards):
             out["prompt"].append(prompt)
             out["completion"].append(_as_completion(completion, conversational))
@@ -179,8 +160,8 @@ def rows_to_groups(ds):
             for c in extras:
                 out[c].append(cols[c][i])
         g = index[key]
-        out["completions"][g].append(_completion_text(cols["completion"][i], f"Row {i}"))
-        out["rewards"][g].append(_to_float(cols["reward"][i], f"Row {i}"))
+        out["completions"][g].append(completion_text(cols["completion"][i], f"Row {i}"))
+        out["rewards"][g].append(to_float(cols["reward"][i], f"Row {i}"))
     return _from_columns(out)
 
 
@@ -269,7 +250,7 @@ def groups_to_pairs(
             continue
         pairs = _STRATEGY_FNS[strategy](valid, ties, rng)
         no_pair += not pairs
-        conversational = _is_messages(prompt)
+        conversational = is_messages(prompt)
         for chosen, rejected in pairs:
             out["prompt"].append(prompt)
             out["chosen"].append(_as_completion(completions[chosen], conversational))

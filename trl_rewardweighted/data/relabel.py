@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .utils import is_messages
+
 __all__ = [
     "reward_augment_dataset",
     "build_goal_prompt",
@@ -219,10 +221,6 @@ def _insert_goal(prompt: Any, goal: str, placement: str, cache: dict | None = No
     raise ValueError(f"The prompt has no user message to prefix the goal to: {prompt!r}.")
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
-
-
 def _normalise_attribute_names(attributes) -> list[str] | None:
     if attributes is None:
         return None
@@ -274,7 +272,7 @@ def build_goal_prompt(
     """
     _check_template(template)
     values, names = _goal_values(score, attributes)
-    conversational = _is_messages(prompt)
+    conversational = is_messages(prompt)
     if not conversational and not isinstance(prompt, str):
         raise TypeError(
             f"`prompt` must be a string or a list of messages with a `role`, got {type(prompt).__name__}: {prompt!r}."
@@ -335,10 +333,10 @@ def _detect_layout(dataset, prompt_column: str = "prompt", chosen_column: str = 
     conversations in chosen/rejected, no prompt column or a string one as in ultrafeedback_binarized) or
     ``"implicit_string"``."""
     first = dataset[0]
-    chosen_conv = _is_messages(first[chosen_column])
+    chosen_conv = is_messages(first[chosen_column])
     if prompt_column in dataset.column_names:
         prompt_value = first[prompt_column]
-        if _is_messages(prompt_value):
+        if is_messages(prompt_value):
             return "explicit", chosen_conv
         if isinstance(prompt_value, str):
             # A string prompt with full conversations in chosen/rejected (HuggingFaceH4/ultrafeedback_binarized):
@@ -521,7 +519,7 @@ def _reward_augment(
     """Implementation of :func:`reward_augment_dataset`; also returns a stats dict (used by the trainer's logs)."""
     from datasets import Dataset, DatasetDict, Features, IterableDataset, List, Value
 
-    from .validation import check_float_column
+    from .utils import check_float_column
 
     if isinstance(dataset, (DatasetDict, dict)):
         raise TypeError(
@@ -600,7 +598,7 @@ def _reward_augment(
                 col,
                 "Reward augmentation needs a numeric score for each response: name the columns with "
                 "`score_columns=(chosen, rejected)` (or `attributes=`), or relabel a dataset without scores with "
-                "`trl_rewardweighted.data.ira.implicit_reward_relabel`.",
+                "`trl_rewardweighted.ira.implicit_reward_relabel`.",
             )
     if len(dataset) == 0:
         raise ValueError("The dataset is empty: there are no pairs to augment.")
@@ -993,7 +991,7 @@ def condition_dataset_on_goal(
     values, names = _goal_values(score, attributes)
     text = goal_text(values, names, goal_template)
     if layout == "explicit":
-        conversational = _is_messages(dataset[0][prompt_column])
+        conversational = is_messages(dataset[0][prompt_column])
     else:
         conversational = layout == "implicit_conversational"
     placement = _resolve_placement(conversational, tokenizer, system_role)

@@ -10,24 +10,24 @@ error (TRL's own scripts parse leniently and silently drop such keys). `dataset_
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 from pathlib import Path
 
 METHODS = {
-    "var": ("trl_rewardweighted.trainers.var", "VARConfig", "VARTrainer"),
-    "vcb": ("trl_rewardweighted.trainers.vcb", "VCBConfig", "VCBTrainer"),
-    "ra_dpo": ("trl_rewardweighted.trainers.ra_dpo", "RewardAugmentedDPOConfig", "RewardAugmentedDPOTrainer"),
+    "var": ("VARConfig", "VARTrainer"),
+    "vcb": ("VCBConfig", "VCBTrainer"),
+    "ra_dpo": ("RewardAugmentedDPOConfig", "RewardAugmentedDPOTrainer"),
 }
 
 
 def _classes(method: str):
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
-    module, config_name, trainer_name = METHODS[method]
-    mod = importlib.import_module(module)
-    return getattr(mod, config_name), getattr(mod, trainer_name)
+    import trl_rewardweighted
+
+    config_name, trainer_name = METHODS[method]
+    return getattr(trl_rewardweighted, config_name), getattr(trl_rewardweighted, trainer_name)
 
 
 def make_parser(method: str):

@@ -21,41 +21,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..trainers._common import adapters_disabled, compute_rowwise_distributed, sequence_logps
-from .relabel import _detect_layout, _split_row
+from .data.relabel import _detect_layout, _split_row
+from .model_utils import (
+    LocalAccelerator,
+    adapters_disabled,
+    compute_rowwise_distributed,
+    ensure_fused_lm_head,
+    sequence_logps,
+    tokenize_prompt_completions,
+)
 
 __all__ = ["implicit_reward_relabel"]
 
 logger = logging.getLogger(__name__)
-
-
-class _LocalAccelerator:
-    """The three things ``compute_rowwise_distributed`` needs, for one process."""
-
-    num_processes = 1
-    process_index = 0
-    is_local_main_process = True
-
-    def __init__(self, device):
-        self.device = device
-
-    def gather(self, tensor):  # pragma: no cover - never called with one process
-        return tensor
-
-
-def _is_fused(model) -> bool:
-    func = getattr(model.forward, "__func__", None)
-    return getattr(getattr(func, "__code__", None), "co_name", "") == "_fused_forward"
-
-
-def _ensure_fused(model) -> None:
-    """Patch ``model`` (its PEFT base model) with TRL's fused LM head unless it already is (e.g. by a trainer)."""
-    from accelerate.utils import is_peft_model
-    from trl.trainer.utils import add_fused_lm_head
-
-    target = model.get_base_model() if is_peft_model(model) else model
-    if not _is_fused(target):
-        add_fused_lm_head(target)
 
 
 def _load(model_or_path, model_init_kwargs, device):
@@ -71,23 +49,9 @@ def _load(model_or_path, model_init_kwargs, device):
 
 
 def _tokenize_pair(tokenizer, prompt, chosen, rejected) -> dict[str, list[int]]:
-    """DPOTrainer's tokenisation (trl 1.16 ``_prepare_dataset``): the completion starts where prompt and
-    prompt+completion token ids diverge; EOS is appended to string completions."""
-    from trl.data_utils import _tokenize, common_prefix_length
-
-    if isinstance(prompt, list):
-        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
-        chosen_ids = _tokenize(tokenizer, prompt + chosen)["input_ids"]
-        rejected_ids = _tokenize(tokenizer, prompt + rejected)["input_ids"]
-    else:
-        eos = tokenizer.eos_token or ""
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
-        chosen_ids = _tokenize(tokenizer, prompt + chosen)["input_ids"]
-        rejected_ids = _tokenize(tokenizer, prompt + rejected)["input_ids"]
-    n = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
-    return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen_ids[n:], "rejected_ids": rejected_ids[n:]}
+    """DPOTrainer's tokenisation of one pair (see ``model_utils.tokenize_prompt_completions``)."""
+    prompt_ids, (chosen_ids, rejected_ids) = tokenize_prompt_completions(tokenizer, prompt, [chosen, rejected])
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
 
 
 def implicit_reward_relabel(
@@ -172,9 +136,9 @@ def implicit_reward_relabel(
             "started from (pass its path or the model). With a PEFT model, `ref_model=None` disables the adapters."
         )
     ref_model, _ = _load(ref_model, model_init_kwargs, device) if ref_model is not None else (None, False)
-    _ensure_fused(model)
+    ensure_fused_lm_head(model)
     if ref_model is not None:
-        _ensure_fused(ref_model)
+        ensure_fused_lm_head(ref_model)
     run_device = next(model.parameters()).device
 
     # Tokenize exactly like DPOTrainer does (on the prompts as they are: IRA scores the original pairs).
@@ -213,7 +177,7 @@ def implicit_reward_relabel(
     try:
         with torch.no_grad():
             values = compute_rowwise_distributed(
-                accelerator or _LocalAccelerator(run_device),
+                accelerator or LocalAccelerator(run_device),
                 len(tokenized),
                 batch_size,
                 compute_fn,

@@ -13,11 +13,10 @@ metrics. See ``docs/vcb.md`` for the user guide.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import textwrap
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,8 +26,7 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from trl import DPOConfig, DPOTrainer
-from trl.data_utils import _tokenize, common_prefix_length
+from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
@@ -40,23 +38,22 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from ..losses import VCB_PAIR_MODES, vcb_loss, vcb_pair_stats
-from ._common import adapters_disabled, check_float_column, compute_rowwise_distributed, sequence_logps
+from ..data.utils import check_float_column, to_float
+from ..losses import vcb_loss, vcb_pair_stats
+from ..model_utils import (
+    KeepFloat32InputsMixin,
+    adapters_disabled,
+    compute_rowwise_distributed,
+    frozen_copy,
+    sequence_logps,
+    tokenize_prompt_completions,
+)
+from .vcb_config import VCBConfig
 
-__all__ = ["VCBConfig", "VCBTrainer", "DataCollatorForVCB"]
+__all__ = ["VCBTrainer", "DataCollatorForVCB"]
 
 logger = get_logger(__name__)
 
-# DPO-only knobs that mean nothing for VCB, with their DPOConfig defaults. Setting one to anything else is an error.
-_DPO_ONLY_FIELDS = {
-    "loss_type": ["sigmoid"],
-    "loss_weights": None,
-    "label_smoothing": 0.0,
-    "f_divergence_type": "reverse_kl",
-    "ld_alpha": None,
-    "use_weighting": False,
-}
-_DPO_DEFAULT_BETA = 0.1
 
 # Columns produced by `VCBTrainer._prepare_dataset` (and read by `DataCollatorForVCB`).
 PROMPT_IDS = "prompt_ids"
@@ -83,126 +80,6 @@ _STAT_KEYS = (
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class VCBConfig(DPOConfig):
-    r"""
-    Configuration class for [`VCBTrainer`] (Value-based CaliBration, Mao et al., arXiv 2402.16030).
-
-    Inherits every field of [`~trl.DPOConfig`] (reference model, precomputation, ``max_length``, ...) and of
-    [`~transformers.TrainingArguments`]. Only the fields below are VCB-specific.
-
-    Parameters:
-        > VCB loss (Eqs. 19-20 of the paper; ``ALGORITHMS.md`` section 2)
-
-        gamma (`float`, *optional*, defaults to `0.05`):
-            Scale γ > 0 of the log-ratio in ``s_i = γ·log(π(y_i|x)/π_ref(y_i|x)) − r_i/σ(x)``. The optimum is
-            ``π ∝ π_ref·exp(r/(γσ))``: a smaller γ moves the policy further from the reference. 0.05 is the paper's best
-            value on Anthropic-HH. (The paper's Appendix A.4 code calls it ``beta``; DPO's ``beta`` is *not* used.)
-        lam (`float`, *optional*, defaults to `1.0`):
-            Temperature λ > 0 of the log-sum-exp over pairs, ``λ·log Σ exp(l_ij/λ)``. Large λ approaches a plain
-            average of the pair losses; small λ focuses on the worst pair. The paper reports it barely matters.
-        pair_mode (`str`, *optional*, defaults to `"paper"`):
-            ``"paper"``: Eq. 20, unordered pairs ``j ≥ i`` including the diagonal, population σ (1/n).
-            ``"appendix"``: the Appendix A.4 code, all ordered pairs, ``l_ij/2``, unbiased σ (1/(n−1)).
-        sigma_eps_abs (`float`, *optional*, defaults to `1e-6`):
-        sigma_eps_rel (`float`, *optional*, defaults to `1e-6`):
-            A group whose reward std is ``σ ≤ sigma_eps_abs + sigma_eps_rel·max|r|`` (all rewards equal, up to float
-            noise) gets normalised reward gaps of 0: its loss only pulls the completions' log-ratios together.
-
-        > Data
-
-        completions_column (`str`, *optional*, defaults to `"completions"`):
-            Column holding, per row, the list of completions of the row's ``prompt``: strings, or (conversational
-            data) assistant message lists / assistant texts.
-        rewards_column (`str`, *optional*, defaults to `"rewards"`):
-            Column holding, per row, one reward (float) per completion, in the same order. NaN/inf entries are
-            masked out of the loss and counted.
-
-    Notes:
-        - ``per_device_train_batch_size`` / ``per_device_eval_batch_size`` count **prompts (groups)**, not sequences:
-          a micro-batch of 4 prompts with 8 completions each forwards 32 sequences. A group is never split across
-          micro-batches or processes.
-        - The training loss is the mean over the valid groups (at least 2 completions with a finite reward) of the
-          whole optimizer step, over every gradient-accumulation micro-batch and every process, so the gradient does
-          not depend on how the step is split. (The paper sums over prompts; the mean only rescales the learning
-          rate.)
-        - ``beta`` (DPO's KL coefficient) is not used: VCB's temperature is ``gamma``. Setting ``beta`` to anything
-          but its default is an error, as are the DPO-only ``loss_type``, ``loss_weights``, ``label_smoothing``,
-          ``f_divergence_type``, ``ld_alpha`` and ``use_weighting``.
-        - ``accelerator_config.split_batches`` and ``dispatch_batches=True`` are not supported (they would cut
-          groups apart).
-    """
-
-    gamma: float = field(
-        default=0.05,
-        metadata={
-            "help": "Scale γ > 0 of the log-ratio; the optimum is π ∝ π_ref·exp(r/(γσ)). Paper default 0.05. "
-            "(DPO's `beta` is not used.)"
-        },
-    )
-    lam: float = field(
-        default=1.0,
-        metadata={"help": "Temperature λ > 0 of the log-sum-exp over the pairs of a prompt (Eq. 20)."},
-    )
-    pair_mode: str = field(
-        default="paper",
-        metadata={
-            "help": "'paper': Eq. 20 (pairs j >= i incl. diagonal, population std). 'appendix': the Appendix A.4 "
-            "code (all ordered pairs, l/2, unbiased std).",
-            "choices": list(VCB_PAIR_MODES),
-        },
-    )
-    completions_column: str = field(
-        default="completions",
-        metadata={"help": "Column with the list of completions of each prompt."},
-    )
-    rewards_column: str = field(
-        default="rewards",
-        metadata={"help": "Column with one reward per completion (same order)."},
-    )
-    sigma_eps_abs: float = field(
-        default=1e-6,
-        metadata={"help": "Absolute threshold under which a group's reward std counts as 0 (reward gaps set to 0)."},
-    )
-    sigma_eps_rel: float = field(
-        default=1e-6,
-        metadata={"help": "Relative threshold (times max|r|) under which a group's reward std counts as 0."},
-    )
-
-    def __post_init__(self):
-        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma)):
-            raise ValueError(f"`gamma` must be a finite number > 0, got {self.gamma!r} (paper default: 0.05).")
-        if not (isinstance(self.lam, (int, float)) and self.lam > 0 and math.isfinite(self.lam)):
-            raise ValueError(f"`lam` must be a finite number > 0, got {self.lam!r} (default: 1.0).")
-        if self.pair_mode not in VCB_PAIR_MODES:
-            raise ValueError(f"`pair_mode` must be one of {VCB_PAIR_MODES}, got {self.pair_mode!r}.")
-        for name in ("sigma_eps_abs", "sigma_eps_rel"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
-        for name in ("completions_column", "rewards_column"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"`{name}` must be a non-empty column name, got {value!r}.")
-        if self.completions_column == self.rewards_column:
-            raise ValueError(f"`completions_column` and `rewards_column` are both {self.completions_column!r}.")
-        for name, default in _DPO_ONLY_FIELDS.items():
-            value = getattr(self, name)
-            if name == "loss_type" and isinstance(value, str):
-                value = [value]
-            if value != default:
-                raise ValueError(
-                    f"`{name}={value!r}` is a DPO-only option that VCB does not use; leave it at its default "
-                    f"({default!r}). VCB's loss is set by `gamma`, `lam` and `pair_mode`."
-                )
-        if self.beta != _DPO_DEFAULT_BETA:
-            raise ValueError(
-                f"`beta={self.beta!r}` is not used by VCB: its temperature is `gamma` (the paper's Appendix A.4 code "
-                f"calls it `beta`). Set `gamma={self.beta!r}` instead and leave `beta` at its default."
-            )
-        super().__post_init__()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -265,10 +142,12 @@ class DataCollatorForVCB(DataCollatorMixin):
                 input_ids.append(torch.tensor(ids[sl], dtype=torch.long))
                 completion_mask.append(torch.tensor(mask[sl], dtype=torch.long))
                 group_mask[g, j] = True
-            rewards[g, : len(values)] = torch.tensor([_as_float(v) for v in values], dtype=torch.float32)
+            rewards[g, : len(values)] = torch.tensor([to_float(v, f"Group {g}") for v in values], dtype=torch.float32)
             if has_ref:
                 ref = example[REF_LOGPS]
-                ref_logps[g, : len(ref)] = torch.tensor([_as_float(v) for v in ref], dtype=torch.float32)
+                ref_logps[g, : len(ref)] = torch.tensor(
+                    [to_float(v, f"Group {g}", "reference log-prob") for v in ref], dtype=torch.float32
+                )
 
         attention_mask = [torch.ones_like(ids) for ids in input_ids]
         output = {"rewards": rewards, "group_mask": group_mask}
@@ -289,16 +168,12 @@ class DataCollatorForVCB(DataCollatorMixin):
         return output
 
 
-def _as_float(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class VCBTrainer(DPOTrainer):
+class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
     r"""
     Trainer for Value-based CaliBration (VCB, Mao et al., arXiv 2402.16030) over n scored completions per prompt.
 
@@ -339,6 +214,9 @@ class VCBTrainer(DPOTrainer):
         ``processing_class`` a tokenizer (text only). ``compute_metrics`` is not supported (VCB has no logits to
         evaluate) and is ignored with a warning; the VCB metrics are logged automatically.
     """
+
+    # Rewards and reference log-probs stay float32 under DeepSpeed's bf16 input cast.
+    _float32_input_keys = ("rewards", REF_LOGPS)
 
     # The loss is normalised over the whole optimizer step in `_compute_loss` (see `get_batch_samples`).
     loss_is_scaled_for_ga = True
@@ -473,7 +351,7 @@ class VCBTrainer(DPOTrainer):
             and not args.precompute_ref_log_probs
             and not is_deepspeed_zero3_enabled()
         ):
-            ref_model = _frozen_copy(model)
+            ref_model = frozen_copy(model)
 
         # Counters filled by `_prepare_dataset` (rows dropped per dataset name).
         self.dropped_rows: dict[str, int] = {}
@@ -557,7 +435,6 @@ class VCBTrainer(DPOTrainer):
                     "completions_column": completions_column,
                     "rewards_column": rewards_column,
                     "has_ref": has_ref,
-                    "eos_token": self._tokenizer.eos_token,
                 },
                 **map_kwargs,
             )
@@ -616,15 +493,6 @@ class VCBTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = [PROMPT_IDS, COMPLETION_IDS, COMPLETION_REWARDS, REF_LOGPS]
-
-    def _prepare_inputs(self, inputs):
-        # Under DeepSpeed, `_prepare_input` casts every float tensor to the training dtype (bf16): a summed log-prob of
-        # -300 would then have a resolution of 2. Rewards and reference log-probs stay float32.
-        keep = {k: inputs[k] for k in ("rewards", "ref_logps") if torch.is_tensor(inputs.get(k))}
-        inputs = super()._prepare_inputs(inputs)
-        for key, value in keep.items():
-            inputs[key] = value.to(device=self.accelerator.device, dtype=torch.float32)
-        return inputs
 
     # ------------------------------------------------------------------------------------------------------------------
     # Reference log-probs
@@ -857,35 +725,7 @@ def _column_names(dataset, first_example=None) -> list[str]:
     return list(first_example.keys())
 
 
-def _frozen_copy(model):
-    """A frozen deep copy of ``model`` to serve as the reference, without any fused-LM-head patch of the original."""
-    ref = copy.deepcopy(model)
-    # A model patched by an earlier trainer keeps a `forward` instance attribute whose non-fused path is bound to the
-    # original object (TRL_NOTES: deepcopy trap); drop it so the copy uses its own class forward.
-    # (`functools.wraps` renames the patch to `forward`; its code object keeps the real name.)
-    forward = ref.__dict__.get("forward")
-    code = getattr(getattr(forward, "__func__", None), "__code__", None)
-    if code is not None and code.co_name == "_fused_forward":
-        del ref.__dict__["forward"]
-    ref.requires_grad_(False)
-    ref.eval()
-    return ref
-
-
-def _as_assistant_messages(completion, row: int) -> list[dict]:
-    if isinstance(completion, str):
-        return [{"role": "assistant", "content": completion}]
-    if isinstance(completion, dict):
-        return [completion]
-    if isinstance(completion, (list, tuple)) and all(isinstance(m, dict) for m in completion):
-        return list(completion)
-    raise ValueError(
-        f"Row {row}: a completion of a conversational prompt must be an assistant text or a list of messages "
-        f"(e.g. [{{'role': 'assistant', 'content': ...}}]), got {type(completion).__name__}."
-    )
-
-
-def _tokenize_group(example, idx, processing_class, completions_column, rewards_column, has_ref, eos_token):
+def _tokenize_group(example, idx, processing_class, completions_column, rewards_column, has_ref):
     prompt = example["prompt"]
     completions = example[completions_column]
     rewards = example[rewards_column]
@@ -900,9 +740,8 @@ def _tokenize_group(example, idx, processing_class, completions_column, rewards_
             f"Row {idx}: `{completions_column}` has {len(completions)} entries but `{rewards_column}` has "
             f"{len(rewards)}. Give exactly one reward per completion, in the same order."
         )
-    for value in rewards:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"Row {idx}: `{rewards_column}` must hold numbers, got {value!r}.")
+    where = f"Row {idx}: `{rewards_column}`"
+    values = [to_float(v, where) for v in rewards]
     ref = None
     if has_ref:
         ref = example[REF_LOGPS]
@@ -919,42 +758,14 @@ def _tokenize_group(example, idx, processing_class, completions_column, rewards_
 
         tools = json.loads(tools)
     template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
-    if isinstance(prompt, (list, tuple)):  # conversational
-        prompt = list(prompt)
-        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
-        full_ids = [
-            _tokenize(processing_class, prompt + _as_assistant_messages(c, idx), **template_kwargs)["input_ids"]
-            for c in completions
-        ]
-    elif isinstance(prompt, str):
-        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
-        full_ids = []
-        for completion in completions:
-            if not isinstance(completion, str):
-                raise ValueError(
-                    f"Row {idx}: the prompt is a string, so each completion must be a string too, got "
-                    f"{type(completion).__name__}. For chat data, make the prompt a list of messages."
-                )
-            if not completion.endswith(eos_token):
-                completion = completion + eos_token
-            full_ids.append(_tokenize(processing_class, prompt + completion)["input_ids"])
-    else:
-        raise ValueError(f"Row {idx}: `prompt` must be a string or a list of messages, got {type(prompt).__name__}.")
-
-    # The completion starts where the tokenized prompt and every prompt+completion agree (see DPO).
-    prompt_len = min([len(prompt_ids)] + [common_prefix_length(prompt_ids, ids) for ids in full_ids])
-    if prompt_len < len(prompt_ids):
-        logger.warning_once(
-            "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the "
-            "prompt alone differently, or tokens merge across the boundary). The completions start where they "
-            f"diverge; this end of the prompt is left out of the training sequence: "
-            f"{processing_class.decode(prompt_ids[prompt_len:])!r}."
-        )
+    prompt_ids, completion_ids = tokenize_prompt_completions(
+        processing_class, prompt, completions, row=idx, **template_kwargs
+    )
     output = {
-        PROMPT_IDS: prompt_ids[:prompt_len],
-        COMPLETION_IDS: [ids[prompt_len:] for ids in full_ids],
-        COMPLETION_REWARDS: [_as_float(v) for v in rewards],
+        PROMPT_IDS: prompt_ids,
+        COMPLETION_IDS: completion_ids,
+        COMPLETION_REWARDS: values,
     }
     if has_ref:
-        output[REF_LOGPS] = [_as_float(v) for v in ref]
+        output[REF_LOGPS] = [to_float(v, f"Row {idx}: `{REF_LOGPS}`", "reference log-prob") for v in ref]
     return output

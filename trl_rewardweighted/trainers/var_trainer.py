@@ -8,110 +8,29 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
-from trl.trainer.utils import add_fused_lm_head
 
+from ..data.utils import check_float_column, to_float
 from ..losses import var_log_weights, weighted_nll
-from ._common import adapters_disabled, check_float_column, compute_rowwise_distributed, sequence_logps
+from ..model_utils import (
+    KeepFloat32InputsMixin,
+    adapters_disabled,
+    compute_rowwise_distributed,
+    ensure_fused_lm_head,
+    sequence_logps,
+)
+from .var_config import VARConfig
 
-__all__ = ["VARConfig", "VARTrainer", "DataCollatorForVAR"]
+__all__ = ["VARTrainer", "DataCollatorForVAR"]
 
 REF_LOGPS_COLUMN = "ref_logps"
-
-
-@dataclass
-class VARConfig(SFTConfig):
-    r"""
-    Configuration for [`VARTrainer`]: every [`~trl.SFTConfig`] field plus the VAR parameters below.
-
-    Data: prompt/completion rows (standard strings or conversational messages) with a float reward column. Optional
-    `ref_logps` column (summed completion log-probs under the reference, computed on the same tokenisation) skips the
-    reference pass.
-
-    Parameters:
-        beta (`float`, *optional*, defaults to `1.0`):
-            KL coefficient of the RLHF objective (the paper's λ): the temperature of the weights
-            `softmax(r / beta + log π_ref)`. It must match the scale of the rewards: the weights depend on
-            `(r_i - r_j) / beta`, so rewards spanning tens of units with `beta=1` give one-hot weights.
-        ref_weighting (`bool`, *optional*, defaults to `True`):
-            Include `log π_ref(y|x)` in the weights (the paper, which treats its offline data as drawn from a uniform
-            proposal). Use `False` when the completions were *sampled from the reference model itself* (e.g. by
-            `trl-rw sample`): the sampling already carries π_ref, the weight is `softmax(r / beta)`, and no reference
-            model is needed. With the wrong choice, summed reference log-probs that differ by tens of nats make the
-            weights nearly one-hot on the response the reference likes most.
-        z_scope (`str`, *optional*, defaults to `"step"`):
-            Batch over which the softmax normaliser Z is estimated. `"step"`: every gradient-accumulation micro-batch
-            on every process of one optimizer step, so the update does not depend on how the step is split across
-            devices and accumulation steps. `"micro_batch"`: each per-device micro-batch separately (one reading of
-            the paper's B=8 "mini-batch"); the loss is then averaged over micro-batches and processes.
-        length_normalize (`bool`, *optional*, defaults to `False`):
-            Use the mean token log-prob instead of the summed one, in both the weight (reference term) and the loss.
-            The paper sums (the derivation is over sequences).
-        reward_column (`str`, *optional*, defaults to `"reward"`):
-            Name of the float reward column. Rows whose reward is NaN/inf/None are skipped (weight 0) and counted in
-            the `rows_skipped` metric.
-        precompute_ref_batch_size (`int` or `None`, *optional*, defaults to `None`):
-            Batch size of the one-off reference pass that fills the `ref_logps` column before training. `None` uses
-            `per_device_eval_batch_size`.
-    """
-
-    _VALID_Z_SCOPES = ("step", "micro_batch")
-
-    beta: float = field(
-        default=1.0,
-        metadata={
-            "help": "KL coefficient λ: temperature of the weights softmax(r/beta + log pi_ref). Match the reward scale."
-        },
-    )
-    ref_weighting: bool = field(
-        default=True,
-        metadata={
-            "help": "Include log pi_ref(y|x) in the weights (paper). False for data sampled from the reference."
-        },
-    )
-    z_scope: str = field(
-        default="step",
-        metadata={
-            "help": "Softmax normaliser scope: 'step' (all micro-batches and processes of a step) or 'micro_batch'."
-        },
-    )
-    length_normalize: bool = field(
-        default=False,
-        metadata={"help": "Use mean token log-probs (weight and loss) instead of summed ones (paper: summed)."},
-    )
-    reward_column: str = field(default="reward", metadata={"help": "Name of the float reward column."})
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Batch size of the reference pre-pass; None uses per_device_eval_batch_size."},
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            raise ValueError(
-                f"VARConfig.beta must be > 0, got {self.beta!r}. It is the temperature of the weights "
-                "softmax(r / beta + log pi_ref); set it to the scale of your rewards (e.g. their std)."
-            )
-        if self.z_scope not in self._VALID_Z_SCOPES:
-            raise ValueError(f"VARConfig.z_scope must be one of {self._VALID_Z_SCOPES}, got {self.z_scope!r}.")
-        if self.packing:
-            raise ValueError(
-                "VARConfig.packing=True is not supported: packing concatenates rows into one sequence and drops the "
-                "reward column, so each completion's log-prob and weight can no longer be told apart. Set packing=False."
-            )
-        if self.padding_free:
-            raise ValueError(
-                "VARConfig.padding_free=True is not supported: VAR needs one summed log-prob per row. Set "
-                "padding_free=False."
-            )
 
 
 class DataCollatorForVAR:
@@ -126,7 +45,7 @@ class DataCollatorForVAR:
 
     @staticmethod
     def _floats(values) -> torch.Tensor:
-        return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
+        return torch.tensor([to_float(v, f"Batch row {i}") for i, v in enumerate(values)], dtype=torch.float32)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base_collator(examples)
@@ -144,7 +63,7 @@ class DataCollatorForVAR:
 _FLOAT_KEYS = ("rewards", REF_LOGPS_COLUMN, "var_weights")
 
 
-class VARTrainer(SFTTrainer):
+class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
     """Trainer for VAR, reward-weighted SFT with batch-normalised exponential reward weights (arXiv 2502.11026).
 
     Takes everything [`~trl.SFTTrainer`] takes plus `ref_model`. The reference log-probs that enter the weights come
@@ -171,6 +90,9 @@ class VARTrainer(SFTTrainer):
     trainer.train()
     ```
     """
+
+    # Rewards, reference log-probs and weights stay float32 under DeepSpeed's bf16 input cast.
+    _float32_input_keys = _FLOAT_KEYS
 
     _tag_names = ["trl", "sft", "var", "reward-weighted", "trl-rewardweighted"]
     _name = "VAR"
@@ -279,15 +201,6 @@ class VARTrainer(SFTTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["input_ids", "labels", "seq_lengths", self.args.reward_column, REF_LOGPS_COLUMN]
 
-    def _prepare_inputs(self, inputs):
-        # Under DeepSpeed `_prepare_input` casts every float tensor to the engine dtype (bf16): a log-prob of -300
-        # would then have a resolution of 2. Keep rewards, reference log-probs and weights in float32.
-        kept = {k: inputs.pop(k) for k in _FLOAT_KEYS if k in inputs}
-        inputs = super()._prepare_inputs(inputs)
-        for k, v in kept.items():
-            inputs[k] = v.to(device=self.args.device, dtype=torch.float32)
-        return inputs
-
     # ------------------------------------------------------------------------------------------------------------------
     # Reference log-probs (computed once, before training)
     # ------------------------------------------------------------------------------------------------------------------
@@ -313,9 +226,7 @@ class VARTrainer(SFTTrainer):
         """The module to run reference forwards with, and whether PEFT adapters must be disabled around it."""
         if self._var_ref_model is not None:
             ref = self._var_ref_model
-            if not getattr(ref, "_trl_rw_fused", False):
-                add_fused_lm_head(ref)
-                ref._trl_rw_fused = True
+            ensure_fused_lm_head(ref)
             if self.is_deepspeed_enabled:
                 return prepare_deepspeed(ref, self.accelerator), False
             ref.eval()

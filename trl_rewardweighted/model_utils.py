@@ -1,0 +1,237 @@
+"""Model utilities shared by the trainers, the sampling code and implicit-reward relabeling.
+
+One place for: the fused-LM-head check and patch, summed completion log-probs without logits, the adapters-disabled
+context, a frozen reference copy, the sharded row-wise compute used by every reference pre-pass, DPO-style
+prompt + completion tokenisation, and the trainer mixin that keeps reward-like inputs in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from accelerate.utils import is_peft_model
+
+from .data.utils import is_messages
+
+__all__ = [
+    "KeepFloat32InputsMixin",
+    "LocalAccelerator",
+    "adapters_disabled",
+    "compute_rowwise_distributed",
+    "ensure_fused_lm_head",
+    "frozen_copy",
+    "is_fused",
+    "sequence_logps",
+    "tokenize_prompt_completions",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def is_fused(model) -> bool:
+    """True when ``model.forward`` is TRL's fused-LM-head patch (``add_fused_lm_head``)."""
+    func = getattr(model.forward, "__func__", model.forward)
+    return getattr(getattr(func, "__code__", None), "co_name", "") == "_fused_forward"
+
+
+def ensure_fused_lm_head(model, outputs=None):
+    """Patch ``model`` (its PEFT *base* model) with TRL's fused LM head unless it already is; returns ``model``."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    target = model.get_base_model() if is_peft_model(model) else model
+    if not is_fused(target):
+        if outputs is None:
+            add_fused_lm_head(target)
+        else:
+            add_fused_lm_head(target, outputs=outputs)
+    return model
+
+
+def frozen_copy(model):
+    """A frozen deep copy of ``model`` to serve as a reference, without any fused-LM-head patch of the original.
+
+    A model patched by an earlier trainer keeps a ``forward`` instance attribute whose non-fused path is bound to the
+    original object; the copy drops it and uses its own class forward.
+    """
+    ref = copy.deepcopy(model)
+    forward = ref.__dict__.get("forward")
+    if forward is not None and is_fused(ref):
+        del ref.__dict__["forward"]
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+def sequence_logps(model, input_ids, attention_mask, labels, length_normalize: bool = False):
+    """Summed completion log-probs ``(B,)`` float32 and completion token counts ``(B,)`` via TRL's fused LM head.
+
+    ``model`` must have been patched with ``trl.trainer.utils.add_fused_lm_head`` (on the PEFT *base* model under
+    PEFT). ``labels`` are -100 on prompt and padding tokens. No ``(B, T, V)`` logits tensor is built.
+    """
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+    )
+    log_probs = getattr(outputs, "log_probs", None)
+    if log_probs is None:
+        raise RuntimeError(
+            "The model returned no `log_probs`: it was not patched with `add_fused_lm_head` (patch the PEFT base model)."
+        )
+    token_logps = log_probs.float()  # (B, T-1), zero where the label is -100
+    num_tokens = (labels[:, 1:] != -100).sum(dim=-1)
+    logps = token_logps.sum(dim=-1)
+    if length_normalize:
+        logps = logps / num_tokens.clamp(min=1).to(logps.dtype)
+    return logps, num_tokens
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run ``model`` as its base (adapters off) when it is a PEFT model; a no-op otherwise."""
+    unwrapped = model
+    while hasattr(unwrapped, "module") and not is_peft_model(unwrapped):
+        unwrapped = unwrapped.module
+    if is_peft_model(unwrapped):
+        with unwrapped.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def compute_rowwise_distributed(
+    accelerator,
+    num_rows: int,
+    batch_size: int,
+    compute_fn: Callable[[Sequence[int]], torch.Tensor],
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Compute one value (or one fixed-shape tensor) per dataset row, sharded over processes, gathered on all.
+
+    Every process takes the rows ``rank, rank + world, ...``, padded (by repeating its last row) so that all processes
+    run the same number of ``compute_fn`` calls: collective forwards under DeepSpeed ZeRO-3 never hang. The result is
+    a CPU float32 tensor of shape ``(num_rows, *value_shape)`` in row order, identical on every process, so an
+    in-memory dataset can get the column on every rank (TRL's own precompute writes it on rank 0 only).
+
+    ``compute_fn(indices)`` returns a tensor of shape ``(len(indices), *value_shape)``.
+    """
+    if num_rows == 0:
+        raise ValueError("Cannot precompute reference log-probs for an empty dataset.")
+    world = accelerator.num_processes
+    rank = accelerator.process_index
+    per_proc = math.ceil(num_rows / world)
+    mine = list(range(rank, num_rows, world)) or [0]
+    mine = mine + [mine[-1]] * (per_proc - len(mine))
+    chunks = [mine[i : i + batch_size] for i in range(0, per_proc, batch_size)]
+    iterator = chunks
+    if desc and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(chunks, desc=desc)
+    outs = []
+    for chunk in iterator:
+        vals = compute_fn(chunk)
+        if vals.shape[0] != len(chunk):
+            raise RuntimeError(f"compute_fn returned {vals.shape[0]} values for {len(chunk)} rows.")
+        outs.append(vals.detach().float().to(accelerator.device))
+    local = torch.cat(outs, dim=0)  # (per_proc, *value_shape)
+    gathered = accelerator.gather(local) if world > 1 else local  # (world * per_proc, *value_shape), rank-major
+    value_shape = tuple(gathered.shape[1:])
+    by_row = gathered.reshape(world, per_proc, *value_shape).transpose(0, 1).reshape(world * per_proc, *value_shape)
+    return by_row[:num_rows].cpu()
+
+
+class LocalAccelerator:
+    """The parts of ``accelerate.Accelerator`` that ``compute_rowwise_distributed`` uses, for one process."""
+
+    num_processes = 1
+    process_index = 0
+    is_local_main_process = True
+
+    def __init__(self, device):
+        self.device = device
+
+    def gather(self, tensor):  # pragma: no cover - never called with one process
+        return tensor
+
+
+def _as_assistant_messages(completion, row) -> list[dict]:
+    if isinstance(completion, str):
+        return [{"role": "assistant", "content": completion}]
+    if isinstance(completion, dict):
+        return [completion]
+    if is_messages(completion):
+        return list(completion)
+    raise ValueError(
+        f"Row {row}: a completion of a conversational prompt must be an assistant text or a list of messages "
+        f"(e.g. [{{'role': 'assistant', 'content': ...}}]), got {type(completion).__name__}."
+    )
+
+
+def tokenize_prompt_completions(processing_class, prompt, completions, row=None, **template_kwargs):
+    """Tokenise one prompt and its completions the way TRL's ``DPOTrainer`` does (trl 1.16 ``_prepare_dataset``).
+
+    Conversational prompts (message lists) go through the chat template (the prompt with
+    ``add_generation_prompt=True``); string prompts are concatenated with each completion, and EOS is appended to a
+    string completion that lacks it. The completion starts where the tokenised prompt and every tokenised
+    prompt + completion agree. Returns ``(prompt_ids, [completion_ids, ...])``.
+    """
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    if is_messages(prompt):
+        prompt = list(prompt)
+        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
+        full_ids = [
+            _tokenize(processing_class, prompt + _as_assistant_messages(c, row), **template_kwargs)["input_ids"]
+            for c in completions
+        ]
+    elif isinstance(prompt, str):
+        eos = getattr(processing_class, "eos_token", None) or ""
+        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+        full_ids = []
+        for completion in completions:
+            if not isinstance(completion, str):
+                raise ValueError(
+                    f"Row {row}: the prompt is a string, so each completion must be a string too, got "
+                    f"{type(completion).__name__}. For chat data, make the prompt a list of messages."
+                )
+            if not completion.endswith(eos):
+                completion = completion + eos
+            full_ids.append(_tokenize(processing_class, prompt + completion)["input_ids"])
+    else:
+        raise ValueError(f"Row {row}: `prompt` must be a string or a list of messages, got {type(prompt).__name__}.")
+
+    prompt_len = min([len(prompt_ids)] + [common_prefix_length(prompt_ids, ids) for ids in full_ids])
+    if prompt_len < len(prompt_ids):
+        logger.warning(
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the "
+            "prompt alone differently, or tokens merge across the boundary). The completions start where they "
+            "diverge; this end of the prompt is left out of the training sequence: %r.",
+            processing_class.decode(prompt_ids[prompt_len:]),
+        )
+    return prompt_ids[:prompt_len], [ids[prompt_len:] for ids in full_ids]
+
+
+class KeepFloat32InputsMixin:
+    """Trainer mixin: keep the listed batch tensors in float32 through ``_prepare_inputs``.
+
+    Under DeepSpeed, ``Trainer._prepare_input`` casts every float tensor of the batch to the engine dtype (bf16): a
+    summed log-prob of -300 then has a resolution of 2, and rewards lose their small differences. The keys in
+    ``_float32_input_keys`` are set aside, the rest is prepared as usual, and they come back as float32 on the device.
+    """
+
+    _float32_input_keys: tuple[str, ...] = ()
+
+    def _prepare_inputs(self, inputs):
+        kept = {k: inputs.pop(k) for k in self._float32_input_keys if torch.is_tensor(inputs.get(k))}
+        inputs = super()._prepare_inputs(inputs)
+        for key, value in kept.items():
+            inputs[key] = value.to(device=self.args.device, dtype=torch.float32)
+        return inputs

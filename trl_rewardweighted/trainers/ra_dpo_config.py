@@ -1,0 +1,175 @@
+"""Configuration of the reward-augmented DPO trainer (arXiv 2410.08067)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig
+
+__all__ = ["RewardAugmentedDPOConfig"]
+
+
+@dataclass
+class RewardAugmentedDPOConfig(DPOConfig):
+    r"""
+    Configuration for [`RewardAugmentedDPOTrainer`]: every [`~trl.DPOConfig`] field plus the relabeling options below
+    (the arguments of `reward_augment_dataset`).
+
+    Data: preference pairs with one numeric score per response (`prompt`, `chosen`, `rejected`, `score_chosen`,
+    `score_rejected`, the columns of `HuggingFaceH4/ultrafeedback_binarized`), standard or conversational, explicit or
+    implicit prompt. Without judge scores, relabel with implicit rewards first
+    (`trl_rewardweighted.ira.implicit_reward_relabel`).
+
+    Hyperparameters: the paper trains with β = 0.01, learning rate 5e-7, cosine schedule, warmup ratio 0.1, one epoch,
+    effective batch 128, seed 42 (and `label_smoothing=0.3` for Qwen2-7B-It / Gemma-2-9B-It). This config keeps
+    DPOConfig's defaults (β = 0.1, lr 1e-6), which are tuned for TRL's examples; the paper's values are in
+    `recipes/reward_augmented_dpo/`. Note that `augment_mode="both"` doubles the number of rows, so an epoch has twice
+    the steps; ratio-based warmup adapts, a fixed `max_steps` does not.
+
+    Parameters:
+        augment_mode (`str`, *optional*, defaults to `"both"`):
+            `"both"` (RA: one copy conditioned on each response's score, 2 rows per pair) or `"chosen_only"` (RA+:
+            only the chosen response's goal; same size as the input).
+        augment_fraction (`float`, *optional*, defaults to `1.0`):
+            Half-RA: keep and augment only the first `floor(fraction × N)` training pairs (input order).
+            `0.5` with `augment_mode="both"` gives a training set of the original size.
+        ties (`str`, *optional*, defaults to `"drop"`):
+            Pairs whose goal scores are equal (after rescaling and rounding) carry no preference under the paper's
+            indicator reward: `"drop"` removes them, `"keep"` follows the released code (contradictory twin pairs).
+        score_chosen_column (`str`, *optional*, defaults to `"score_chosen"`):
+            Column with the chosen response's score.
+        score_rejected_column (`str`, *optional*, defaults to `"score_rejected"`):
+            Column with the rejected response's score.
+        score_range (`str`, `tuple` or `None`, *optional*, defaults to `None`):
+            `None`: scores are goals on the 1-10 scale as they are (they must lie in [1, 10], as UltraFeedback's).
+            `(lo, hi)` or `"lo,hi"`: linear map `1 + 9 (s - lo) / (hi - lo)` (scores outside raise). `"auto"`: the
+            same map with the training set's min/max (reward-model scores).
+        round_digits (`int` or `None`, *optional*, defaults to `2`):
+            Decimals the goals are rounded to after rescaling (`None`: no rounding).
+        goal_template (`str` or `None`, *optional*, defaults to `None`):
+            `None` uses the released code's text ("You are an assistant that generates responses for the instruction
+            while implicitly achieving the following target scores (on a scale of 1-10, where 1 is lowest and 10 is
+            highest):\nOverall score: {score}."). A custom template is a `str.format` string with `{scores}` and/or
+            `{score}`; use the same one at inference.
+        system_role (`str`, *optional*, defaults to `"auto"`):
+            Where the goal goes in conversational prompts: `"system"` (a system message, merged into an existing one),
+            `"prefix"` (before the first user turn, then a blank line), or `"auto"` (system if the tokenizer's chat
+            template renders a system role, prefix otherwise). String prompts always get the prefix.
+        attribute_columns (`dict` or `None`, *optional*, defaults to `None`):
+            Multi-attribute goals: `{name: [chosen column, rejected column]}` (a JSON string on the command line),
+            one `"<name>: <value>."` line per attribute. Replaces the single overall score.
+        augment_eval (`bool`, *optional*, defaults to `False`):
+            Augment evaluation datasets too (also those passed to `evaluate()` later). By default they stay as given,
+            like the released code, which evaluates on the original pairs.
+        eval_goal_score (`float` or `None`, *optional*, defaults to `None`):
+            When evaluation data is not augmented, condition every evaluation prompt on this goal (e.g. `10`, the
+            inference goal) without doubling or swapping. `None` leaves evaluation prompts untouched.
+    """
+
+    _VALID_MODES = ("both", "chosen_only")
+    _VALID_TIES = ("drop", "keep")
+    _VALID_SYSTEM_ROLES = ("auto", "system", "prefix")
+
+    augment_mode: str = field(
+        default="both",
+        metadata={"help": "'both' (RA: both goals, 2N rows) or 'chosen_only' (RA+: the chosen goal only, N rows)."},
+    )
+    augment_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Half-RA: augment only the first floor(fraction*N) training pairs (0.5 keeps the size)."},
+    )
+    ties: str = field(
+        default="drop",
+        metadata={
+            "help": "Pairs with equal goal scores: 'drop' (paper's indicator reward) or 'keep' (released code)."
+        },
+    )
+    score_chosen_column: str = field(default="score_chosen", metadata={"help": "Score column of the chosen response."})
+    score_rejected_column: str = field(
+        default="score_rejected", metadata={"help": "Score column of the rejected response."}
+    )
+    score_range: str | None = field(
+        default=None,
+        metadata={
+            "help": "None (scores already on 1-10), 'lo,hi' (linear map to 1-10) or 'auto' (training-set min/max)."
+        },
+    )
+    round_digits: int | None = field(
+        default=2, metadata={"help": "Decimals the goal scores are rounded to after rescaling (None: no rounding)."}
+    )
+    goal_template: str | None = field(
+        default=None,
+        metadata={"help": "Goal text template with {scores} and/or {score}; None = the released code's wording."},
+    )
+    system_role: str = field(
+        default="auto",
+        metadata={"help": "Goal placement for conversational prompts: 'auto', 'system' or 'prefix'."},
+    )
+    attribute_columns: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": 'Multi-attribute goals as JSON: {"Helpfulness": ["help_chosen", "help_rejected"], ...}.'},
+    )
+    augment_eval: bool = field(
+        default=False, metadata={"help": "Augment evaluation datasets too (default: evaluate on the original pairs)."}
+    )
+    eval_goal_score: float | None = field(
+        default=None,
+        metadata={"help": "Condition un-augmented evaluation prompts on this goal (e.g. 10); None leaves them as is."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.augment_mode not in self._VALID_MODES:
+            raise ValueError(f"augment_mode must be one of {self._VALID_MODES}, got {self.augment_mode!r}.")
+        if self.ties not in self._VALID_TIES:
+            raise ValueError(f"ties must be one of {self._VALID_TIES}, got {self.ties!r}.")
+        if self.system_role not in self._VALID_SYSTEM_ROLES:
+            raise ValueError(f"system_role must be one of {self._VALID_SYSTEM_ROLES}, got {self.system_role!r}.")
+        if not 0.0 < float(self.augment_fraction) <= 1.0:
+            raise ValueError(f"augment_fraction must be in (0, 1] (0.5 = Half-RA), got {self.augment_fraction!r}.")
+        if isinstance(self.score_range, str):
+            value = self.score_range.strip()
+            if value.lower() in ("", "none", "null"):
+                self.score_range = None
+            elif value.lower() == "auto":
+                self.score_range = "auto"
+            else:
+                parts = value.strip("()[]").split(",")
+                try:
+                    lo, hi = (float(p) for p in parts)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"score_range must be None, 'auto' or 'lo,hi', got {self.score_range!r}."
+                    ) from exc
+                self.score_range = (lo, hi)
+        elif isinstance(self.score_range, (list, tuple)):
+            if len(self.score_range) != 2:
+                raise ValueError(f"score_range must have two values (lo, hi), got {self.score_range!r}.")
+            self.score_range = tuple(float(v) for v in self.score_range)
+        if isinstance(self.attribute_columns, str):
+            value = self.attribute_columns.strip()
+            self.attribute_columns = None if value.lower() in ("", "none", "null") else json.loads(value)
+        if self.attribute_columns is not None:
+            if not isinstance(self.attribute_columns, Mapping) or not self.attribute_columns:
+                raise ValueError(
+                    "attribute_columns must be a non-empty dict {name: [chosen column, rejected column]}, got "
+                    f"{self.attribute_columns!r}."
+                )
+            self.attribute_columns = {str(k): tuple(v) for k, v in self.attribute_columns.items()}
+
+    def relabel_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``reward_augment_dataset`` these options stand for."""
+        return dict(
+            mode=self.augment_mode,
+            fraction=float(self.augment_fraction),
+            ties=self.ties,
+            score_columns=(self.score_chosen_column, self.score_rejected_column),
+            score_range=self.score_range,
+            round_digits=self.round_digits,
+            goal_template=self.goal_template,
+            system_role=self.system_role,
+            attributes=self.attribute_columns,
+        )
