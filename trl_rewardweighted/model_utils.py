@@ -26,6 +26,7 @@ __all__ = [
     "ensure_fused_lm_head",
     "frozen_copy",
     "is_fused",
+    "resolve_reference_model",
     "sequence_logps",
     "tokenize_prompt_completions",
 ]
@@ -146,6 +147,45 @@ def compute_rowwise_distributed(
     value_shape = tuple(gathered.shape[1:])
     by_row = gathered.reshape(world, per_proc, *value_shape).transpose(0, 1).reshape(world * per_proc, *value_shape)
     return by_row[:num_rows].cpu()
+
+
+def resolve_reference_model(model, ref_model, args, peft_config=None, quantization_config=None):
+    """The reference-model rule of the DPO-based trainers (VCB and reward-augmented DPO), applied before
+    ``DPOTrainer.__init__``.
+
+    - ``ref_model`` given as a model id or path: loaded like DPO loads its own reference (``model_init_kwargs``,
+      ``quantization_config``, ``device_map=None`` when distributed, ``trust_remote_code``). ``DPOTrainer`` itself
+      only takes a model object there.
+    - no ``ref_model``, and the policy is a model *object* that is not PEFT, with no ``peft_config``, no
+      ``precompute_ref_log_probs`` and no ZeRO-3: a frozen copy of the object, taken now (before the fused LM head is
+      patched onto the policy). ``DPOTrainer`` would reload ``config._name_or_path`` instead, which fails for a model
+      built in memory and silently differs from a policy modified after loading. (Under ZeRO-3 partitioned
+      parameters cannot be deep-copied, so DPO's reload from the path is kept.)
+    - otherwise ``ref_model`` is returned as given (``None``: DPO uses the PEFT base / "ref" adapter, the precomputed
+      log-probs, or reloads the policy's path).
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if isinstance(ref_model, str):
+        from trl.trainer.utils import create_model_from_path
+
+        kwargs = dict(args.model_init_kwargs or {})
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            kwargs["device_map"] = None
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        return create_model_from_path(ref_model, **kwargs)
+    if (
+        ref_model is None
+        and not isinstance(model, str)
+        and peft_config is None
+        and not is_peft_model(model)
+        and not args.precompute_ref_log_probs
+        and not is_deepspeed_zero3_enabled()
+    ):
+        return frozen_copy(model)
+    return ref_model
 
 
 class LocalAccelerator:

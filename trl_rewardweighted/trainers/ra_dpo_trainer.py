@@ -17,6 +17,7 @@ from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
 
 from ..data.relabel import _reward_augment, build_goal_prompt, condition_dataset_on_goal, to_explicit_prompt
+from ..model_utils import resolve_reference_model
 from .ra_dpo_config import RewardAugmentedDPOConfig
 
 __all__ = ["RewardAugmentedDPOTrainer"]
@@ -101,6 +102,7 @@ class RewardAugmentedDPOTrainer(DPOTrainer):
                     "RewardAugmentedDPOTrainer does not support vision datasets: TRL prepares them on the fly, so the "
                     "prompts cannot be relabeled before tokenisation."
                 )
+        ref_model = resolve_reference_model(model, ref_model, args, peft_config, quantization_config)
         self._ra_train_seen = False
         self._ra_pending_log: dict[str, float] = {}
         self.augmentation_stats: dict[str, dict] = {}

@@ -25,13 +25,11 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
     add_fused_lm_head,
-    create_model_from_path,
     get_config_model_id,
     global_then_local_main_first,
     pad,
@@ -44,7 +42,7 @@ from ..model_utils import (
     KeepFloat32InputsMixin,
     adapters_disabled,
     compute_rowwise_distributed,
-    frozen_copy,
+    resolve_reference_model,
     sequence_logps,
     tokenize_prompt_completions,
 )
@@ -320,16 +318,6 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None,
             )
 
-        # A reference given by id: load it like the policy (DPOTrainer itself only takes a model object here).
-        if isinstance(ref_model, str):
-            ref_kwargs = dict(args.model_init_kwargs or {})
-            if quantization_config is not None:
-                ref_kwargs["quantization_config"] = quantization_config
-            if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-                ref_kwargs["device_map"] = None
-            ref_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            ref_model = create_model_from_path(ref_model, **ref_kwargs)
-
         # A dataset that already carries reference log-probs needs no reference model.
         if _column_names(train_dataset, first) and REF_LOGPS in _column_names(train_dataset, first):
             if not args.precompute_ref_log_probs:
@@ -339,19 +327,7 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
                 )
                 args.precompute_ref_log_probs = True
 
-        # DPO reloads its reference from `config._name_or_path` when no ref_model / PEFT / precompute is given, which
-        # fails for (or silently differs from) a model object built in memory. Copy the object instead, before DPO
-        # patches the policy with the fused LM head. (Not under ZeRO-3, whose partitioned parameters cannot be
-        # deep-copied: DPO's reload from the path is kept there.)
-        if (
-            ref_model is None
-            and not isinstance(model, str)
-            and peft_config is None
-            and not is_peft_model(model)
-            and not args.precompute_ref_log_probs
-            and not is_deepspeed_zero3_enabled()
-        ):
-            ref_model = frozen_copy(model)
+        ref_model = resolve_reference_model(model, ref_model, args, peft_config, quantization_config)
 
         # Counters filled by `_prepare_dataset` (rows dropped per dataset name).
         self.dropped_rows: dict[str, int] = {}
