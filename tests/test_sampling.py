@@ -1,9 +1,12 @@
 """Sampling, scoring, the demo reward and the dataset-shape converters (tiny offline models; one slow SmolLM2 test)."""
 
+import json
 import math
+import re
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -15,6 +18,7 @@ from trl_rewardweighted.data.convert import (
     load_dataset_any,
     rows_to_groups,
     save_dataset,
+    save_datasets,
 )
 from trl_rewardweighted.rewards import vader_positivity
 from trl_rewardweighted.sampling import (
@@ -332,10 +336,41 @@ def test_scorer_spec_errors():
         load_scorer("trl_rewardweighted.rewards:nope")
     with pytest.raises(ValueError, match="returned 1 scores for 2"):
         score_completions(ds, lambda p, c: [1.0], progress=False)
-    with pytest.raises(ValueError, match="expected a float"):
+    with pytest.raises(ValueError, match=r"completion 0: score 'high' \(str\) is not a number"):
         score_completions(ds, lambda p, c: ["high", 1.0], progress=False)
+    with pytest.raises(ValueError, match=r"The scorer returned float \(0.5\); it must return a list of floats"):
+        score_completions(ds, lambda p, c: 0.5, progress=False)
     with pytest.raises(ValueError, match="columns found"):
         score_completions(Dataset.from_dict({"text": ["a"]}), length_reward, progress=False)
+
+
+@pytest.mark.parametrize(
+    "bad, shown",
+    [
+        ("0.5", "'0.5' (str)"),
+        (True, "True (bool)"),
+        (np.bool_(False), "False (bool)"),
+        (torch.tensor(True), "True (bool)"),
+        ([1.0], "[1.0] (list)"),
+        (1j, "1j (complex)"),
+    ],
+)
+def test_scores_must_be_real_numbers(bad, shown):
+    ds = Dataset.from_dict({"prompt": ["a", "b"], "completions": [["w", "x"], ["y", "z"]]})
+    message = f"Scorer output for completion 2: score {shown} is not a number; give a float."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        # the first chunk (completions 0, 1) is fine; the bad score is completion 2, the first of the second chunk
+        score_completions(ds, lambda p, c: [0.0, 0.0] if p == ["a", "a"] else [bad, 1.0], batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="completion 0: score"):  # a whole bool tensor / array, too
+        score_completions(ds, lambda p, c: torch.ones(len(c), dtype=torch.bool), progress=False)
+
+
+def test_numpy_and_torch_numbers_are_scores():
+    ds = Dataset.from_dict({"prompt": ["a"], "completions": [["w", "x", "y", "z", "v"]]})
+    values = [np.float32(0.5), np.int64(2), torch.tensor(0.25), np.array(1.5), 3]
+    assert score_completions(ds, lambda p, c: values, progress=False)["rewards"] == [[0.5, 2.0, 0.25, 1.5, 3.0]]
+    scored = score_completions(ds, lambda p, c: torch.arange(len(c)) * 0.5, progress=False)
+    assert scored["rewards"] == [[0.0, 0.5, 1.0, 1.5, 2.0]]
 
 
 def test_non_finite_scores_are_kept_as_nan_with_a_warning():
@@ -539,6 +574,92 @@ def test_load_errors(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ValueError, match="not one written by save_to_disk"):
         load_dataset_any(tmp_path / "folder")
+
+
+def test_json_array_and_column_documents_load(tmp_path):
+    array = tmp_path / "rows.json"
+    array.write_text(
+        '[\n  {"prompt": "p", "completion": "a", "reward": 1},\n  {"prompt": "p", "completion": "b", "reward": null}\n]\n'
+    )
+    back = load_dataset_any(array)
+    assert back["completion"] == ["a", "b"] and back["reward"][0] == 1.0 and math.isnan(back["reward"][1])
+    columns = tmp_path / "columns.json"
+    columns.write_text(json.dumps({"prompt": ["p", "q"], "completions": [["a"], ["b", "c"]]}, indent=2))
+    assert load_dataset_any(columns).to_list() == [
+        {"prompt": "p", "completions": ["a"]},
+        {"prompt": "q", "completions": ["b", "c"]},
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '{"prompt": "p", "id": 1}\n\n{"prompt": "q", "id": "two"}\n',
+            "{path}:3: `id` is a string, but at {path}:1 it is a number; a column must hold one type in every row.",
+        ),
+        (
+            '{"prompt": "p", "meta": {"x": 1}}\n{"prompt": "q", "meta": {"x": "one"}}\n',
+            "{path}:2: `meta` has another structure than at {path}:1 (a field or item of another type); a column must "
+            "hold one type in every row.",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "hi"}]}\n{"prompt": [{"content": "no role"}]}\n',
+            "{path}:2: `prompt` has a message without 'role' / 'content': {{'content': 'no role'}}.",
+        ),
+        (
+            '{"prompt": "p"}\n{"prompt": 3}\n',
+            "{path}:2: `prompt` is a number; expected a string or a list of {{'role': ..., 'content': ...}} messages.",
+        ),
+        (
+            '{"prompt": "p", "completions": ["a"], "rewards": [1, "high"]}\n',
+            "{path}:1: `rewards`[1] 'high' (str) is not a number; give a float.",
+        ),
+        (
+            '{"prompt": "p", "completions": ["a"], "rewards": 1}\n',
+            "{path}:1: `rewards` is a number; it must be a "
+            "list of numbers, one per completion (null for a missing one).",
+        ),
+        (
+            '[\n  {"prompt": "p"},\n  {"prompt": "q"}\n  {"prompt": "r"}\n]',
+            "{path}:4: invalid JSON: Expecting ',' delimiter (column 3).",
+        ),
+        ('[{"prompt": "p"}]\n\n]', "{path}:3: invalid JSON: Extra data after the closing ']' (column 1)."),
+        (
+            '[\n  {"prompt": "p"},\n  {"prompt": "q",}\n]',
+            "{path}:3: invalid JSON: Expecting property name enclosed in double quotes (column 18).",
+        ),
+        ("[]", "{path}: no rows"),
+    ],
+)
+def test_json_load_errors_name_file_and_line(tmp_path, text, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^{re.escape(message.format(path=path))}$"):
+        load_dataset_any(path)
+
+
+def _failing_parquet_writer(self, path, *args, **kwargs):
+    with open(path, "wb") as f:
+        f.write(b"PAR1")
+    raise OSError("disk full")
+
+
+def test_save_datasets_is_all_or_nothing(tmp_path, monkeypatch):
+    rows = Dataset.from_dict({"prompt": ["p"], "completion": ["a"], "reward": [1.0]})
+    first, second = tmp_path / "rows.jsonl", tmp_path / "rows.parquet"
+    save_datasets([(rows, first), (rows, second)])
+    before = first.read_bytes(), second.read_bytes()
+    with pytest.raises(FileExistsError, match=f"^{re.escape(str(first))} already exists; pass overwrite=True"):
+        save_dataset(rows, first, overwrite=False)
+    monkeypatch.setattr(Dataset, "to_parquet", _failing_parquet_writer)
+    more = Dataset.from_dict({"prompt": ["q", "r"], "completion": ["b", "c"], "reward": [0.0, 2.0]})
+    with pytest.raises(OSError, match="disk full"):  # the second write fails: the first output is not replaced either
+        save_datasets([(more, first), (more, second)])
+    assert (first.read_bytes(), second.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "rows.parquet"]
+    with pytest.raises(ValueError, match="is given twice"):
+        save_datasets([(rows, first), (rows, tmp_path / "." / "rows.jsonl")])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

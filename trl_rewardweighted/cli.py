@@ -1,16 +1,21 @@
-"""The ``trl-rw`` console script: sample completions, score them, convert between dataset shapes.
+"""The `trl-rw` console script: sample completions, score them, convert between dataset shapes.
 
-    trl-rw generate --model M --prompts prompts.txt --n 4 --output groups.jsonl
-    trl-rw score    --input groups.jsonl --scorer trl_rewardweighted.rewards:vader_positivity --output scored.jsonl
-    trl-rw convert  --input scored.jsonl --to pairs --strategy best_worst --output pairs.jsonl
-    trl-rw sample   --model M --prompts prompts.txt --scorer SPEC --output-groups g.jsonl --output-pairs p.jsonl
-    trl-rw train    var --config recipes/var/smollm2-135m/config_full.yaml --dataset_name rows.jsonl
+```bash
+trl-rw generate --model M --prompts prompts.txt --n 4 --output groups.jsonl
+trl-rw score    --input groups.jsonl --scorer trl_rewardweighted.rewards:vader_positivity --output scored.jsonl
+trl-rw convert  --input scored.jsonl --to pairs --strategy best_worst --output pairs.jsonl
+trl-rw sample   --model M --prompts prompts.txt --scorer SPEC --output-groups g.jsonl --output-pairs p.jsonl
+trl-rw train    var --config recipes/var/smollm2-135m/config_full.yaml --dataset_name rows.jsonl
+```
 
-Adding a subcommand: write ``_add_<name>_parser(subparsers)`` that registers it with ``set_defaults(func=_cmd_<name>)``
-and call it from :func:`build_parser`. A command returns nothing on success; it raises ``ValueError`` /
-``FileNotFoundError`` / ``ImportError`` with a message for the user, which :func:`main` prints as
-``trl-rw <command>: error: ...`` and exits with code 2 (set ``TRL_RW_DEBUG=1`` to get the traceback instead).
-Heavy libraries are imported inside the commands, so ``trl-rw --help`` stays fast.
+Adding a subcommand: write `_add_<name>_parser(subparsers)` that registers it with `set_defaults(func=_cmd_<name>)`
+and call it from [`build_parser`]. A command returns nothing on success; for bad input it raises
+`ValueError` (JSON errors included) / `OSError` (`FileNotFoundError`, `FileExistsError`) / `ImportError` with a
+one-line message, which [`main`] prints as `trl-rw <command>: error: ...` and exits with code 2 (set
+`TRL_RW_DEBUG=1` to get the traceback instead). Other exceptions are bugs and keep their traceback. Outputs are
+checked before any work starts (an existing one needs `--overwrite`) and written atomically by
+`trl_rewardweighted.data.convert.save_datasets`. Heavy libraries are imported inside the commands, so
+`trl-rw --help` stays fast.
 """
 
 from __future__ import annotations
@@ -80,6 +85,15 @@ def _add_progress_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (default: refuse). Outputs are written to a temporary and renamed into place "
+        "only when complete",
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------------------------------
@@ -93,6 +107,7 @@ def _add_generate_parser(subparsers) -> None:
     )
     _add_generation_args(parser)
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder (save_to_disk)")
+    _add_overwrite_arg(parser)
     _add_progress_arg(parser)
     parser.set_defaults(func=_cmd_generate)
 
@@ -112,6 +127,7 @@ def _add_score_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="completions per scorer call (default: 16)")
     parser.add_argument("--max-length", type=int, default=None, help="truncate reward-model inputs (default: none)")
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
+    _add_overwrite_arg(parser)
     _add_progress_arg(parser)
     parser.set_defaults(func=_cmd_score)
 
@@ -128,6 +144,7 @@ def _add_convert_parser(subparsers) -> None:
     _add_pair_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="breaks ties for the best / worst completion")
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
+    _add_overwrite_arg(parser)
     parser.set_defaults(func=_cmd_convert)
 
 
@@ -144,12 +161,13 @@ def _add_sample_parser(subparsers) -> None:
     parser.add_argument("--output-groups", default=None, help="write prompt, completions, rewards here")
     parser.add_argument("--output-rows", default=None, help="write prompt, completion, reward here")
     parser.add_argument("--output-pairs", default=None, help="write prompt, chosen, rejected, score_* here")
+    _add_overwrite_arg(parser)
     _add_progress_arg(parser)
     parser.set_defaults(func=_cmd_sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``trl-rw`` parser with all subcommands (each sets ``func`` to the function that runs it)."""
+    """The `trl-rw` parser with all subcommands (each sets `func` to the function that runs it)."""
     from trl_rewardweighted import __version__
 
     parser = argparse.ArgumentParser(
@@ -190,32 +208,46 @@ def _cmd_train(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _check_outputs(args, paths: dict[str, str | None]) -> None:
+    """Before any work: every output is new (or `--overwrite` is given and it can be replaced), no path twice."""
+    from trl_rewardweighted.data.convert import check_output_path
+
+    seen: dict[Path, str] = {}
+    for option, path in paths.items():
+        if not path:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {option} are the same path {path}; give each output its own path.")
+        seen[key] = option
+        check_output_path(path, args.overwrite, option="--overwrite")
+
+
 def _read_prompts(path_str: str):
-    """A Dataset with a ``prompt`` column from a .txt file (one prompt per line, blank lines skipped) or any
-    dataset file / folder with a ``prompt`` column (other columns are kept)."""
+    """A Dataset with a `prompt` column from a .txt file (one prompt per line, blank lines skipped) or any
+    dataset file / folder with a `prompt` column (other columns are kept). Errors name `file:line`."""
     from datasets import Dataset
 
-    from trl_rewardweighted.data.convert import load_dataset_any
+    from trl_rewardweighted.data.convert import load_dataset_any, read_text_lines
 
     path = Path(path_str)
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise FileNotFoundError(f"Prompt file not found: {path}")
-        lines = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
-        prompts = [line for line in lines if line.strip()]
+        prompts = [line for _, line in read_text_lines(path) if line.strip()]
         if not prompts:
-            raise ValueError(f"{path} holds no prompt (one prompt per non-blank line).")
+            raise ValueError(f"{path}: no rows")
         return Dataset.from_dict({"prompt": prompts})
     ds = load_dataset_any(path)
     if "prompt" not in ds.column_names:
         raise ValueError(f"{path} has no `prompt` column; columns found: {ds.column_names}.")
     if len(ds) == 0:
-        raise ValueError(f"{path} holds no rows.")
+        raise ValueError(f"{path}: no rows")
     return ds
 
 
 def _goal_prompts(ds, args, tokenizer):
-    """Add ``generation_prompt``: each prompt conditioned on ``--goal-score`` (reward-augmented DPO models)."""
+    """Add `generation_prompt`: each prompt conditioned on `--goal-score` (reward-augmented DPO models)."""
     try:
         from trl_rewardweighted.data.relabel import build_goal_prompt
     except ImportError as err:
@@ -232,7 +264,7 @@ def _goal_prompts(ds, args, tokenizer):
 
 
 def _generate(args):
-    """Run generation for ``generate`` / ``sample``; returns the groups dataset."""
+    """Run generation for `generate` / `sample`; returns the groups dataset."""
     from trl_rewardweighted.sampling import generate_completions
 
     if args.goal_template is not None and args.goal_score is None:
@@ -273,8 +305,9 @@ def _reward_summary(ds, column: str = "rewards") -> str:
 def _cmd_generate(args) -> None:
     from trl_rewardweighted.data.convert import save_dataset
 
+    _check_outputs(args, {"--output": args.output})
     ds = _generate(args)
-    path = save_dataset(ds, args.output)
+    path = save_dataset(ds, args.output, overwrite=args.overwrite)
     print(f"generate: wrote {len(ds)} prompts x {args.n} completions to {path}")
 
 
@@ -282,12 +315,25 @@ def _cmd_score(args) -> None:
     from trl_rewardweighted.data.convert import load_dataset_any, save_dataset
     from trl_rewardweighted.sampling import score_completions
 
+    _check_outputs(args, {"--output": args.output})
     ds = load_dataset_any(args.input)
     ds = score_completions(
         ds, args.scorer, batch_size=args.batch_size, progress=not args.no_progress, max_length=args.max_length
     )
-    path = save_dataset(ds, args.output)
+    path = save_dataset(ds, args.output, overwrite=args.overwrite)
     print(f"score: wrote {len(ds)} rows to {path}; {_reward_summary(ds)}")
+
+
+def _check_rewards(ds) -> None:
+    """Every reward / score value is a number (or None / NaN): a string or a boolean is refused, naming the row."""
+    from trl_rewardweighted.data.utils import to_float
+
+    for name in ("reward", "rewards", "score_chosen", "score_rejected"):
+        if name not in ds.column_names:
+            continue
+        for i, value in enumerate(ds[name]):
+            for j, v in enumerate(value if name == "rewards" and isinstance(value, (list, tuple)) else [value]):
+                to_float(v, f"Row {i}", f"`{name}`[{j}]" if name == "rewards" else f"`{name}`")
 
 
 def _convert(ds, to: str, strategy: str, ties: str, seed: int):
@@ -295,6 +341,7 @@ def _convert(ds, to: str, strategy: str, ties: str, seed: int):
 
     shape = detect_shape(ds)
     if shape == to:
+        _check_rewards(ds)  # re-saved as is: check what the conversions would have checked
         return ds
     if shape == "pairs":
         raise ValueError(f"Cannot convert pairs to {to}: a pair does not hold the other completions of its prompt.")
@@ -314,19 +361,21 @@ def _convert(ds, to: str, strategy: str, ties: str, seed: int):
 def _cmd_convert(args) -> None:
     from trl_rewardweighted.data.convert import load_dataset_any, save_dataset
 
+    _check_outputs(args, {"--output": args.output})
     ds = load_dataset_any(args.input)
     out = _convert(ds, args.to, args.strategy, args.ties, args.seed)
-    path = save_dataset(out, args.output)
+    path = save_dataset(out, args.output, overwrite=args.overwrite)
     print(f"convert: wrote {len(out)} {args.to} to {path} (from {len(ds)} rows)")
 
 
 def _cmd_sample(args) -> None:
-    from trl_rewardweighted.data.convert import groups_to_pairs, groups_to_rows, save_dataset
+    from trl_rewardweighted.data.convert import groups_to_pairs, groups_to_rows, save_datasets
     from trl_rewardweighted.sampling import score_completions
 
     outputs = {"groups": args.output_groups, "rows": args.output_rows, "pairs": args.output_pairs}
     if not any(outputs.values()):
         raise ValueError("Give at least one of --output-groups, --output-rows, --output-pairs.")
+    _check_outputs(args, {f"--output-{shape}": path for shape, path in outputs.items()})
     groups = _generate(args)
     groups = score_completions(
         groups, args.scorer, batch_size=args.score_batch_size or args.batch_size, progress=not args.no_progress
@@ -336,11 +385,9 @@ def _cmd_sample(args) -> None:
         "rows": lambda: groups_to_rows(groups),
         "pairs": lambda: groups_to_pairs(groups, strategy=args.strategy, ties=args.ties, seed=args.seed),
     }
-    written = []
-    for shape, path in outputs.items():
-        if path:
-            ds = builders[shape]()
-            written.append(f"{shape}: {len(ds)} rows -> {save_dataset(ds, path)}")
+    built = [(shape, builders[shape](), path) for shape, path in outputs.items() if path]
+    paths = save_datasets([(ds, path) for _, ds, path in built], overwrite=args.overwrite)  # all or nothing
+    written = [f"{shape}: {len(ds)} rows -> {path}" for (shape, ds, _), path in zip(built, paths)]
     print(f"sample: {len(groups)} prompts x {args.n} completions, {_reward_summary(groups)}; " + "; ".join(written))
 
 
@@ -349,8 +396,19 @@ def _cmd_sample(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _one_line(err: BaseException) -> str:
+    """The error message on one line (some library messages span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``trl-rw`` with ``argv`` (default: ``sys.argv[1:]``). Returns 0; user errors exit with code 2."""
+    """Run `trl-rw` with `argv` (default: `sys.argv[1:]`). Returns 0.
+
+    Bad input (`ValueError`, `OSError`, `ImportError`: a missing or malformed file, an existing output, a
+    scorer that returns strings) prints one line `trl-rw <command>: error: <message>` on stderr and exits with
+    code 2; Ctrl-C prints `trl-rw <command>: interrupted` and exits with 130 (outputs are left as they were). Any
+    other exception is a bug and keeps its traceback. `TRL_RW_DEBUG=1` shows the traceback of every error.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -358,8 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as err:
         if os.environ.get("TRL_RW_DEBUG"):
             raise
-        print(f"trl-rw {args.command}: error: {err}", file=sys.stderr)
+        print(f"trl-rw {args.command}: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("TRL_RW_DEBUG"):
+            raise
+        print(f"trl-rw {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     return 0
 
 

@@ -19,11 +19,11 @@ import importlib.util
 import math
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data.utils import completion_text
+from .data.utils import completion_text, to_float
 from .data.utils import is_messages as is_conversational_prompt
 
 __all__ = [
@@ -536,17 +536,18 @@ def _import_callable(spec: str) -> Callable | None:
 
 
 def load_scorer(spec, *, tokenizer=None, model_kwargs: dict | None = None, max_length: int | None = None) -> Callable:
-    """Turn a scorer spec into a callable ``f(prompts, completions) -> list[float]``.
+    """Turn a scorer spec into a callable `f(prompts, completions) -> list[float]`.
 
-    ``spec`` is one of:
+    `spec` is one of:
 
-    - a Python callable ``f(prompts, completions)``, returned as is;
-    - a string ``"package.module:function"`` naming such a callable (used when the module imports);
-    - a reward model: a path / Hub id of an ``AutoModelForSequenceClassification`` with ``num_labels=1`` (any other
-      string), or an already-loaded one (then ``tokenizer`` is required). It becomes a :class:`RewardModelScorer`.
+    - a Python callable `f(prompts, completions)`, returned as is;
+    - a string `"package.module:function"` naming such a callable (used when the module imports);
+    - a reward model: a path / Hub id of an `AutoModelForSequenceClassification` with `num_labels=1` (any other
+      string), or an already-loaded one (then `tokenizer` is required). It becomes a [`RewardModelScorer`].
 
-    ``prompts`` are passed as stored in the dataset (strings, or message lists for conversational prompts);
-    ``completions`` are always plain strings.
+    `prompts` are passed as stored in the dataset (strings, or message lists for conversational prompts);
+    `completions` are always plain strings. The callable must return one real number per completion (see
+    [`score_completions`]).
     """
     import torch
 
@@ -577,10 +578,23 @@ def load_scorer(spec, *, tokenizer=None, model_kwargs: dict | None = None, max_l
 
 
 def _validate_scores(values, expected: int, first_index: int) -> list[float]:
-    """Floats from a scorer's output; None and non-finite values become NaN."""
-    if hasattr(values, "tolist"):  # torch / numpy
-        values = values.tolist()
-    values = list(values)
+    """Floats from a scorer's output: one real number per completion.
+
+    Python ints and floats, numpy numbers and 0-d numpy arrays / torch tensors (or a whole array / tensor) are
+    accepted; `None` and non-finite values become NaN (a missing score, counted by the caller). Anything else is
+    refused with the flat index of the completion and the type: a string (`"0.5"` is a formatting error upstream), a
+    boolean (`True` is not a score of 1.0), a list, a complex number.
+    """
+    if (
+        getattr(values, "ndim", None) == 0
+        or isinstance(values, (str, bytes, dict))
+        or not isinstance(values, Iterable)
+    ):
+        raise ValueError(
+            f"The scorer returned {type(values).__name__} ({values!r:.80}); it must return a list of floats, one per "
+            "completion."
+        )
+    values = values.tolist() if hasattr(values, "tolist") else list(values)  # a torch / numpy vector, or any iterable
     if len(values) != expected:
         raise ValueError(
             f"The scorer returned {len(values)} scores for {expected} completions (flat completions "
@@ -588,16 +602,10 @@ def _validate_scores(values, expected: int, first_index: int) -> list[float]:
         )
     scores = []
     for k, value in enumerate(values):
-        if value is None:
-            scores.append(math.nan)
-            continue
-        try:
-            value = float(value)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"The scorer returned {value!r} for completion {first_index + k}; expected a float."
-            ) from err
-        scores.append(value if math.isfinite(value) else math.nan)
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy scalar, 0-d array or tensor
+            value = value.item()  # a Python bool / int / float / complex
+        score = to_float(value, f"Scorer output for completion {first_index + k}", "score")
+        scores.append(score if math.isfinite(score) else math.nan)
     return scores
 
 
@@ -645,22 +653,24 @@ def score_completions(
     model_kwargs: dict | None = None,
     max_length: int | None = None,
 ):
-    """Score every completion of a groups dataset; return it with ``reward_column`` (list[float] per row).
+    """Score every completion of a groups dataset; return it with `reward_column` (list[float] per row).
 
     Args:
-        dataset: a Dataset with ``prompt`` and ``completions`` (list of strings) columns, e.g. from
-            :func:`generate_completions`.
-        scorer: a reward model (path / Hub id / loaded), a callable ``f(prompts, completions) -> list[float]``, or a
-            ``"module:function"`` string (see :func:`load_scorer`).
+        dataset: a Dataset with `prompt` and `completions` (list of strings) columns, e.g. from
+            [`generate_completions`].
+        scorer: a reward model (path / Hub id / loaded), a callable `f(prompts, completions) -> list[float]`, or a
+            `"module:function"` string (see [`load_scorer`]).
         batch_size: completions per scorer call (per reward-model forward).
         tokenizer: the reward model's tokenizer (required for a loaded reward model).
         progress: show a tqdm progress bar.
         reward_column: name of the added column (replaced if it exists).
-        model_kwargs: extra ``from_pretrained`` arguments for a reward-model path.
+        model_kwargs: extra `from_pretrained` arguments for a reward-model path.
         max_length: truncate reward-model inputs to this many tokens (default: no truncation).
 
-    ``rewards[i][j]`` is the score of ``completions[i][j]``. Non-finite scores (NaN, inf) and None are stored as NaN
-    with a warning giving their count; the trainers skip and count such rows.
+    `rewards[i][j]` is the score of `completions[i][j]`. Each score must be a real number (an `int` / `float`, a numpy
+    number or a 0-d tensor): a string or a boolean raises `ValueError` naming the completion's flat index and the
+    type. Non-finite scores (NaN, inf) and None are stored as NaN with a warning giving their count; the trainers skip
+    and count such rows.
     """
     from tqdm.auto import tqdm
 
@@ -709,41 +719,64 @@ def generate_with_goal(
     attributes=None,
     **generate_kwargs,
 ) -> list[str]:
-    """Generate completions for ``prompts`` conditioned on the goal ``score`` (10 = the paper's inference goal).
+    """
+    Generate completions for `prompts` conditioned on the goal `score` (10 = the paper's inference goal).
 
-    ``prompts`` is one prompt or a list (strings or message lists). The goal prompt comes from
-    :func:`build_goal_prompt` (the training code path; pass the training ``system_role``/``template``/``attributes``).
-    Conversational prompts are rendered with the chat template and ``add_generation_prompt=True``. Returns the decoded
-    new text of each prompt (special tokens skipped). ``generate_kwargs`` go to ``model.generate`` (default
-    ``max_new_tokens=64``).
+    The goal prompt comes from `build_goal_prompt` (the training code path) and is tokenised exactly as DPO training
+    tokenises prompts (TRL's `_tokenize`: the chat template with `add_generation_prompt=True` for message lists, the
+    tokenizer with its special tokens, e.g. BOS, for strings); the id lists are then left-padded here.
+
+    Args:
+        model:
+            A causal LM (`generate` is called on it, in eval mode, without gradients).
+        tokenizer:
+            The training tokenizer (pad token, or EOS when it has none, for the left padding).
+        prompts (`str`, `list[dict]` or a list of them):
+            One prompt or a list (strings or message lists).
+        score (`float`, *optional*, defaults to `10`):
+            The goal value on the 1-10 scale.
+        system_role (`str`, *optional*, defaults to `"auto"`):
+            The training `system_role`.
+        template (`str`, *optional*):
+            The training `goal_template`.
+        attributes (*optional*):
+            The training `attribute_columns` (see `build_goal_prompt`).
+        **generate_kwargs:
+            Passed to `model.generate` (default `max_new_tokens=64`).
+
+    Returns:
+        `list[str]`: the decoded new text of each prompt (special tokens skipped).
     """
     import torch
+    from trl.data_utils import _tokenize
 
     from .data.relabel import build_goal_prompt
+    from .data.utils import is_messages
 
-    single = isinstance(prompts, str) or (
-        isinstance(prompts, list) and prompts and isinstance(prompts[0], dict) and "role" in prompts[0]
-    )
+    single = isinstance(prompts, str) or is_messages(prompts)
     batch = [prompts] if single else list(prompts)
-    texts = []
+    if not batch:
+        raise ValueError("generate_with_goal: `prompts` is empty.")
+    prompt_ids = []
     for prompt in batch:
         goal_prompt = build_goal_prompt(prompt, score, tokenizer, system_role, template, attributes)
-        if isinstance(goal_prompt, str):
-            texts.append(goal_prompt)
-        else:
-            texts.append(tokenizer.apply_chat_template(goal_prompt, tokenize=False, add_generation_prompt=True))
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        # The chat template already wrote any special tokens it wants.
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = padding_side
+        if isinstance(goal_prompt, str):  # DPO: `_tokenize(processing_class, prompt)` (special tokens added)
+            prompt_ids.append(list(_tokenize(tokenizer, goal_prompt)["input_ids"]))
+        else:  # DPO: the chat template with the generation prompt
+            prompt_ids.append(list(_tokenize(tokenizer, goal_prompt, add_generation_prompt=True)["input_ids"]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("generate_with_goal: the tokenizer has neither a pad token nor an EOS token to pad with.")
+    width = max(len(ids) for ids in prompt_ids)
     device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
+    enc = {
+        "input_ids": torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=device),
+        "attention_mask": torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device
+        ),
+    }
     generate_kwargs.setdefault("max_new_tokens", 64)
-    if tokenizer.pad_token_id is not None:
-        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    generate_kwargs.setdefault("pad_token_id", pad_id)
     was_training = model.training
     model.eval()
     try:

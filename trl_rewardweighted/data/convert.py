@@ -1,22 +1,27 @@
 """Conversions between the three dataset shapes, and saving / loading them. Pure data: no models.
 
-- **groups** (VCB, the output of ``trl-rw sample``): ``prompt, completions: list[str], rewards: list[float]``
-- **rows** (VAR): ``prompt, completion, reward``, one row per completion
-- **pairs** (DPO, reward-augmented DPO): ``prompt, chosen, rejected, score_chosen, score_rejected``
+- **groups** (VCB, the output of `trl-rw sample`): `prompt, completions: list[str], rewards: list[float]`
+- **rows** (VAR): `prompt, completion, reward`, one row per completion
+- **pairs** (DPO, reward-augmented DPO): `prompt, chosen, rejected, score_chosen, score_rejected`
 
-With conversational prompts (message lists), ``completion`` / ``chosen`` / ``rejected`` are written as one assistant
-message ``[{"role": "assistant", "content": text}]``, TRL's conversational prompt-completion and preference formats;
+With conversational prompts (message lists), `completion` / `chosen` / `rejected` are written as one assistant
+message `[{"role": "assistant", "content": text}]`, TRL's conversational prompt-completion and preference formats;
 with string prompts they are plain strings. In groups, completions are always plain strings.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
+import os
 import random
+import re
+import shutil
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,10 @@ __all__ = [
     "rows_to_groups",
     "groups_to_pairs",
     "save_dataset",
+    "save_datasets",
+    "check_output_path",
     "load_dataset_any",
+    "read_text_lines",
     "detect_shape",
     "PAIR_STRATEGIES",
     "TIE_OPTIONS",
@@ -90,7 +98,7 @@ def _from_columns(out: dict[str, list]):
 
 
 def detect_shape(ds) -> str:
-    """``"groups"``, ``"rows"`` or ``"pairs"`` from the column names (raises ValueError naming the columns found)."""
+    """`"groups"`, `"rows"` or `"pairs"` from the column names (raises ValueError naming the columns found)."""
     names = set(ds.column_names)
     if {"prompt", "completions"} <= names:
         return "groups"
@@ -110,11 +118,11 @@ def detect_shape(ds) -> str:
 
 
 def groups_to_rows(ds, completions_column: str = "completions", rewards_column: str = "rewards"):
-    """One row per completion: ``prompt, completion, reward`` plus every other column of the group, repeated.
+    """One row per completion: `prompt, completion, reward` plus every other column of the group, repeated.
 
-    Groups with ``n`` completions give ``n`` rows, in order. Rewards are kept as they are (NaN stays NaN: the VAR
+    Groups with `n` completions give `n` rows, in order. Rewards are kept as they are (NaN stays NaN: the VAR
     trainer skips and counts those rows). With a conversational prompt the completion becomes
-    ``[{"role": "assistant", "content": text}]``.
+    `[{"role": "assistant", "content": text}]`.
     """
     _require_columns(ds, ["prompt", completions_column, rewards_column], "groups_to_rows")
     extras = [c for c in ds.column_names if c not in ("prompt", completions_column, rewards_column)]
@@ -140,7 +148,7 @@ def _prompt_key(prompt: Any) -> str:
 
 
 def rows_to_groups(ds):
-    """Group ``prompt, completion, reward`` rows by identical prompt into ``prompt, completions, rewards``.
+    """Group `prompt, completion, reward` rows by identical prompt into `prompt, completions, rewards`.
 
     Groups appear in the order of each prompt's first row; completions keep their row order and are stored as plain
     strings. Other columns take the value of the group's first row.
@@ -211,21 +219,21 @@ def groups_to_pairs(
     completions_column: str = "completions",
     rewards_column: str = "rewards",
 ):
-    """Preference pairs ``prompt, chosen, rejected, score_chosen, score_rejected`` from scored groups.
+    """Preference pairs `prompt, chosen, rejected, score_chosen, score_rejected` from scored groups.
 
-    Strategies (``chosen`` always has the higher reward):
+    Strategies (`chosen` always has the higher reward):
 
-    - ``"best_worst"``: one pair per group, the highest- against the lowest-reward completion.
-    - ``"best_vs_rest"``: the best completion against every other one (``n - 1`` pairs per group).
-    - ``"all_pairs"``: every pair of completions with different rewards (``n (n - 1) / 2`` at most).
+    - `"best_worst"`: one pair per group, the highest- against the lowest-reward completion.
+    - `"best_vs_rest"`: the best completion against every other one (`n - 1` pairs per group).
+    - `"all_pairs"`: every pair of completions with different rewards (`n (n - 1) / 2` at most).
 
-    ``ties``: ``"drop"`` (default) skips pairs whose two rewards are equal (with ``best_worst``, a group whose rewards
-    are all equal gives no pair); ``"keep"`` keeps them (the earlier completion is ``chosen`` in ``all_pairs``).
-    When several completions share the best (or worst) reward, ``seed`` picks one at random, reproducibly.
+    `ties`: `"drop"` (default) skips pairs whose two rewards are equal (with `best_worst`, a group whose rewards
+    are all equal gives no pair); `"keep"` keeps them (the earlier completion is `chosen` in `all_pairs`).
+    When several completions share the best (or worst) reward, `seed` picks one at random, reproducibly.
 
     NaN rewards are excluded (a warning gives the count); groups left with fewer than 2 completions give no pair.
     Pairs come in group order, then completion order. Other columns are carried over. Conversational prompts give
-    ``chosen`` / ``rejected`` as ``[{"role": "assistant", "content": text}]`` lists.
+    `chosen` / `rejected` as `[{"role": "assistant", "content": text}]` lists.
     """
     if strategy not in _STRATEGY_FNS:
         raise ValueError(f"Unknown pair strategy {strategy!r}; choose one of {PAIR_STRATEGIES}.")
@@ -272,8 +280,11 @@ def groups_to_pairs(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Save / load
+# Save
 # ----------------------------------------------------------------------------------------------------------------------
+
+# Files that mark a folder written by `save_to_disk` (a Dataset or a DatasetDict).
+_DATASET_FOLDER_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
 def _format_of(path: Path) -> str:
@@ -285,22 +296,411 @@ def _format_of(path: Path) -> str:
     return "disk"
 
 
-def save_dataset(ds, path) -> str:
-    """Write ``ds`` by the suffix of ``path``: ``.jsonl`` / ``.json`` → JSON lines, ``.parquet`` → Parquet, anything
-    else → a ``save_to_disk`` folder. Parent folders are created. Returns ``str(path)``.
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
-    JSON has no NaN: NaN rewards are written as ``null`` and :func:`load_dataset_any` turns them back into NaN.
+
+def check_output_path(path, overwrite: bool = False, option: str = "overwrite=True") -> Path:
+    """Check that `path` may be written by [`save_dataset`]; return it as a `Path`.
+
+    An existing output raises `FileExistsError` naming `path` and `option` (the switch that allows replacing
+    it) unless `overwrite`. Even with `overwrite`, an output is only replaced by one of its kind: a file by a file,
+    and a folder only when it is empty or was written by `save_to_disk` (a folder of other files is never removed).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = _format_of(path)
-    if fmt == "json":
-        ds.to_json(str(path), lines=True, force_ascii=False)
-    elif fmt == "parquet":
-        ds.to_parquet(str(path))
+    if not _exists(path):
+        return path
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; pass {option} to replace it.")
+    if _format_of(path) == "disk":
+        if not path.is_dir():
+            raise ValueError(
+                f"{path} is a file, but an output without a .jsonl / .json / .parquet suffix is written as a "
+                "save_to_disk folder; give another output path."
+            )
+        if any(path.iterdir()) and not any((path / name).exists() for name in _DATASET_FOLDER_MARKERS):
+            raise ValueError(
+                f"{path} is a folder that was not written by save_to_disk; it is not replaced. Give another output "
+                "path."
+            )
+    elif path.is_dir():
+        raise ValueError(f"{path} is a folder, but a {path.suffix} output is a file; give another output path.")
+    return path
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A hidden, unique name next to `path` (same folder, so that `os.replace` is a rename)."""
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.{tag}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        ds.save_to_disk(str(path))
-    return str(path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _write_temporary(ds, path: Path) -> Path:
+    """Write `ds` in the format of `path` to a hidden temporary next to it; return the temporary. On any failure
+    (an error, Ctrl-C) the temporary is removed and the error re-raised."""
+    tmp = _sibling(path, "tmp")
+    fmt = _format_of(path)
+    try:
+        if fmt == "json":
+            ds.to_json(str(tmp), lines=True, force_ascii=False)
+        elif fmt == "parquet":
+            ds.to_parquet(str(tmp))
+        else:
+            ds.save_to_disk(str(tmp))
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Replace `path` by the complete temporary `tmp` (removed on failure).
+
+    A file is replaced atomically (`os.replace`). A folder cannot be renamed over a non-empty one, so the old
+    folder is first renamed aside, the new one renamed into place, then the old one removed (restored on failure).
+    """
+    try:
+        if not tmp.is_dir() or not _exists(path):
+            os.replace(tmp, path)
+            return
+        old = _sibling(path, "old")
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(old)
+
+
+def save_datasets(items: Sequence[tuple[Any, Any]], overwrite: bool = True) -> list[str]:
+    """Write several `(dataset, path)` pairs as [`save_dataset`] does, all or nothing.
+
+    Every dataset is first written to a temporary next to its path; only when all writes succeeded are they moved
+    into place. A failure (or Ctrl-C) while writing leaves every existing output as it was and no temporary behind.
+    Returns the paths as strings.
+    """
+    paths = [Path(path) for _, path in items]
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            raise ValueError(f"The output path {path} is given twice; give each output its own path.")
+        seen[key] = path
+        check_output_path(path, overwrite)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for (ds, _), path in zip(items, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written.append((_write_temporary(ds, path), path))
+    except BaseException:
+        for tmp, _ in written:
+            _remove(tmp)
+        raise
+    for k, (tmp, path) in enumerate(written):
+        try:
+            _move_into_place(tmp, path)
+        except BaseException:
+            for later, _ in written[k + 1 :]:
+                _remove(later)
+            raise
+    return [str(path) for path in paths]
+
+
+def save_dataset(ds, path, overwrite: bool = True) -> str:
+    """Write `ds` by the suffix of `path`: `.jsonl` / `.json` → JSON lines, `.parquet` → Parquet, anything
+    else → a `save_to_disk` folder. Parent folders are created. Returns `str(path)`.
+
+    The data is written to a hidden temporary in the same folder and renamed to `path` only when complete, so an
+    interrupted write never leaves a truncated file, and an existing output stays as it was until the new one is
+    complete. With `overwrite=False` an existing `path` raises `FileExistsError`; with `overwrite=True`
+    (default) it is replaced, but only by an output of its kind (see [`check_output_path`]).
+
+    JSON has no NaN: NaN rewards are written as `null` and [`load_dataset_any`] turns them back into NaN.
+    """
+    return save_datasets([(ds, path)], overwrite=overwrite)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------------------------------
+
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _not_utf8(path: Path, line: int) -> ValueError:
+    return ValueError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8.")
+
+
+def read_text_lines(path) -> Iterator[tuple[int, str]]:
+    """`(line number, text)` for every line of a UTF-8 text file, blank lines included.
+
+    Line numbers are 1-based, as an editor shows them; the text has no line end (`\\n` or `\\r\\n`). A leading
+    byte-order mark is skipped. Bytes that are not UTF-8 raise `ValueError` naming `path:line`.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                yield lineno, raw.rstrip(b"\r\n").decode("utf-8")
+            except UnicodeDecodeError:
+                raise _not_utf8(path, lineno) from None
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    return "object"
+
+
+def _a(kind: str) -> str:
+    """`kind` with its article: "a string", "an object" ("null" alone)."""
+    if kind == "null":
+        return kind
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _first_char(path: Path) -> str:
+    """The first character of the file that is not whitespace (or a byte-order mark); `""` when there is none."""
+    with open(path, "rb") as f:
+        head = f.read(len(codecs.BOM_UTF8))
+        if head != codecs.BOM_UTF8:
+            f.seek(0)
+        while chunk := f.read(1 << 16):
+            stripped = chunk.lstrip()
+            if stripped:
+                return chr(stripped[0])
+    return ""
+
+
+def _invalid_json(path: Path, line: int, err: json.JSONDecodeError) -> ValueError:
+    return ValueError(f"{path}:{line}: invalid JSON: {err.msg} (column {err.colno}).")
+
+
+def _not_a_row(path: Path, line: int, value: Any) -> ValueError:
+    return ValueError(f"{path}:{line}: expected a JSON object (one row), got {_a(_json_kind(value))}.")
+
+
+def _read_json_document(path: Path) -> str:
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, data.count(b"\n", 0, err.start) + 1) from None
+
+
+def _read_json_array(path: Path) -> tuple[list[dict], list[int]]:
+    """Rows of a JSON document `[{...}, {...}, ...]`, each with the line it starts on."""
+    text = _read_json_document(path)
+    decoder = json.JSONDecoder()
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    rows, lines = [], []
+    pos = _JSON_WHITESPACE.match(text, _JSON_WHITESPACE.match(text).end() + 1).end()  # after "["
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            try:
+                row, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                raise _invalid_json(path, err.lineno, err) from None
+            if not isinstance(row, dict):
+                raise _not_a_row(path, line_at(pos), row)
+            rows.append(row)
+            lines.append(line_at(pos))
+            pos = _JSON_WHITESPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _JSON_WHITESPACE.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                column = pos - text.rfind("\n", 0, pos)
+                raise ValueError(f"{path}:{line_at(pos)}: invalid JSON: Expecting ',' delimiter (column {column}).")
+    pos = _JSON_WHITESPACE.match(text, pos).end()
+    if pos != len(text):
+        column = pos - text.rfind("\n", 0, pos)
+        raise ValueError(f"{path}:{line_at(pos)}: invalid JSON: Extra data after the closing ']' (column {column}).")
+    return rows, lines
+
+
+def _read_json_columns(path: Path) -> list[dict] | None:
+    """Rows of a JSON document `{"column": [values...], ...}`; None when the file is not such a document."""
+    try:
+        doc = json.loads(_read_json_document(path))
+    except (json.JSONDecodeError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not doc or not all(isinstance(v, list) for v in doc.values()):
+        return None
+    lengths = {name: len(values) for name, values in doc.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"{path}: a JSON object of columns needs lists of one length; got lengths {lengths}.")
+    return [dict(zip(doc, values)) for values in zip(*doc.values())]
+
+
+def _read_json_rows(path: Path) -> tuple[list[dict], list[int] | None]:
+    """The rows of a JSON file and the line each starts on (None for a JSON object of columns).
+
+    JSON lines (one object per line; blank lines skipped) is the format [`save_dataset`] writes. A file whose
+    first character is `[` is read as one JSON array of objects; a pretty-printed `{"column": [...]}` object is
+    read as columns.
+    """
+    first = _first_char(path)
+    if first == "[":
+        return _read_json_array(path)
+    rows, lines = [], []
+    for lineno, text in read_text_lines(path):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            if not rows and first == "{":
+                columns = _read_json_columns(path)
+                if columns is not None:
+                    return columns, None
+            raise _invalid_json(path, lineno, err) from None
+        if not isinstance(row, dict):
+            raise _not_a_row(path, lineno, row)
+        rows.append(row)
+        lines.append(lineno)
+    return rows, lines
+
+
+def _check_prompt_kinds(prompts: list, where: Callable[[int], str]) -> None:
+    """Every prompt is a string, or every prompt is a message list; name the first row that differs."""
+
+    def kind(prompt) -> str | None:
+        if isinstance(prompt, str):
+            return "string"
+        return "message list" if is_messages(prompt) else None
+
+    first = kind(prompts[0])
+    for i, prompt in enumerate(prompts):
+        current = kind(prompt)
+        if current is None:
+            raise ValueError(
+                f"{where(i)}: `prompt` is {_a(_json_kind(prompt))}; expected a string or a list of "
+                "{'role': ..., 'content': ...} messages."
+            )
+        if current == "message list":
+            bad = next((m for m in prompt if "role" not in m or "content" not in m), None)
+            if bad is not None:
+                raise ValueError(f"{where(i)}: `prompt` has a message without 'role' / 'content': {bad!r:.80}.")
+        if current != first:
+            raise ValueError(
+                f"{where(i)}: `prompt` is a {current}, but the prompt at {where(0)} is a {first}; use one kind for "
+                "the whole file (all strings, or all message lists)."
+            )
+
+
+def _json_float(value: Any, where: Callable[[int], str], i: int, what: str) -> float:
+    if type(value) is float or type(value) is int:  # the common case, without formatting `where` (bool is refused)
+        return float(value)
+    return to_float(value, where(i), what)
+
+
+def _json_floats(name: str, values: list, where: Callable[[int], str]) -> list:
+    """A reward column as floats (null → NaN); anything else than a number (a string, a boolean) is refused."""
+    if name != "rewards":
+        return [_json_float(v, where, i, f"`{name}`") for i, v in enumerate(values)]
+    out = []
+    for i, group in enumerate(values):
+        if not isinstance(group, list):
+            raise ValueError(
+                f"{where(i)}: `rewards` is {_a(_json_kind(group))}; it must be a list of numbers, one per completion "
+                "(null for a missing one)."
+            )
+        out.append([_json_float(v, where, i, f"`rewards`[{j}]") for j, v in enumerate(group)])
+    return out
+
+
+def _mismatch(values: list) -> tuple[int, int] | None:
+    """`(first, i)`: the first row holding a value, and the first later row whose value has another type."""
+    import pyarrow as pa
+
+    first = next((i for i, v in enumerate(values) if v is not None), None)
+    if first is None:
+        return None
+    kind = _json_kind(values[first])
+    for i in range(first + 1, len(values)):
+        if values[i] is not None and _json_kind(values[i]) != kind:
+            return first, i
+    for i in range(first + 1, len(values)):  # same JSON kind, but nested types that do not fit together
+        try:
+            pa.array([values[first], values[i]])
+        except (pa.ArrowException, OverflowError):
+            return first, i
+    return None
+
+
+def _dataset_from_rows(path: Path, rows: list[dict], lines: list[int] | None):
+    """A Dataset from parsed JSON rows, checked: one kind of prompt, numeric reward columns, one type per column."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    def where(i: int) -> str:
+        return f"{path}:{lines[i]}" if lines is not None else f"{path}, row {i}"
+
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    names = dict.fromkeys(name for row in rows for name in row)  # in order of first appearance
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    if "prompt" in columns:
+        _check_prompt_kinds(columns["prompt"], where)
+    for name in _FLOAT_COLUMNS:
+        if name in columns:
+            columns[name] = _json_floats(name, columns[name], where)
+    try:
+        return Dataset.from_dict(columns)
+    except (pa.ArrowException, OverflowError) as err:
+        for name, values in columns.items():
+            try:
+                Dataset.from_dict({name: values})
+            except (pa.ArrowException, OverflowError):
+                found = _mismatch(values)
+                if found is None:
+                    break
+                first, i = found
+                kind, first_kind = _json_kind(values[i]), _json_kind(values[first])
+                what = (
+                    f"is {_a(kind)}, but at {where(first)} it is {_a(first_kind)}"
+                    if kind != first_kind
+                    else f"has another structure than at {where(first)} (a field or item of another type)"
+                )
+                raise ValueError(f"{where(i)}: `{name}` {what}; a column must hold one type in every row.") from None
+        raise ValueError(f"{path}: the rows do not fit one table ({err}); give each column one type.") from None
 
 
 def _load_disk(path: Path, keep_splits: bool):
@@ -319,6 +719,18 @@ def _load_disk(path: Path, keep_splits: bool):
     if len(ds) == 1:
         return next(iter(ds.values()))
     raise ValueError(f"{path} holds several splits {list(ds)} and none is 'train'; save a single split.")
+
+
+def _load_parquet(path: Path):
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return Dataset.from_parquet(str(path))
+    except (pa.ArrowException, DatasetGenerationError) as err:
+        cause = err.__cause__ or err
+        raise ValueError(f"{path}: not a readable Parquet file ({cause}).") from None
 
 
 def _restore_nan(ds):
@@ -349,11 +761,18 @@ def _restore_nan(ds):
 
 
 def load_dataset_any(path, keep_splits: bool = False):
-    """Load a dataset written by :func:`save_dataset` (or any such file): a ``.jsonl`` / ``.json`` file, a
-    ``.parquet`` file, or a ``save_to_disk`` folder. Reward columns read back with nulls get NaN.
+    """Load a dataset written by [`save_dataset`] (or any such file): a `.jsonl` / `.json` file, a
+    `.parquet` file, or a `save_to_disk` folder. Reward columns read back with nulls get NaN.
 
-    A ``save_to_disk`` folder holding a ``DatasetDict`` gives its ``train`` split (or its only split); with
-    ``keep_splits=True`` the whole ``DatasetDict`` is returned instead.
+    A `save_to_disk` folder holding a `DatasetDict` gives its `train` split (or its only split); with
+    `keep_splits=True` the whole `DatasetDict` is returned instead.
+
+    JSON files are read into memory line by line (see [`read_text_lines`]), so that every error names the file
+    and line as an editor shows it (`data.jsonl:5001: invalid JSON: ...`). They are checked on the way: each line
+    (blank lines skipped) is one JSON object; all prompts are strings or all are message lists; the reward columns
+    (`reward`, `rewards`, `score_chosen`, `score_rejected`) hold numbers or null (a string or a boolean is
+    refused); each column holds one type. A file with no rows raises `ValueError("<path>: no rows")`. A JSON file
+    may also be one array of row objects, or one object of equal-length columns.
     """
     from datasets import Dataset, DatasetDict
 
@@ -367,11 +786,13 @@ def load_dataset_any(path, keep_splits: bool = False):
     else:
         fmt = _format_of(path)
         if fmt == "json":
-            ds = Dataset.from_json(str(path))
-        elif fmt == "parquet":
-            ds = Dataset.from_parquet(str(path))
+            return _dataset_from_rows(path, *_read_json_rows(path))
+        if fmt == "parquet":
+            ds = _load_parquet(path)
         else:
             raise ValueError(
                 f"Unknown dataset format for {path}: use .jsonl, .json, .parquet or a save_to_disk folder."
             )
+    if isinstance(ds, Dataset) and len(ds) == 0:
+        raise ValueError(f"{path}: no rows")
     return _restore_nan(ds)
