@@ -1,4 +1,4 @@
-"""`vcb_loss` / `vcb_pair_stats` against values worked out by hand (ALGORITHMS.md section 2, Eqs. 19-20 + A.4)."""
+"""`vcb_loss` / `vcb_pair_stats` against values worked out by hand (arXiv 2402.16030, Eqs. 19-20 and App. A.4)."""
 
 import math
 
@@ -210,3 +210,37 @@ def test_pair_stats_hand_example():
     assert stats2["calib_abs_sum"].item() == pytest.approx(6.0 + 2.0)
     assert stats2["num_pairs"].item() == 7 and stats2["agree_count"].item() == 5 and stats2["agree_sum"].item() == 3
     assert stats2["sigma_sum"].item() == pytest.approx(2.0) and stats2["num_groups"].item() == 2
+
+
+def _calibrated(rewards, gamma, unbiased):
+    """Policy log-probs with gamma * (policy - ref) = (r - mean) / sigma exactly (ref = -5): every s_i is 0."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    sigma = r.std(unbiased=unbiased)
+    return (-5.0 + (r - r.mean()) / sigma / gamma).float(), torch.full_like(r, -5.0).float()
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_minimum_at_calibration(n, lam):
+    # At calibration every l_ij is 0, so each pair contributes exp(0) = 1 inside the logsumexp:
+    #   paper (pairs j >= i, the n diagonal ones included): lam * log(n (n + 1) / 2);  appendix (n^2 ordered): lam * log(n^2)
+    rewards = [float(k * k) - 0.3 * k for k in range(n)]  # distinct, not evenly spaced
+    gamma = 0.25
+    for mode, pairs in (("paper", n * (n + 1) / 2), ("appendix", n * n)):
+        policy, ref = _calibrated(rewards, gamma, unbiased=mode == "appendix")
+        loss = vcb_loss(policy[None], ref[None], t([rewards]), gamma=gamma, lam=lam, pair_mode=mode)
+        assert loss.item() == pytest.approx(lam * math.log(pairs), rel=1e-5, abs=1e-6), mode
+        stats = vcb_pair_stats(policy[None], ref[None], t([rewards]), gamma=gamma, pair_mode=mode)
+        assert stats["calib_abs_sum"].item() == pytest.approx(0.0, abs=1e-4)
+        # ... and it is the minimum: any move away from calibration raises the loss.
+        moved = policy.clone()
+        moved[0] += 0.1
+        assert vcb_loss(moved[None], ref[None], t([rewards]), gamma=gamma, lam=lam, pair_mode=mode) > loss
+    # A group with masked padding counts only its k valid completions: k = 3 of n_max = 5 -> lam * log(6) (paper).
+    policy, ref = _calibrated([0.0, 1.0, 3.0], gamma, unbiased=False)
+    padded = torch.cat([policy, torch.tensor([7.0, -9.0])])[None]
+    mask = torch.tensor([[True, True, True, False, False]])
+    loss = vcb_loss(
+        padded, torch.cat([ref, torch.zeros(2)])[None], t([[0.0, 1.0, 3.0, 4.0, 5.0]]), gamma=gamma, lam=lam, mask=mask
+    )
+    assert loss.item() == pytest.approx(lam * math.log(6), rel=1e-5)

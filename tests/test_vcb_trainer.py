@@ -12,8 +12,9 @@ from trl.trainer.utils import add_fused_lm_head
 
 from tests._helpers import cpu_args
 from trl_rewardweighted import VCBConfig, VCBTrainer
-from trl_rewardweighted.losses import vcb_pair_stats
+from trl_rewardweighted.losses import vcb_loss, vcb_pair_stats
 from trl_rewardweighted.model_utils import sequence_logps
+from trl_rewardweighted.trainers.vcb_trainer import flatten_groups
 
 # Groups of sizes 3, 2, 4 (and 3): mixed in every batch.
 STRING_ROWS = {
@@ -76,9 +77,8 @@ def params(model):
 def batch_logps(model, trainer, rows):
     """Summed completion log-probs (G, n_max) of `model` on collated rows, via the fused LM head."""
     batch = trainer.data_collator(rows)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad():
-        flat, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], labels)
+        flat, _ = sequence_logps(model, *flatten_groups(batch))
     mask = batch["group_mask"]
     return torch.full(mask.shape, float("nan")).masked_scatter(mask, flat), batch
 
@@ -119,19 +119,28 @@ def test_tokenization_like_dpo(tiny_model_path, tiny_tokenizer, tmp_path):
     assert len(row["completion_ids"]) == 3 and all(ids[-1] == eos for ids in row["completion_ids"])
     full = tiny_tokenizer("The cat sat on the mat." + tiny_tokenizer.eos_token)["input_ids"]
     assert row["prompt_ids"] + row["completion_ids"][0] == full
-    # Collated: group-major rows, labels only on the completion, mask padded to n_max.
+    # Collated: group-shaped (G, n_max, T) sequences, labels only on the completion, padded to n_max.
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     assert batch["group_mask"].tolist() == [[True, True, True, False], [True, True, False, False], [True] * 4]
-    assert batch["input_ids"].shape[0] == 3 + 2 + 4 and batch["rewards"].dtype == torch.float32
+    assert all(batch[k].shape[:2] == (3, 4) for k in ("input_ids", "attention_mask", "completion_mask", "rewards"))
+    assert batch["rewards"].dtype == torch.float32
+    assert batch["attention_mask"][0, 3].sum() == 0 and batch["attention_mask"][1, 2:].sum() == 0  # padding slots
     n_prompt = len(row["prompt_ids"])
-    assert batch["completion_mask"][0, :n_prompt].sum() == 0
-    assert batch["completion_mask"][0].sum() == len(row["completion_ids"][0])
+    assert batch["completion_mask"][0, 0, :n_prompt].sum() == 0
+    assert batch["completion_mask"][0, 0].sum() == len(row["completion_ids"][0])
+    # Flattened for the forward: the 3 + 2 + 4 real sequences, group-major.
+    input_ids, attention_mask, labels = flatten_groups(batch)
+    assert input_ids.shape[0] == 3 + 2 + 4
+    second = trainer.train_dataset[1]
+    ids = second["prompt_ids"] + second["completion_ids"][1]
+    assert input_ids[4, : len(ids)].tolist() == ids and attention_mask[4].sum() == len(ids)
+    assert (labels[4] != -100).sum() == len(second["completion_ids"][1])
 
 
 def test_max_length_truncates_completions(tiny_model_path, tmp_path):
     trainer = VCBTrainer(model=tiny_model_path, args=make_args(tmp_path, max_length=4), train_dataset=strings())
     batch = trainer.data_collator([trainer.train_dataset[0]])
-    assert batch["input_ids"].shape[1] <= 4
+    assert batch["input_ids"].shape[-1] <= 4
     trainer.train()
 
 
@@ -185,8 +194,7 @@ def test_model_object_gets_a_frozen_copy_as_reference(tiny_model_path, tiny_toke
     assert torch.equal(ref_before, params(trainer.ref_model))  # frozen
     rows = [trainer.train_dataset[i] for i in range(4)]
     expected, batch = batch_logps(reference, trainer, rows)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    got = trainer._reference_grid(batch, labels, batch["group_mask"])
+    got = trainer._reference_grid(batch)
     torch.testing.assert_close(got[batch["group_mask"]], expected[batch["group_mask"]], rtol=1e-5, atol=1e-5)
     policy, _ = batch_logps(trainer.model, trainer, rows)
     assert not torch.allclose(policy[batch["group_mask"]], expected[batch["group_mask"]], atol=1e-3)
@@ -255,6 +263,16 @@ def test_ref_logps_column_is_used(tiny_model_path, tmp_path):
     trainer.train()
 
 
+def test_ref_logps_column_in_a_stream_is_used(tiny_model_path, tmp_path):
+    ref_logps = [[-10.0, -11.0, -12.0], [-5.0, -6.0], [-1.0, -2.0, -3.0, -4.0], [-7.0, -8.0, -9.0]]
+    stream = strings(ref_logps=ref_logps).to_iterable_dataset()
+    trainer = VCBTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=stream)
+    assert trainer.args.precompute_ref_log_probs and trainer.ref_model is None
+    assert next(iter(trainer.train_dataset))["ref_logps"] == ref_logps[0]
+    trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
 def test_peft_lora_reference_is_the_base_model(tiny_model_path, tmp_path):
     from peft import LoraConfig
 
@@ -271,8 +289,7 @@ def test_peft_lora_reference_is_the_base_model(tiny_model_path, tmp_path):
     rows = [trainer.train_dataset[i] for i in range(4)]
     expected, batch = batch_logps(base, trainer, rows)
     mask = batch["group_mask"]
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    got = trainer._reference_grid(batch, labels, mask)
+    got = trainer._reference_grid(batch)
     torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5)
     # ... while the policy itself (adapters on) has moved away from the base.
     policy, _ = batch_logps(trainer.model, trainer, rows)
@@ -333,16 +350,171 @@ def test_non_finite_rewards_are_masked_and_counted(tiny_model_path, tmp_path):
 
 
 def test_only_invalid_groups_give_a_zero_loss_with_a_graph(tiny_model_path, tmp_path):
-    rows = strings(rewards=[[1.0, None, None], [float("nan"), 0.4], [None, None, None, None], [None, None, 1.0]])
-    with pytest.warns(UserWarning):
-        trainer = VCBTrainer(
-            model=tiny_model_path, args=make_args(tmp_path, per_device_train_batch_size=4), train_dataset=rows
-        )
-    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    # A batch whose groups all have < 2 finite rewards (the dataset as a whole is valid: see the next test).
+    trainer = VCBTrainer(
+        model=tiny_model_path, args=make_args(tmp_path, per_device_train_batch_size=4), train_dataset=strings()
+    )
+    invalid = [[1.0, None, None], [float("nan"), 0.4], [None, None, None, None], [None, None, 1.0]]
+    rows = [{**trainer.train_dataset[i], "completion_rewards": invalid[i]} for i in range(4)]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(0.0))
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
+
+
+NO_TWO_FINITE = [[1.0, None, None], [float("nan"), 0.4], [None, None, None, None], [None, None, 1.0]]
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_no_group_with_two_finite_rewards_is_refused(tiny_model_path, tmp_path, split):
+    bad = strings(rewards=NO_TWO_FINITE)
+    datasets = {"train_dataset": bad} if split == "train" else {"train_dataset": strings(), "eval_dataset": bad}
+    match = (
+        rf"^No prompt group of the {split} dataset has 2 finite rewards: every row of `rewards` has at most one "
+        r"reward that is not NaN/inf/None \(9 of 12 are\), so VCB would train on a zero loss\. Fix the reward column"
+    )
+    with pytest.raises(ValueError, match=match):
+        VCBTrainer(model=tiny_model_path, args=make_args(tmp_path), **datasets)
+
+
+def test_no_group_with_two_finite_rewards_iterable_stops_at_the_first_step(tiny_model_path, tmp_path):
+    nan = float("nan")
+    bad = strings(rewards=[[1.0, nan, nan], [nan, 0.4], [nan, nan, nan, nan], [nan, nan, 1.0]])
+    trainer = VCBTrainer(
+        model=tiny_model_path, args=make_args(tmp_path, max_steps=3), train_dataset=bad.to_iterable_dataset()
+    )
+    before = params(trainer.model)
+    with pytest.raises(
+        ValueError, match=r"^The first optimizer step of the train dataset \(an IterableDataset\) has "
+    ):
+        trainer.train()
+    assert torch.equal(before, params(trainer.model)) and trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize("iterable", [False, True])
+def test_empty_datasets(tiny_model_path, tmp_path, iterable):
+    empty = strings().select([])
+    if iterable:
+        from datasets import Features, IterableDataset, Sequence, Value
+
+        def no_rows():
+            yield from ()
+
+        features = Features(
+            {"prompt": Value("string"), "completions": [Value("string")], "rewards": Sequence(Value("float64"))}
+        )
+        empty = IterableDataset.from_generator(no_rows, features=features)
+    match = r"^The {} dataset is empty \(0 rows\)\. VCB needs at least one prompt group: a row with a `prompt`, its "
+    with pytest.raises(ValueError, match=match.format("train")):
+        VCBTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=empty)
+    with pytest.raises(ValueError, match=match.format("eval")):
+        VCBTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=strings(), eval_dataset=empty)
+    with pytest.raises(ValueError, match=match.format("test")):
+        VCBTrainer(
+            model=tiny_model_path, args=make_args(tmp_path), train_dataset=strings(), eval_dataset={"test": empty}
+        )
+    trainer = VCBTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=strings())
+    with pytest.raises(ValueError, match=match.format("eval")):
+        trainer.evaluate(empty)
+
+
+def test_compute_metrics_is_refused(tiny_model_path, tmp_path):
+    import inspect
+
+    with pytest.raises(
+        ValueError, match=r"^`compute_metrics` is not supported by VCBTrainer: the fused LM head builds"
+    ):
+        VCBTrainer(
+            model=tiny_model_path, args=make_args(tmp_path), train_dataset=strings(), compute_metrics=lambda p: {}
+        )
+    # Like DPOTrainer, VCBTrainer takes no `preprocess_logits_for_metrics` (a TypeError, not a silent no-op).
+    assert "preprocess_logits_for_metrics" not in inspect.signature(VCBTrainer.__init__).parameters
+
+
+def test_evaluate_iterable_dataset_matches_map_style(tiny_model_path, tmp_path):
+    # Eval batches of 3 and 1 groups of sizes 3, 2, 4 | 3: accelerate used to cut the sequence tensors to G rows.
+    args = make_args(tmp_path, per_device_eval_batch_size=3)
+    trainer = VCBTrainer(
+        model=tiny_model_path, args=args, train_dataset=strings(), eval_dataset=strings().to_iterable_dataset()
+    )
+    trainer.train()
+    from_init = trainer.evaluate()
+    map_style = trainer.evaluate(strings())
+    iterable = trainer.evaluate(strings().to_iterable_dataset())
+    for key in ("eval_loss", "eval_calibration_error", "eval_pair_agreement", "eval_sigma", "eval_logratio"):
+        assert iterable[key] == pytest.approx(map_style[key], rel=1e-5, abs=1e-7), key
+        assert from_init[key] == pytest.approx(map_style[key], rel=1e-5, abs=1e-7), key
+    assert map_style["eval_logratio"] != 0.0  # the policy moved: a real comparison
+    # eval_loss is the mean of the 4 per-group losses, whatever the batching (not a mean of per-batch means).
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    trainer.model.eval()
+    policy, batch = batch_logps(trainer.model, trainer, rows)
+    reference, _ = batch_logps(patched(load(tiny_model_path)), trainer, rows)
+    mask = batch["group_mask"]
+    expected = vcb_loss(policy.nan_to_num(), reference.nan_to_num(), batch["rewards"], gamma=0.05, lam=1.0, mask=mask)
+    assert map_style["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rewards, iterable, match",
+    [
+        (
+            [1.0, 2.0, 3.0, 4.0],
+            False,
+            r"^Column `rewards` must hold a list of numbers per row \(one per completion\), but row 0 has the scalar "
+            r"1\.0\. Each row needs one reward per completion",
+        ),
+        (
+            [1.0, 2.0, 3.0, 4.0],
+            True,
+            r"^Row 0: `rewards` must be a list with one reward per completion, got 1\.0 \(float\)\.",
+        ),
+        (
+            [[True, False, True], [False, True], [True] * 4, [False] * 3],
+            False,
+            r"^Column `rewards` holds booleans .*; rewards must be numbers \(a bool is not read as 1/0\)\.",
+        ),
+        (
+            [[True, False, True], [False, True], [True] * 4, [False] * 3],
+            True,
+            r"^Row 0: `rewards`: reward True \(bool\) is not a number; give a float\.",
+        ),
+    ],
+)
+def test_scalar_and_bool_rewards_are_refused(tiny_model_path, tmp_path, rewards, iterable, match):
+    dataset = strings(rewards=rewards)
+    if iterable:
+        dataset = dataset.to_iterable_dataset()
+    with pytest.raises(ValueError, match=match):
+        VCBTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=dataset)
+
+
+def test_cumulative_metrics_continue_after_resume(tiny_model_path, tmp_path):
+    # Per step (all 4 groups): 1 group skipped, 5 masked completions. Checkpoints every 2 steps, logs every 3: the
+    # checkpoint at step 2 holds 2 steps that were never logged.
+    rewards = [[1.0, float("nan"), -1.0], [0.2, 0.4], [1.0, 2.0, float("inf"), None], [0.1, float("nan"), None]]
+    overrides = dict(per_device_train_batch_size=4, max_steps=3, logging_steps=3, save_strategy="steps", save_steps=2)
+    with pytest.warns(UserWarning):
+        full = VCBTrainer(
+            model=tiny_model_path, args=make_args(tmp_path, **overrides), train_dataset=strings(rewards=rewards)
+        )
+    full.train()
+    (end,) = [e for e in full.state.log_history if "loss" in e and e["step"] == 3]
+    assert (end["groups_skipped"], end["masked_completions"]) == (3.0, 15.0)
+    checkpoint = Path(full.args.output_dir) / "checkpoint-2"
+    assert (checkpoint / "vcb_state.json").is_file()
+
+    with pytest.warns(UserWarning):
+        resumed = VCBTrainer(
+            model=tiny_model_path,
+            args=make_args(tmp_path / "resumed", **overrides),
+            train_dataset=strings(rewards=rewards),
+        )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    (after,) = [e for e in resumed.state.log_history if "loss" in e and e["step"] == 3]
+    assert (after["groups_skipped"], after["masked_completions"]) == (3.0, 15.0)
+    assert after["num_tokens"] == end["num_tokens"] > 0
 
 
 @pytest.mark.parametrize(
@@ -408,13 +580,14 @@ def test_malformed_rows(tiny_model_path, tmp_path, rows, match):
         (dict(gamma=0.0), r"`gamma` must be a finite number > 0, got 0\.0 \(paper default: 0\.05\)\."),
         (dict(lam=-1.0), r"`lam` must be a finite number > 0, got -1\.0"),
         (dict(pair_mode="triangle"), r"`pair_mode` must be one of \('paper', 'appendix'\), got 'triangle'\."),
-        (dict(loss_type="ipo"), r"`loss_type=\['ipo'\]` is a DPO-only option that VCB does not use"),
+        (dict(loss_type="ipo"), r"`loss_type=\['ipo'\]` is a DPO-only option .* its default \(\['sigmoid'\]\)\."),
         (dict(label_smoothing=0.1), r"`label_smoothing=0\.1` is a DPO-only option that VCB does not use"),
         (dict(f_divergence_type="forward_kl"), r"`f_divergence_type='forward_kl'` is a DPO-only option"),
         (dict(ld_alpha=0.5), r"`ld_alpha=0\.5` is a DPO-only option that VCB does not use"),
         (dict(use_weighting=True), r"`use_weighting=True` is a DPO-only option that VCB does not use"),
         (dict(loss_weights=[1.0]), r"`loss_weights=\[1\.0\]` is a DPO-only option that VCB does not use"),
-        (dict(beta=0.05), r"`beta=0\.05` is not used by VCB: its temperature is `gamma`"),
+        (dict(beta=0.05), r"`beta=0\.05` is not used by VCB: its log-ratio scale is `gamma` \(the paper's"),
+        (dict(beta=0.1), r"`beta=0\.1` is not used by VCB: .* Set `gamma=0\.1` instead and leave `beta` unset\."),
         (dict(sigma_eps_abs=-1.0), r"`sigma_eps_abs` must be a number >= 0, got -1\.0\."),
         (dict(rewards_column="completions"), r"`completions_column` and `rewards_column` are both 'completions'\."),
     ],
@@ -426,7 +599,7 @@ def test_config_validation(tmp_path, kwargs, match):
 
 def test_config_defaults_and_dpo_config_rejected(tiny_model_path, tmp_path):
     args = VCBConfig(output_dir=str(tmp_path), **cpu_args())
-    assert (args.gamma, args.lam, args.pair_mode) == (0.05, 1.0, "paper")
+    assert (args.gamma, args.lam, args.pair_mode, args.beta) == (0.05, 1.0, "paper", None)
     assert (args.completions_column, args.rewards_column) == ("completions", "rewards")
     from trl import DPOConfig
 

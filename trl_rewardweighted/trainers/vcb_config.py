@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -11,16 +12,18 @@ from ..losses import VCB_PAIR_MODES
 
 __all__ = ["VCBConfig"]
 
-# DPO-only knobs that mean nothing for VCB, with their DPOConfig defaults. Setting one to anything else is an error.
-_DPO_ONLY_FIELDS = {
-    "loss_type": ["sigmoid"],
-    "loss_weights": None,
-    "label_smoothing": 0.0,
-    "f_divergence_type": "reverse_kl",
-    "ld_alpha": None,
-    "use_weighting": False,
-}
-_DPO_DEFAULT_BETA = 0.1
+# DPO-only knobs that mean nothing for VCB. Setting one to anything but its `DPOConfig` default is an error.
+_DPO_ONLY_FIELDS = ("loss_type", "loss_weights", "label_smoothing", "f_divergence_type", "ld_alpha", "use_weighting")
+
+
+def _dpo_default(name: str):
+    """The default of the `DPOConfig` field `name`, read from the dataclass (so it follows TRL)."""
+    for f in dataclasses.fields(DPOConfig):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return f.default
+    raise AttributeError(f"`DPOConfig` has no field `{name}`.")
 
 
 @dataclass
@@ -28,49 +31,55 @@ class VCBConfig(DPOConfig):
     r"""
     Configuration class for [`VCBTrainer`] (Value-based CaliBration, Mao et al., arXiv 2402.16030).
 
-    Inherits every field of [`~trl.DPOConfig`] (reference model, precomputation, ``max_length``, ...) and of
+    Inherits every field of [`~trl.DPOConfig`] (reference model, precomputation, `max_length`, ...) and of
     [`~transformers.TrainingArguments`]. Only the fields below are VCB-specific.
 
     Parameters:
-        > VCB loss (Eqs. 19-20 of the paper; ``ALGORITHMS.md`` section 2)
+        > VCB loss (Eqs. 19-20 of the paper; see `docs/vcb.md`)
 
         gamma (`float`, *optional*, defaults to `0.05`):
-            Scale γ > 0 of the log-ratio in ``s_i = γ·log(π(y_i|x)/π_ref(y_i|x)) − r_i/σ(x)``. The optimum is
-            ``π ∝ π_ref·exp(r/(γσ))``: a smaller γ moves the policy further from the reference. 0.05 is the paper's best
-            value on Anthropic-HH. (The paper's Appendix A.4 code calls it ``beta``; DPO's ``beta`` is *not* used.)
+            Scale γ > 0 of the log-ratio in `s_i = γ·log(π(y_i|x)/π_ref(y_i|x)) − r_i/σ(x)`. The optimum is
+            `π ∝ π_ref·exp(r/(γσ))`: a smaller γ moves the policy further from the reference. 0.05 is the paper's best
+            value on Anthropic-HH. The paper's Appendix A.4 code calls it `beta`; DPO's `beta` is *not* used and
+            setting it is an error.
         lam (`float`, *optional*, defaults to `1.0`):
-            Temperature λ > 0 of the log-sum-exp over pairs, ``λ·log Σ exp(l_ij/λ)``. Large λ approaches a plain
+            Temperature λ > 0 of the log-sum-exp over pairs, `λ·log Σ exp(l_ij/λ)`. Large λ approaches a plain
             average of the pair losses; small λ focuses on the worst pair. The paper reports it barely matters.
         pair_mode (`str`, *optional*, defaults to `"paper"`):
-            ``"paper"``: Eq. 20, unordered pairs ``j ≥ i`` including the diagonal, population σ (1/n).
-            ``"appendix"``: the Appendix A.4 code, all ordered pairs, ``l_ij/2``, unbiased σ (1/(n−1)).
+            `"paper"`: Eq. 20, unordered pairs `j ≥ i` including the diagonal, population σ (1/n).
+            `"appendix"`: the Appendix A.4 code, all ordered pairs, `l_ij/2`, unbiased σ (1/(n−1)).
         sigma_eps_abs (`float`, *optional*, defaults to `1e-6`):
+            Absolute part of the threshold under which a group's reward std counts as 0, see `sigma_eps_rel`.
         sigma_eps_rel (`float`, *optional*, defaults to `1e-6`):
-            A group whose reward std is ``σ ≤ sigma_eps_abs + sigma_eps_rel·max|r|`` (all rewards equal, up to float
+            A group whose reward std is `σ ≤ sigma_eps_abs + sigma_eps_rel·max|r|` (all rewards equal, up to float
             noise) gets normalised reward gaps of 0: its loss only pulls the completions' log-ratios together.
 
         > Data
 
         completions_column (`str`, *optional*, defaults to `"completions"`):
-            Column holding, per row, the list of completions of the row's ``prompt``: strings, or (conversational
+            Column holding, per row, the list of completions of the row's `prompt`: strings, or (conversational
             data) assistant message lists / assistant texts.
         rewards_column (`str`, *optional*, defaults to `"rewards"`):
-            Column holding, per row, one reward (float) per completion, in the same order. NaN/inf entries are
-            masked out of the loss and counted.
+            Column holding, per row, a list with one reward (float) per completion, in the same order. NaN/inf/None
+            entries are masked out of the loss and counted.
+
+        > Not used
+
+        beta (`None`):
+            DPO's KL coefficient is not used by VCB, whose log-ratio scale is `gamma`. Any value is an error.
 
     Notes:
-        - ``per_device_train_batch_size`` / ``per_device_eval_batch_size`` count **prompts (groups)**, not sequences:
+        - `per_device_train_batch_size` / `per_device_eval_batch_size` count **prompts (groups)**, not sequences:
           a micro-batch of 4 prompts with 8 completions each forwards 32 sequences. A group is never split across
           micro-batches or processes.
         - The training loss is the mean over the valid groups (at least 2 completions with a finite reward) of the
           whole optimizer step, over every gradient-accumulation micro-batch and every process, so the gradient does
           not depend on how the step is split. (The paper sums over prompts; the mean only rescales the learning
           rate.)
-        - ``beta`` (DPO's KL coefficient) is not used: VCB's temperature is ``gamma``. Setting ``beta`` to anything
-          but its default is an error, as are the DPO-only ``loss_type``, ``loss_weights``, ``label_smoothing``,
-          ``f_divergence_type``, ``ld_alpha`` and ``use_weighting``.
-        - ``accelerator_config.split_batches`` and ``dispatch_batches=True`` are not supported (they would cut
-          groups apart).
+        - The DPO-only `loss_type`, `loss_weights`, `label_smoothing`, `f_divergence_type`, `ld_alpha` and
+          `use_weighting` must stay at their `DPOConfig` defaults.
+        - `accelerator_config.split_batches` and `dispatch_batches=True` are not supported (they would cut groups
+          apart); an unset `dispatch_batches` is set to `False` by the trainer.
     """
 
     gamma: float = field(
@@ -98,7 +107,7 @@ class VCBConfig(DPOConfig):
     )
     rewards_column: str = field(
         default="rewards",
-        metadata={"help": "Column with one reward per completion (same order)."},
+        metadata={"help": "Column with a list of one reward per completion (same order)."},
     )
     sigma_eps_abs: float = field(
         default=1e-6,
@@ -107,6 +116,11 @@ class VCBConfig(DPOConfig):
     sigma_eps_rel: float = field(
         default=1e-6,
         metadata={"help": "Relative threshold (times max|r|) under which a group's reward std counts as 0."},
+    )
+    # Overrides DPOConfig.beta (default 0.1) so that an explicitly set value can always be told apart and refused.
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "Not used by VCB (DPO's KL coefficient): VCB's log-ratio scale is `gamma`. Leave unset."},
     )
 
     def __post_init__(self):
@@ -126,8 +140,8 @@ class VCBConfig(DPOConfig):
                 raise ValueError(f"`{name}` must be a non-empty column name, got {value!r}.")
         if self.completions_column == self.rewards_column:
             raise ValueError(f"`completions_column` and `rewards_column` are both {self.completions_column!r}.")
-        for name, default in _DPO_ONLY_FIELDS.items():
-            value = getattr(self, name)
+        for name in _DPO_ONLY_FIELDS:
+            value, default = getattr(self, name), _dpo_default(name)
             if name == "loss_type" and isinstance(value, str):
                 value = [value]
             if value != default:
@@ -135,9 +149,9 @@ class VCBConfig(DPOConfig):
                     f"`{name}={value!r}` is a DPO-only option that VCB does not use; leave it at its default "
                     f"({default!r}). VCB's loss is set by `gamma`, `lam` and `pair_mode`."
                 )
-        if self.beta != _DPO_DEFAULT_BETA:
+        if self.beta is not None:
             raise ValueError(
-                f"`beta={self.beta!r}` is not used by VCB: its temperature is `gamma` (the paper's Appendix A.4 code "
-                f"calls it `beta`). Set `gamma={self.beta!r}` instead and leave `beta` at its default."
+                f"`beta={self.beta!r}` is not used by VCB: its log-ratio scale is `gamma` (the paper's Appendix A.4 "
+                f"code calls it `beta`). Set `gamma={self.beta!r}` instead and leave `beta` unset."
             )
         super().__post_init__()

@@ -1,19 +1,21 @@
-"""VCB: value-based calibration over n scored responses per prompt (arXiv 2402.16030), built on TRL's ``DPOTrainer``.
+"""VCB: value-based calibration over n scored responses per prompt (arXiv 2402.16030), built on TRL's `DPOTrainer`.
 
-One dataset row is one *prompt group*: a ``prompt``, a list of ``completions`` and one reward per completion. The
-loss (``trl_rewardweighted.losses.vcb_loss``, shared spec ``ALGORITHMS.md`` section 2) pulls the gap between the
-policy/reference log-ratios of every pair of completions of a prompt towards their reward gap divided by
-``gamma * sigma(x)``, so the optimum is ``pi(y) ∝ pi_ref(y) exp(r(x, y) / (gamma * sigma(x)))`` on the candidates.
+One dataset row is one *prompt group*: a `prompt`, a list of `completions` and one reward per completion. The loss
+([`~trl_rewardweighted.losses.vcb_loss`]) pulls the gap between the policy/reference log-ratios of every pair of
+completions of a prompt towards their reward gap divided by `gamma * sigma(x)`, so the optimum is
+`pi(y) ∝ pi_ref(y) exp(r(x, y) / (gamma * sigma(x)))` on the candidates.
 
-``DPOTrainer`` provides the reference model handling (a live ``ref_model``, the PEFT base with adapters disabled,
-DeepSpeed/FSDP placement, precomputation); this module changes the data (groups instead of pairs), the loss and the
-metrics. See ``docs/vcb.md`` for the user guide.
+`DPOTrainer` provides the processing class, the reference model handling (a live `ref_model`, the PEFT base with
+adapters disabled, DeepSpeed/FSDP placement, precomputation) and the fused LM head; this module changes the data
+(groups instead of pairs), the collator, the loss and the metrics. See `docs/vcb.md` for the user guide.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import textwrap
 import warnings
 from dataclasses import dataclass
@@ -23,18 +25,13 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import (
-    add_fused_lm_head,
-    get_config_model_id,
-    global_then_local_main_first,
-    pad,
-    use_adapter,
-)
+from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
 
 from ..data.utils import check_float_column, to_float
 from ..losses import vcb_loss, vcb_pair_stats
@@ -72,12 +69,11 @@ _STAT_KEYS = (
     "groups_skipped",
     "masked_completions",
     "num_tokens",
+    "loss_sum",
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------------------
+# Training metrics logged as running totals; saved with each checkpoint (`_VCB_STATE_NAME`) and restored on resume.
+_CUMULATIVE_KEYS = ("groups_skipped", "masked_completions", "num_tokens")
+_VCB_STATE_NAME = "vcb_state.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -87,18 +83,34 @@ _STAT_KEYS = (
 
 @dataclass
 class DataCollatorForVCB(DataCollatorMixin):
-    """Pads prompt groups into one flat batch of sequences plus ``(G, n_max)`` group tensors.
+    """
+    Data collator for [`VCBTrainer`]: pads prompt groups into group-shaped tensors.
 
-    Each example has ``prompt_ids`` (list[int]), ``completion_ids`` (list of list[int]), ``completion_rewards``
-    (list[float]) and optionally ``ref_logps`` (list[float]). The output holds:
+    Each example has `prompt_ids` (`list[int]`), `completion_ids` (list of `list[int]`), `completion_rewards`
+    (`list[float]`) and optionally `ref_logps` (`list[float]`). For G groups of at most `n_max` completions and
+    sequences of at most T tokens, the output holds:
 
-    - ``rewards`` (G, n_max) float32 (0 on padding) and ``group_mask`` (G, n_max) bool (True on real completions);
-    - ``ref_logps`` (G, n_max) float32 when every example carries them;
-    - ``input_ids``, ``attention_mask``, ``completion_mask`` (N, T), N = total number of completions, group-major
-      (the rows of group g follow those of group g-1, in completion order), right-padded; each prompt+completion is
-      truncated to ``max_length`` like DPO's collator.
+    - `rewards` (G, n_max) float32 (0 on padding) and `group_mask` (G, n_max) bool (True on real completions);
+    - `ref_logps` (G, n_max) float32 when every example carries them;
+    - `input_ids`, `attention_mask`, `completion_mask` (G, n_max, T): row `[g, j]` is prompt g followed by its
+      completion j, right-padded, truncated to `max_length` like DPO's collator; padding slots (`group_mask` False)
+      are all padding.
 
-    ``rewards`` comes first so that ``transformers``' ``find_batch_size`` counts groups.
+    Every tensor has the number of groups as its first dimension, so `find_batch_size` counts groups and
+    accelerate's batch slicing / concatenation never cuts a group apart. [`VCBTrainer`] flattens the real rows to
+    (N, T), N = total number of completions, group-major, before the forward.
+
+    Args:
+        pad_token_id (`int`):
+            Token ID used to pad `input_ids`.
+        max_length (`int`, *optional*):
+            Maximum length of each prompt + completion; longer ones are truncated (see `truncation_mode`).
+        truncation_mode (`str`, *optional*, defaults to `"keep_start"`):
+            `"keep_start"` keeps the first `max_length` tokens, `"keep_end"` the last ones.
+        pad_to_multiple_of (`int`, *optional*):
+            Pad the sequence length to a multiple of this value.
+        return_tensors (`str`, *optional*, defaults to `"pt"`):
+            Only `"pt"` is supported.
     """
 
     pad_token_id: int
@@ -151,19 +163,26 @@ class DataCollatorForVCB(DataCollatorMixin):
         output = {"rewards": rewards, "group_mask": group_mask}
         if has_ref:
             output["ref_logps"] = ref_logps
-        output["input_ids"] = pad(
-            input_ids,
-            padding_value=self.pad_token_id,
-            padding_side="right",
-            pad_to_multiple_of=self.pad_to_multiple_of,
-        )
-        output["attention_mask"] = pad(
-            attention_mask, padding_value=0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
-        )
-        output["completion_mask"] = pad(
-            completion_mask, padding_value=0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
-        )
+        for key, rows, value in (
+            ("input_ids", input_ids, self.pad_token_id),
+            ("attention_mask", attention_mask, 0),
+            ("completion_mask", completion_mask, 0),
+        ):
+            flat = pad(rows, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+            grouped = flat.new_full((num_groups, n_max, flat.shape[1]), value)
+            grouped[group_mask] = flat
+            output[key] = grouped
         return output
+
+
+def flatten_groups(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real sequences of a collated VCB batch as (N, T) `input_ids`, `attention_mask` and `labels` (-100 off the
+    completion), group-major: the rows of group g follow those of group g-1, in completion order."""
+    group_mask = batch["group_mask"].bool()
+    input_ids = batch["input_ids"][group_mask]
+    attention_mask = batch["attention_mask"][group_mask]
+    labels = input_ids.masked_fill(batch["completion_mask"][group_mask] == 0, -100)
+    return input_ids, attention_mask, labels
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -175,14 +194,14 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
     r"""
     Trainer for Value-based CaliBration (VCB, Mao et al., arXiv 2402.16030) over n scored completions per prompt.
 
-    The dataset has one row per prompt: ``prompt`` (a string, or a list of chat messages), ``completions`` (a list of
-    strings; for conversational data a list of assistant texts or of ``[{"role": "assistant", ...}]`` lists) and
-    ``rewards`` (one float per completion). An optional ``ref_logps`` column (one summed reference log-prob per
-    completion) is used instead of running a reference model.
+    The dataset has one row per prompt: `prompt` (a string, or a list of chat messages), `completions` (a list of
+    strings; for conversational data a list of assistant texts or of `[{"role": "assistant", ...}]` lists) and
+    `rewards` (a list with one float per completion). An optional `ref_logps` column (one summed reference log-prob
+    per completion) is used instead of running a reference model.
 
-    Everything else is [`~trl.DPOTrainer`]: pass a model id or a model object, an optional ``ref_model``, a
-    ``peft_config`` (then the reference is the base model with the adapters disabled), or
-    ``precompute_ref_log_probs=True`` (computed once, sharded over processes). Without any of these and with a model
+    Everything else is [`~trl.DPOTrainer`]: pass a model id or a model object, an optional `ref_model`, a
+    `peft_config` (then the reference is the base model with the adapters disabled), or
+    `precompute_ref_log_probs=True` (computed once, sharded over processes). Without any of these and with a model
     *object*, the reference is a frozen copy of that object taken before training.
 
     Example:
@@ -207,16 +226,32 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
     ```
 
     Args:
-        model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
-        quantization_config, peft_config: as for [`~trl.DPOTrainer`]; ``args`` must be a [`VCBConfig`] and
-        ``processing_class`` a tokenizer (text only). ``compute_metrics`` is not supported (VCB has no logits to
-        evaluate) and is ignored with a warning; the VCB metrics are logged automatically.
+        model (`str` or [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The policy, as for [`~trl.DPOTrainer`].
+        ref_model ([`~transformers.PreTrainedModel`] or `str`, *optional*):
+            Reference model (an object or a model id). See `docs/vcb.md` for the reference options and their order.
+        args ([`VCBConfig`], *optional*):
+            Configuration; must be a [`VCBConfig`] (a [`~trl.DPOConfig`] is refused).
+        data_collator ([`~transformers.DataCollator`], *optional*):
+            Defaults to [`DataCollatorForVCB`] with the tokenizer's pad token.
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Prompt groups, see above. Must not be empty.
+        eval_dataset ([`~datasets.Dataset`], [`~datasets.IterableDataset`] or `dict`, *optional*):
+            Prompt groups for evaluation (one dataset or a dict of them).
+        processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            A tokenizer (text only); loaded from the model by [`~trl.DPOTrainer`] when not given.
+        compute_metrics (`None`):
+            Not supported (an error): the fused LM head builds no logits, so the evaluation loop has nothing to pass
+            it. The VCB metrics (calibration error, pair agreement, σ, log-ratio, ...) are logged at every
+            evaluation.
+        callbacks, optimizers, quantization_config, peft_config:
+            As for [`~trl.DPOTrainer`].
     """
 
     # Rewards and reference log-probs stay float32 under DeepSpeed's bf16 input cast.
     _float32_input_keys = ("rewards", REF_LOGPS)
 
-    # The loss is normalised over the whole optimizer step in `_compute_loss` (see `get_batch_samples`).
+    # The loss is normalised over the whole optimizer step in `_compute_vcb_loss` (see `get_batch_samples`).
     loss_is_scaled_for_ga = True
 
     _tag_names = ["trl", "vcb", "trl-rewardweighted"]
@@ -235,10 +270,6 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
                 note         = {EMNLP 2024},
             }"""),
     }
-
-    # Per-token fields the fused LM head computes for the policy: VCB only needs the log-probs (DPO also asks for
-    # entropy, mean logits and top-1 hits for its metrics, which cost a pass over the vocabulary each).
-    _fused_outputs = ("log_probs",)
 
     def __init__(
         self,
@@ -266,13 +297,11 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         if compute_metrics is not None:
-            warnings.warn(
-                "`compute_metrics` is ignored by VCBTrainer: the fused LM head builds no logits to evaluate. The VCB "
-                "metrics (calibration error, pair agreement, ...) are logged automatically.",
-                UserWarning,
-                stacklevel=2,
+            raise ValueError(
+                "`compute_metrics` is not supported by VCBTrainer: the fused LM head builds no logits, so the "
+                "evaluation loop only gets the loss and would never call it. The VCB metrics (`calibration_error`, "
+                "`pair_agreement`, `sigma`, `logratio`, ...) are logged at every evaluation; remove `compute_metrics`."
             )
-            compute_metrics = None
 
         acc = args.accelerator_config
         if getattr(acc, "split_batches", False):
@@ -285,53 +314,37 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
                 "`accelerator_config.dispatch_batches=True` is not supported by VCBTrainer: dispatching concatenates "
                 "and re-splits batches, which would cut prompt groups apart. Leave it unset."
             )
+        # Every process reads its own batches (accelerate would otherwise dispatch IterableDataset batches from the
+        # main process, concatenating groups of different sizes and lengths).
+        if getattr(acc, "dispatch_batches", None) is None:
+            acc.dispatch_batches = False
 
-        first = next(iter(train_dataset))
+        first = _first_row(train_dataset, "train", args)
         if "image" in first or "images" in first:
             raise NotImplementedError("VCBTrainer supports text data only (the dataset has an image column).")
-
-        # Processing class: resolved here (as DPO would) so the VCB collator can be built with the right pad token.
-        if processing_class is None:
-            model_id = model if isinstance(model, str) else get_config_model_id(model.config)
-            revision = (args.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
-            processing_class = AutoProcessor.from_pretrained(
-                model_id, revision=revision, trust_remote_code=args.trust_remote_code
-            )
-        if isinstance(processing_class, ProcessorMixin) or not isinstance(processing_class, PreTrainedTokenizerBase):
-            raise TypeError(
-                f"VCBTrainer needs a tokenizer as `processing_class` (text only), got {type(processing_class).__name__}."
-            )
-        tokenizer = processing_class
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
-        if data_collator is None:
-            if pad_token not in tokenizer.get_vocab():
-                raise ValueError(
-                    f"The specified `pad_token` ('{pad_token}') is not found in the vocabulary of the given "
-                    f"`processing_class` ({type(tokenizer).__name__})."
-                )
-            data_collator = DataCollatorForVCB(
-                pad_token_id=tokenizer.convert_tokens_to_ids(pad_token),
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None,
-            )
+        if isinstance(eval_dataset, dict):
+            for name, dataset in eval_dataset.items():
+                _first_row(dataset, name, args)
+        elif eval_dataset is not None:
+            _first_row(eval_dataset, "eval", args)
 
         # A dataset that already carries reference log-probs needs no reference model.
-        if _column_names(train_dataset, first) and REF_LOGPS in _column_names(train_dataset, first):
-            if not args.precompute_ref_log_probs:
-                logger.info(
-                    f"The train dataset has a `{REF_LOGPS}` column: it is used as the reference and no reference "
-                    "model is kept (`precompute_ref_log_probs` set to True)."
-                )
-                args.precompute_ref_log_probs = True
+        if REF_LOGPS in _column_names(train_dataset, first) and not args.precompute_ref_log_probs:
+            logger.info(
+                f"The train dataset has a `{REF_LOGPS}` column: it is used as the reference and no reference model is "
+                "kept (`precompute_ref_log_probs` set to True)."
+            )
+            args.precompute_ref_log_probs = True
 
         ref_model = resolve_reference_model(model, ref_model, args, peft_config, quantization_config)
 
         # Counters filled by `_prepare_dataset` (rows dropped per dataset name).
         self.dropped_rows: dict[str, int] = {}
         self.nonfinite_rewards: dict[str, int] = {}
+        # The user's collator, or None for `DataCollatorForVCB`. `DPOTrainer.__init__` resolves the processing class
+        # and the pad token and builds its own pair collator; the VCB one replaces it below, and is built by
+        # `_vcb_collator` when the reference log-probs are precomputed inside `DPOTrainer.__init__`.
+        self._user_collator = data_collator
 
         super().__init__(
             model=model,
@@ -341,17 +354,14 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            compute_metrics=compute_metrics,
+            compute_metrics=None,
             callbacks=callbacks,
             optimizers=optimizers,
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        self.data_collator = self._vcb_collator()
 
-        # Re-patch the policy with a fused head that computes only the log-probs (the outer patch takes over).
-        add_fused_lm_head(
-            self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=self._fused_outputs
-        )
         if self.aux_loss_enabled:
             warnings.warn(
                 "VCBTrainer does not add the MoE router auxiliary loss; set `router_aux_loss_coef=0.0` to silence "
@@ -361,8 +371,23 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
             )
 
         self._vcb_sums = {mode: torch.zeros(len(_STAT_KEYS), dtype=torch.float64) for mode in ("train", "eval")}
-        self._vcb_cumulative = {"groups_skipped": 0.0, "masked_completions": 0.0, "num_tokens": 0.0}
+        self._vcb_cumulative = dict.fromkeys(_CUMULATIVE_KEYS, 0.0)
         self._warned_fallback = False
+
+    def _vcb_collator(self):
+        """The collator of the VCB batches: the user's, or [`DataCollatorForVCB`] with the tokenizer's pad token (as
+        set by `DPOTrainer.__init__`, which validates `args.pad_token`)."""
+        if self._user_collator is not None:
+            return self._user_collator
+        if not isinstance(getattr(self, "_default_vcb_collator", None), DataCollatorForVCB):
+            args = self.args
+            self._default_vcb_collator = DataCollatorForVCB(
+                pad_token_id=self._tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        return self._default_vcb_collator
 
     # ------------------------------------------------------------------------------------------------------------------
     # Data
@@ -370,10 +395,14 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args: VCBConfig, dataset_name: str):
         """Validate and tokenize one row per prompt group (idempotent: a tokenized dataset is returned as is)."""
-        first = next(iter(dataset))
+        first = _first_row(dataset, dataset_name, args)
         names = _column_names(dataset, first)
         if {PROMPT_IDS, COMPLETION_IDS, COMPLETION_REWARDS} <= set(names):
             return dataset
+        if isinstance(processing_class, ProcessorMixin) or not isinstance(processing_class, PreTrainedTokenizerBase):
+            raise TypeError(
+                f"VCBTrainer needs a tokenizer as `processing_class` (text only), got {type(processing_class).__name__}."
+            )
         completions_column, rewards_column = args.completions_column, args.rewards_column
         if "prompt" not in names:
             raise ValueError(
@@ -417,11 +446,22 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
 
         max_length = args.max_length if args.truncation_mode == "keep_start" else None
         if isinstance(dataset, IterableDataset):
-            return dataset.filter(
+            dataset = dataset.filter(
                 lambda ex: (
                     len(ex[COMPLETION_REWARDS]) >= 2 and (max_length is None or len(ex[PROMPT_IDS]) < max_length)
                 )
             )
+            # Rows are tokenized lazily: read the first kept one now, so that a malformed column (e.g. a scalar
+            # reward) fails here, on every process at once, rather than inside a training step on some of them.
+            try:
+                next(iter(dataset))
+            except StopIteration:
+                raise ValueError(
+                    f"No usable row in the {dataset_name} dataset: every row has fewer than 2 completions (or a prompt "
+                    f"that fills `max_length`). VCB compares completions of the same prompt: give each row at least 2 "
+                    f"entries in `{completions_column}` and `{rewards_column}`."
+                ) from None
+            return dataset
 
         # Map-style: drop unusable rows, count and report them.
         rewards_lists = dataset[COMPLETION_REWARDS]
@@ -455,6 +495,13 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
             dataset = dataset.select(keep)
             rewards_lists = [rewards_lists[i] for i in keep]
         nonfinite = [sum(not math.isfinite(v) for v in r) for r in rewards_lists]
+        if not any(len(r) - k >= 2 for r, k in zip(rewards_lists, nonfinite, strict=True)):
+            raise ValueError(
+                f"No prompt group of the {dataset_name} dataset has 2 finite rewards: every row of `{rewards_column}` "
+                f"has at most one reward that is not NaN/inf/None ({sum(nonfinite)} of "
+                f"{sum(len(r) for r in rewards_lists)} are), so VCB would train on a zero loss. Fix the reward "
+                "column (score the completions) or drop those rows."
+            )
         self.nonfinite_rewards[dataset_name] = sum(nonfinite)
         if sum(nonfinite):
             warnings.warn(
@@ -493,7 +540,11 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
             logps, _ = sequence_logps(model, input_ids, attention_mask, labels)
         return logps.float()
 
-    def _reference_grid(self, inputs, labels, group_mask):
+    def _reference_grid(self, inputs, flat=None) -> torch.Tensor:
+        """(G, n_max) float32 reference log-probs of a collated batch: its `ref_logps`, or a reference forward.
+
+        `flat` is `flatten_groups(inputs)` when the caller already has it.
+        """
         if "ref_logps" in inputs:
             return inputs["ref_logps"].float()
         if self.precompute_ref_logps:
@@ -501,23 +552,25 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
                 "The batch has no `ref_logps` although `precompute_ref_log_probs=True`: the dataset was not prepared "
                 "by this trainer. Pass it to the trainer (train/eval dataset) or to `evaluate()` so that it gets them."
             )
+        group_mask = inputs["group_mask"].bool()
+        input_ids, attention_mask, labels = flat if flat is not None else flatten_groups(inputs)
         model = self.ref_model if self.ref_model is not None else self.model
-        flat = self._reference_sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], labels)
-        return flat.new_zeros(group_mask.shape).masked_scatter(group_mask, flat)
+        values = self._reference_sequence_logps(model, input_ids, attention_mask, labels)
+        return values.new_zeros(group_mask.shape).masked_scatter(group_mask.to(values.device), values)
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        """Add a ``ref_logps`` column (one list per row) computed on every process, sharded, gathered on all ranks.
+        """Add a `ref_logps` column (one list per row) computed on every process, sharded, gathered on all ranks.
 
         TRL's own precompute writes its cache with rank 0 only, which fails for in-memory datasets on several
-        processes; ``compute_rowwise_distributed`` returns the full column on every rank instead.
+        processes; `compute_rowwise_distributed` returns the full column on every rank instead.
         """
+        if REF_LOGPS in _column_names(dataset):
+            return dataset  # the dataset carries them (also a stream): nothing to compute
         if isinstance(dataset, IterableDataset):
             raise ValueError(
                 "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
                 "Dataset or set `precompute_ref_log_probs=False`."
             )
-        if REF_LOGPS in dataset.column_names:
-            return dataset
         if self.ref_model is None and self.is_deepspeed_enabled:
             if self._precompute_engine is None:
                 self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
@@ -527,15 +580,15 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
         lengths = [len(r) for r in dataset[COMPLETION_REWARDS]]
         n_max = max(lengths)
         columns = dataset.select_columns([PROMPT_IDS, COMPLETION_IDS, COMPLETION_REWARDS])
+        collator = self._vcb_collator()  # called from `DPOTrainer.__init__`, before `self.data_collator` is VCB's
         device = self.accelerator.device
 
         def compute_fn(indices):
-            batch = self.data_collator([columns[int(i)] for i in indices])
+            batch = collator([columns[int(i)] for i in indices])
             group_mask = batch["group_mask"].to(device)
-            input_ids = batch["input_ids"].to(device)
-            labels = input_ids.masked_fill(batch["completion_mask"].to(device) == 0, -100)
+            input_ids, attention_mask, labels = (t.to(device) for t in flatten_groups(batch))
             with self.accelerator.autocast():
-                flat = self._reference_sequence_logps(model, input_ids, batch["attention_mask"].to(device), labels)
+                flat = self._reference_sequence_logps(model, input_ids, attention_mask, labels)
             grid = torch.full(group_mask.shape, float("nan"), device=device).masked_scatter(group_mask, flat)
             return torch.nn.functional.pad(grid, (0, n_max - grid.shape[1]), value=float("nan"))
 
@@ -560,22 +613,35 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the micro-batches of one optimizer step and count their valid groups over all processes.
 
-        The count is returned as ``num_items_in_batch``: ``_compute_loss`` divides the sum of the group losses of each
+        The count is returned as `num_items_in_batch`: `_compute_vcb_loss` divides the sum of the group losses of each
         micro-batch by it (times the number of processes, since DDP averages gradients), so the step's loss is the
         mean over all its valid groups whatever the micro-batch / process layout.
+
+        With an `IterableDataset` (not checked at init), a first optimizer step without any valid group raises on
+        every process at once (the count is the same everywhere): the reward column is most likely unusable.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         count = torch.tensor(float(sum(self._valid_groups(b) for b in batch_samples)), device=device)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.gather(count.reshape(1)).sum()
+        if (
+            self.state.global_step == 0
+            and isinstance(self.train_dataset, IterableDataset)
+            and batch_samples
+            and count.item() == 0
+        ):
+            rewards_column = self.args.rewards_column
+            raise ValueError(
+                f"The first optimizer step of the train dataset (an IterableDataset) has no prompt group with 2 finite "
+                f"rewards in `{rewards_column}`: every reward is NaN/inf/None or at most one per row is finite, so "
+                "VCB would train on a zero loss. Fix the reward column, or filter out the rows with fewer than 2 "
+                "finite rewards."
+            )
         return batch_samples, count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, grid = self._compute_vcb_loss(model, inputs, num_items_in_batch)
         return (loss, {"policy_logps": grid}) if return_outputs else loss
-
-    def _compute_loss(self, model, inputs, return_outputs):  # DPO's internal entry point, kept for compatibility
-        return self.compute_loss(model, inputs, return_outputs=return_outputs)
 
     def _vcb_kwargs(self) -> dict:
         """The config fields shared by `vcb_loss` and `vcb_pair_stats`."""
@@ -590,12 +656,12 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
     def _compute_vcb_loss(self, model, inputs, num_items_in_batch):
         mode = "train" if self.model.training else "eval"
         group_mask = inputs["group_mask"].bool()
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        labels = input_ids.masked_fill(inputs["completion_mask"] == 0, -100)
+        flat = flatten_groups(inputs)  # (N, T) input_ids, attention_mask, labels
+        input_ids, attention_mask, labels = flat
 
-        flat, _ = sequence_logps(model, input_ids, attention_mask, labels)  # (N,) float32, graph
-        policy = flat.new_zeros(group_mask.shape).masked_scatter(group_mask, flat)  # (G, n_max)
-        ref = self._reference_grid(inputs, labels, group_mask).to(policy.device)
+        values, _ = sequence_logps(model, input_ids, attention_mask, labels)  # (N,) float32, graph
+        policy = values.new_zeros(group_mask.shape).masked_scatter(group_mask, values)  # (G, n_max)
+        ref = self._reference_grid(inputs, flat).to(policy.device)
         rewards = inputs["rewards"].float()
         args = self.args
         # (G,), 0 (with a graph) for groups with < 2 valid completions
@@ -620,7 +686,9 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
                     self._warned_fallback = True
                 loss = loss / getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
 
-        self._record_metrics(mode, policy.detach(), ref, rewards, group_mask, valid, attention_mask)
+        self._record_metrics(
+            mode, policy.detach(), ref, rewards, group_mask, valid, attention_mask, per_group.detach()
+        )
         return loss, policy.detach()
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -628,7 +696,7 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _record_metrics(self, mode, policy, ref, rewards, group_mask, valid, attention_mask):
+    def _record_metrics(self, mode, policy, ref, rewards, group_mask, valid, attention_mask, per_group):
         stats = vcb_pair_stats(policy, ref, rewards, mask=group_mask, **self._vcb_kwargs())
         logratio = torch.where(valid, policy - ref, torch.zeros_like(policy))
         real_groups = group_mask.any(dim=1)
@@ -639,6 +707,7 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
             "groups_skipped": (real_groups & (valid.sum(dim=1) < 2)).sum(),
             "masked_completions": (group_mask & ~valid).sum(),
             "num_tokens": attention_mask.sum(),
+            "loss_sum": per_group.sum(),
         }
         vec = torch.stack([values[k].float().to(policy.device) for k in _STAT_KEYS])
         if self.accelerator.num_processes > 1:
@@ -657,14 +726,17 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
         if s["num_valid"] > 0:
             logs["logratio"] = s["logratio_sum"] / s["num_valid"]
         if mode == "train":
-            for key in self._vcb_cumulative:
+            for key in _CUMULATIVE_KEYS:
                 self._vcb_cumulative[key] += s[key]
-            logs["groups_skipped"] = self._vcb_cumulative["groups_skipped"]
-            logs["masked_completions"] = self._vcb_cumulative["masked_completions"]
-            logs["num_tokens"] = self._vcb_cumulative["num_tokens"]
+                logs[key] = self._vcb_cumulative[key]
         else:
             logs["groups_skipped"] = s["groups_skipped"]
             logs["masked_completions"] = s["masked_completions"]
+            if s["num_groups"] > 0:
+                # The mean over every valid group of the evaluation, gathered over processes. It replaces the
+                # Trainer's, which averages per-batch means: each batch counts as `per_device_eval_batch_size` groups
+                # (the last one too, unless the dataset has a length), so it depends on the batching.
+                logs["loss"] = s["loss_sum"] / s["num_groups"]
         return logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -686,10 +758,63 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checkpoints: the cumulative training metrics continue after `resume_from_checkpoint`
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            # Totals up to this step: the logged ones plus the window not logged yet.
+            pending = dict(zip(_STAT_KEYS, self._vcb_sums["train"].tolist(), strict=True))
+            totals = {key: self._vcb_cumulative[key] + pending[key] for key in _CUMULATIVE_KEYS}
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(folder, _VCB_STATE_NAME), "w") as f:
+                json.dump({"cumulative": totals}, f, indent=2)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: `Trainer.train` raises
+        if isinstance(checkpoint, str):
+            path = os.path.join(checkpoint, _VCB_STATE_NAME)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    saved = json.load(f)["cumulative"]
+                self._vcb_cumulative = {key: float(saved[key]) for key in _CUMULATIVE_KEYS}
+            else:
+                warnings.warn(
+                    f"The checkpoint {checkpoint} has no `{_VCB_STATE_NAME}` (saved by an older version?): the "
+                    f"cumulative VCB metrics ({', '.join(_CUMULATIVE_KEYS)}) restart from 0.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._vcb_cumulative = dict.fromkeys(_CUMULATIVE_KEYS, 0.0)
+            self._vcb_sums["train"].zero_()
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _first_row(dataset, name: str, args) -> dict:
+    """The first row of `dataset`, or a clear error when it has none."""
+    try:
+        return next(iter(dataset))
+    except StopIteration:
+        raise ValueError(
+            f"The {name} dataset is empty (0 rows). VCB needs at least one prompt group: a row with a `prompt`, its "
+            f"`{args.completions_column}` (at least 2) and their `{args.rewards_column}`."
+        ) from None
 
 
 def _column_names(dataset, first_example=None) -> list[str]:
@@ -710,7 +835,10 @@ def _tokenize_group(example, idx, processing_class, completions_column, rewards_
             f"Row {idx}: `{completions_column}` must be a list of completions, got {type(completions).__name__}."
         )
     if not isinstance(rewards, (list, tuple)):
-        raise ValueError(f"Row {idx}: `{rewards_column}` must be a list of floats, got {type(rewards).__name__}.")
+        raise ValueError(
+            f"Row {idx}: `{rewards_column}` must be a list with one reward per completion, got {rewards!r:.80} "
+            f"({type(rewards).__name__})."
+        )
     if len(completions) != len(rewards):
         raise ValueError(
             f"Row {idx}: `{completions_column}` has {len(completions)} entries but `{rewards_column}` has "
