@@ -17,8 +17,7 @@ Peak memory: on CUDA, ``max_memory_allocated`` per trainer; on CPU, the peak RSS
 trainer, which includes the Python runtime, the model(s), the optimizer state and the activations, and the peak RSS
 increase during ``train()`` (what the trainer adds on top of the loaded model).
 
-Note: DPOTrainer's fused LM head also computes the per-token entropy, mean logit and top-1 hit for its metrics; VCB
-only needs the log-probs. ``--same-head`` makes VCB compute them too, to compare like for like. Goal: ≤ 1.10×.
+Both trainers use the fused LM head exactly as DPOTrainer patches it (VCB leaves the patch to DPO). Goal: ≤ 1.10×.
 """
 
 from __future__ import annotations
@@ -130,8 +129,6 @@ def build_trainer(kind: str, path: str, opts, timer: StepTimer, steps: int):
         dataset = Dataset.from_dict(groups_to_pairs(groups))
         trainer = DPOTrainer(model=path, args=args, train_dataset=dataset, callbacks=[timer])
     else:
-        if opts.same_head:
-            VCBTrainer._fused_outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
         args = VCBConfig(output_dir=out, per_device_train_batch_size=opts.groups, **common)
         trainer = VCBTrainer(model=path, args=args, train_dataset=Dataset.from_dict(groups), callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # no per-run log dicts on stdout
@@ -186,7 +183,6 @@ def main(argv=None):
     parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--same-head", action="store_true", help="VCB's fused head also computes DPO's extra fields")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--_memory_child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -207,7 +203,7 @@ def main(argv=None):
     print(
         f"model={opts.model} device={device} n={opts.n} VCB groups/batch={opts.groups} DPO pairs/batch="
         f"{opts.groups * opts.n // 2} -> {seqs} sequences per step, words/completion={opts.words} "
-        f"max_length={opts.max_length} bf16={opts.bf16} same_head={opts.same_head}"
+        f"max_length={opts.max_length} bf16={opts.bf16}"
     )
     times = run_timing(opts)
     memory = {}
