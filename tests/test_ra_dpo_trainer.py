@@ -1,7 +1,13 @@
 """RewardAugmentedDPOTrainer on the tiny model: the goal-conditioned optimum (ALGORITHMS.md section 6), eval handling,
 model card, config parsing, recipes, and IRA end to end."""
 
+import json
+import logging
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +20,14 @@ from trl.trainer.utils import add_fused_lm_head
 
 from tests._helpers import cpu_args
 from trl_rewardweighted import RewardAugmentedDPOConfig, RewardAugmentedDPOTrainer, build_goal_prompt
-from trl_rewardweighted.ira import _tokenize_pair, implicit_reward_relabel
 from trl_rewardweighted.data.relabel import reward_augment_dataset
+from trl_rewardweighted.ira import _tokenize_pair, implicit_reward_relabel
 from trl_rewardweighted.model_utils import sequence_logps
 from trl_rewardweighted.sampling import generate_with_goal
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "reward_augmented_dpo"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes" / "reward_augmented_dpo"
+PRECOMPUTE_SCRIPT = ROOT / "tests" / "distributed" / "ra_dpo_precompute.py"
 
 
 def U(text):
@@ -225,11 +233,19 @@ def test_config_parsing_and_errors(tiny_model_path, tiny_tokenizer, tmp_path):
     cfg = config(tmp_path, score_range="auto", attribute_columns='{"Helpfulness": ["hc", "hr"]}')
     assert cfg.score_range == "auto" and cfg.attribute_columns == {"Helpfulness": ("hc", "hr")}
     assert config(tmp_path, score_range="-1,1").score_range == (-1.0, 1.0)
-    assert config(tmp_path, score_range=[0, 5]).relabel_kwargs()["score_range"] == (0.0, 5.0)
-    with pytest.raises(ValueError, match="augment_mode must be one of"):
+    assert config(tmp_path, score_range=[0, 5]).augment_options().score_range == (0.0, 5.0)
+    # the config validates through AugmentOptions: the same message as reward_augment_dataset
+    mode_error = re.escape("`mode` (config: `augment_mode`) must be one of ('both', 'chosen_only')")
+    with pytest.raises(ValueError, match=mode_error):
         config(tmp_path, augment_mode="RA+")
-    with pytest.raises(ValueError, match="augment_fraction must be in"):
+    with pytest.raises(ValueError, match=mode_error):
+        reward_augment_dataset(pairs(), mode="RA+")
+    with pytest.raises(
+        ValueError, match=re.escape("`fraction` (config: `augment_fraction`) must be a number in (0, 1]")
+    ):
         config(tmp_path, augment_fraction=1.5)
+    with pytest.raises(ValueError, match=re.escape("`score_range` names unknown attribute(s) ['Honesty']")):
+        config(tmp_path, attribute_columns='{"Helpfulness": ["hc", "hr"]}', score_range={"Honesty": (0, 1)})
     with pytest.raises(TypeError, match="must be a RewardAugmentedDPOConfig"):
         RewardAugmentedDPOTrainer(tiny_model_path, args=DPOConfig(str(tmp_path), **cpu_args()), train_dataset=pairs())
     stream = IterableDataset.from_generator(lambda: iter(pairs()))
@@ -332,3 +348,223 @@ def test_ira_peft_reference_is_adapters_off(tiny_model_path, tiny_tokenizer):
         implicit_reward_relabel(
             pairs(scores=False), AutoModelForCausalLM.from_pretrained(tiny_model_path), tokenizer=tiny_tokenizer
         )
+
+
+# ------------------------------------------------------------------------------------------------ hardening (issue 7)
+
+
+def test_beta_must_be_positive(tmp_path):
+    for beta in (0.0, -0.1):
+        with pytest.raises(
+            ValueError, match=re.escape(f"beta must be > 0 (the DPO KL coefficient; the paper uses 0.01), got {beta}")
+        ):
+            config(tmp_path, beta=beta)
+    assert config(tmp_path, beta=0.01).beta == 0.01
+
+
+def test_empty_datasets_are_named(tiny_model_path, tiny_tokenizer, tmp_path):
+    empty = pairs().select([])
+    with pytest.raises(ValueError, match=re.escape("The train dataset is empty (0 rows).")):
+        RewardAugmentedDPOTrainer(
+            tiny_model_path, args=config(tmp_path, max_steps=1), train_dataset=empty, processing_class=tiny_tokenizer
+        )
+    with pytest.raises(ValueError, match=re.escape("The eval dataset is empty (0 rows).")):
+        RewardAugmentedDPOTrainer(
+            tiny_model_path,
+            args=config(tmp_path, max_steps=1),
+            train_dataset=pairs(),
+            eval_dataset=empty,
+            processing_class=tiny_tokenizer,
+        )
+    with pytest.raises(ValueError, match=re.escape("The eval dataset 'held_out' is empty (0 rows).")):
+        RewardAugmentedDPOTrainer(
+            tiny_model_path,
+            args=config(tmp_path, max_steps=1),
+            train_dataset=pairs(),
+            eval_dataset={"ok": pairs(), "held_out": empty},
+            processing_class=tiny_tokenizer,
+        )
+    stream = IterableDataset.from_generator(lambda: iter([]))
+    with pytest.raises(ValueError, match=re.escape("The train dataset is empty: it yields no rows.")):
+        RewardAugmentedDPOTrainer(
+            tiny_model_path, args=config(tmp_path, max_steps=1), train_dataset=stream, processing_class=tiny_tokenizer
+        )
+    trainer = RewardAugmentedDPOTrainer(
+        tiny_model_path, args=config(tmp_path, max_steps=1), train_dataset=pairs(), processing_class=tiny_tokenizer
+    )
+    with pytest.raises(ValueError, match=re.escape("The eval dataset is empty (0 rows).")):
+        trainer.evaluate(empty)
+
+
+def _long_prompt_pairs():
+    """4 pairs; the last two have long prompts."""
+    prompts = PROMPTS[:2] + [p + " and more" * 20 for p in PROMPTS[2:]]
+    data = {"prompt": [U(p) for p in prompts], "chosen": [A(c) for c in CHOSEN], "rejected": [A(r) for r in REJECTED]}
+    return Dataset.from_dict({**data, "score_chosen": SCORE_C, "score_rejected": SCORE_R})
+
+
+def test_rows_pushed_past_max_length_are_counted(tiny_model_path, tiny_tokenizer, tmp_path, caplog):
+    """DPO drops rows whose (goal-conditioned) prompt fills max_length: counted, warned with rows and the max_length
+    that keeps them, logged as augment/dropped_too_long; nothing left is a clear error naming max_length."""
+    full = RewardAugmentedDPOTrainer(
+        tiny_model_path, args=config(tmp_path, max_steps=1), train_dataset=_long_prompt_pairs(),
+        processing_class=tiny_tokenizer,
+    )  # fmt: skip
+    lengths = [len(ids) for ids in full.train_dataset["prompt_ids"]]
+    assert len(lengths) == 8 and full.augmentation_stats["train"].get("dropped_too_long") is None
+    short, long = max(lengths[:4]), min(lengths[4:])
+    assert short + 5 < long  # rows 4-7 (the long prompts, both goals) are the long ones
+    max_length = short + 5
+    with caplog.at_level(logging.WARNING, logger="trl_rewardweighted.trainers.ra_dpo_trainer"):
+        trainer = RewardAugmentedDPOTrainer(
+            tiny_model_path,
+            args=config(tmp_path, max_steps=1, max_length=max_length),
+            train_dataset=_long_prompt_pairs(),
+            processing_class=tiny_tokenizer,
+        )
+    assert len(trainer.train_dataset) == 4
+    assert trainer.train_dataset["prompt_ids"] == full.train_dataset["prompt_ids"][:4]
+    stats = trainer.augmentation_stats["train"]
+    assert stats["dropped_too_long"] == 4 and stats["max_length_to_keep"] == max(lengths) + 1
+    assert (
+        f"4 of 8 rows of the train dataset have a tokenised prompt of at least max_length={max_length} tokens and "
+        f"are dropped (no completion token would be left): rows [4, 5, 6, 7], prompt lengths {lengths[4:]}. "
+        f"max_length={max(lengths) + 1} would keep them"
+    ) in caplog.text
+    trainer.train()
+    assert trainer.state.log_history[0]["augment/dropped_too_long"] == 4.0
+    # nothing left: a clear error naming max_length (not torch's num_samples=0)
+    with pytest.raises(ValueError) as err:
+        RewardAugmentedDPOTrainer(
+            tiny_model_path,
+            args=config(tmp_path, max_steps=1, max_length=min(lengths)),
+            train_dataset=_long_prompt_pairs(),
+            processing_class=tiny_tokenizer,
+        )
+    assert str(err.value).startswith(
+        f"Every row of the train dataset (8) has a tokenised prompt of at least max_length={min(lengths)} tokens "
+        f"(longest {max(lengths)}), so DPO's truncation would leave no completion token and drop them all."
+    )
+    assert f"Raise `max_length` above {max(lengths)}" in str(err.value)
+
+
+@pytest.fixture
+def bos_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer with a post-processor that adds a BOS token to plain-text input, and a chat template that
+    writes BOS itself."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.bos_token = "<|endoftext|>"
+    tok.add_bos_token = True
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    assert tok("Hi").input_ids[0] == tok.bos_token_id
+    return tok
+
+
+def test_generate_with_goal_tokenises_like_training(trained, bos_tokenizer):
+    """The ids passed to `model.generate` are the prompt ids DPO training builds for the goal-conditioned prompt, BOS
+    included, for string and conversational prompts (left-padded)."""
+    trainer, _ = trained
+    model = trainer.model
+    seen = []
+    original = model.generate
+
+    def spy(**kwargs):
+        seen.append((kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist()))
+        return original(**kwargs)
+
+    prompts = ["Say hello.", "Pick a fruit, any fruit you like."]
+    conversations = [U(p) for p in prompts]
+    for batch in (prompts, conversations):
+        goal_prompts = [build_goal_prompt(p, 10, bos_tokenizer) for p in batch]
+        conversational = isinstance(batch[0], list)
+        chosen, rejected = (A("x"), A("y")) if conversational else ("x", "y")
+        rows = Dataset.from_dict({"prompt": goal_prompts, "chosen": [chosen] * 2, "rejected": [rejected] * 2})
+        expected = DPOTrainer._prepare_dataset(trainer, rows, bos_tokenizer, trainer.args, "probe")["prompt_ids"]
+        assert all(ids[0] == bos_tokenizer.bos_token_id for ids in expected)
+        seen.clear()
+        model.generate = spy
+        try:
+            texts = generate_with_goal(model, bos_tokenizer, batch, max_new_tokens=2, do_sample=False)
+        finally:
+            del model.generate
+        assert len(texts) == 2
+        ((input_ids, attention_mask),) = seen
+        got = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids, attention_mask)]
+        assert got == expected
+        width = max(map(len, expected))
+        assert [mask.index(1) for mask in attention_mask] == [width - len(ids) for ids in expected]  # left padding
+
+
+def test_ref_model_given_as_model_id(tiny_model_path, tiny_tokenizer, tmp_path):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    trainer = RewardAugmentedDPOTrainer(
+        policy,
+        ref_model=tiny_model_path,
+        args=config(tmp_path, max_steps=1),
+        train_dataset=pairs(),
+        processing_class=tiny_tokenizer,
+    )
+    ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert isinstance(ref, torch.nn.Module) and ref is not policy
+    before = {name: p.detach().clone() for name, p in ref.named_parameters()}
+    for (name, p), q in zip(policy.named_parameters(), ref.parameters()):  # loaded from the id: the same weights
+        torch.testing.assert_close(p.detach(), q.detach(), msg=name)
+    trainer.args.learning_rate = 1e-2
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    for name, p in ref.named_parameters():  # the reference stays fixed while the policy moves
+        assert torch.equal(p, before[name]), name
+    assert any(not torch.equal(p.detach(), before[name]) for name, p in policy.named_parameters())
+
+
+def test_precompute_matches_trl(tiny_model_path, tiny_tokenizer, tmp_path):
+    """The sharded precompute gives DPO's own precompute values (TRL's `_precompute_ref_logps`), train and eval."""
+    from tests.distributed.ra_dpo_precompute import build_trainer
+
+    trainer = build_trainer(tiny_model_path, str(tmp_path), processing_class=tiny_tokenizer)
+    for dataset in (trainer.train_dataset, trainer.eval_dataset):
+        ours = torch.tensor([dataset["ref_chosen_logps"], dataset["ref_rejected_logps"]])
+        bare = dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+        theirs = DPOTrainer._precompute_ref_logps(trainer, bare, "check", 3)
+        expected = torch.tensor([theirs["ref_chosen_logps"], theirs["ref_rejected_logps"]])
+        assert torch.isfinite(ours).all() and (ours < 0).all()
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    assert trainer._precompute_ref_logps(trainer.train_dataset, "again", 2) is trainer.train_dataset  # idempotent
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+@pytest.mark.distributed
+def test_precompute_two_processes_in_memory(tiny_model_path, tiny_tokenizer, tmp_path):
+    """`precompute_ref_log_probs=True` with an in-memory dataset on 2 processes: both ranks finish (TRL's precompute
+    fails on rank 1 with FileNotFoundError) and hold the single-process values."""
+    from tests.distributed.ra_dpo_precompute import build_trainer
+
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU="1",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT),
+    )
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(PRECOMPUTE_SCRIPT), tiny_model_path, str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = build_trainer(tiny_model_path, str(tmp_path / "single"), processing_class=tiny_tokenizer)
+    results = [json.loads((tmp_path / f"ref_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert {k: results[0][k] for k in ("train", "eval")} == {k: results[1][k] for k in ("train", "eval")}
+    for result in results:
+        assert result["num_processes"] == 2 and all(math.isfinite(x) for x in result["losses"])
+        for split, dataset in (("train", single.train_dataset), ("eval", single.eval_dataset)):
+            assert result[split]["prompt"] == dataset["prompt"]  # same rows, same order
+            for column in ("ref_chosen_logps", "ref_rejected_logps"):
+                torch.testing.assert_close(
+                    torch.tensor(result[split][column]), torch.tensor(dataset[column]), rtol=0, atol=1e-5
+                )

@@ -378,9 +378,18 @@ def test_missing_and_non_numeric_score_columns():
         reward_augment_dataset(ds, chosen_column="answer_a")
     with pytest.raises(TypeError, match="one split"):
         reward_augment_dataset(DatasetDict({"train": ds}))
-    with pytest.raises(ValueError, match="`mode` must be one of"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "`mode` (config: `augment_mode`) must be one of ('both', 'chosen_only') ('both' = RA, 'chosen_only' = "
+            "RA+), got 'RA'."
+        ),
+    ):
         reward_augment_dataset(ds, mode="RA")
-    with pytest.raises(ValueError, match="`fraction` must be a number in"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("`fraction` (config: `augment_fraction`) must be a number in (0, 1] (0.5 = Half-RA)"),
+    ):
         reward_augment_dataset(ds, fraction=0)
 
 
@@ -508,3 +517,64 @@ def test_real_qwen25_template_system_role(qwen25_tokenizer):
     )
     assert "You are Qwen" not in text
     assert math.isclose(out[1]["goal_score"], 2.0)
+
+
+# ------------------------------------------------------------------------------------------------ options, empty input
+
+
+def test_empty_dataset_is_named():
+    empty = string_pairs().select([])
+    with pytest.raises(ValueError, match=re.escape("reward_augment_dataset: the dataset is empty (0 rows)")):
+        reward_augment_dataset(empty)
+    null_typed = Dataset.from_dict(
+        {"prompt": [], "chosen": [], "rejected": [], "score_chosen": [], "score_rejected": []}
+    )
+    with pytest.raises(ValueError, match=re.escape("reward_augment_dataset: the dataset is empty (0 rows)")):
+        reward_augment_dataset(null_typed)  # columns of Arrow type null: still the emptiness message
+    with pytest.raises(ValueError, match=re.escape("condition_dataset_on_goal: the dataset is empty (0 rows)")):
+        condition_dataset_on_goal(empty)
+
+
+def test_augment_options_one_validation():
+    from trl_rewardweighted.data.relabel import AugmentOptions
+
+    opts = AugmentOptions(score_range="0,1", attributes='{"Help": ["hc", "hr"]}', fraction=1)
+    assert opts.score_range == (0.0, 1.0) and opts.attributes == {"Help": ("hc", "hr")} and opts.fraction == 1.0
+    assert opts.attribute_map == {"Help": ("hc", "hr")} and opts.multi
+    assert AugmentOptions(score_range={"Overall score": "auto"}).range_for("Overall score") == "auto"
+    with pytest.raises(ValueError, match=re.escape("`ties` must be one of ('drop', 'keep'), got 'skip'.")):
+        AugmentOptions(ties="skip")
+    with pytest.raises(ValueError, match=re.escape("`round_digits` must be an int or None, got 1.5.")):
+        AugmentOptions(round_digits=1.5)
+    with pytest.raises(ValueError, match=re.escape("`score_range` names unknown attribute(s) ['Honesty']")):
+        AugmentOptions(score_range={"Honesty": (0, 1)})
+    # the options object and keyword overrides give the same rows as the keywords alone
+    base = AugmentOptions(mode="chosen_only", ties="keep")
+    assert (
+        reward_augment_dataset(string_pairs(), options=base)[:]
+        == reward_augment_dataset(string_pairs(), mode="chosen_only", ties="keep")[:]
+    )
+    assert len(reward_augment_dataset(string_pairs(), options=base, ties="drop")) == 3
+    with pytest.raises(TypeError, match=re.escape("got unknown option(s) ['modes']")):
+        reward_augment_dataset(string_pairs(), modes="both")
+    out, stats = reward_augment_dataset(string_pairs(), return_stats=True)
+    assert (stats["pairs_in"], stats["dropped_ties"], stats["rows_out"]) == (4, 1, len(out)) == (4, 1, 6)
+
+
+def test_implicit_prompts_split_by_trl_extract_prompt():
+    """Implicit prompts are TRL's `extract_prompt` split (what DPOTrainer does without a `prompt` column)."""
+    from trl.data_utils import extract_prompt
+
+    from trl_rewardweighted.data.relabel import explicit_pairs, to_explicit_prompt
+
+    ds = Dataset.from_dict(
+        {
+            "chosen": ["Q: sky? A: blue", "Say it: yes", "abc"],
+            "rejected": ["Q: sky? A: green", "Say it: no", "abcd"],  # the last: one side a prefix of the other
+        }
+    )
+    expected = ds.map(extract_prompt)
+    out = to_explicit_prompt(ds)
+    assert out[:] == {k: expected[k] for k in ("prompt", "chosen", "rejected")}
+    assert out[2] == {"prompt": "ab", "chosen": "c", "rejected": "cd"}
+    assert list(explicit_pairs(ds)) == list(zip(expected["prompt"], expected["chosen"], expected["rejected"]))

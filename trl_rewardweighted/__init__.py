@@ -23,6 +23,7 @@ _LAZY = {
     "RewardAugmentedDPOConfig": "trl_rewardweighted.trainers.ra_dpo_config",
     "RewardAugmentedDPOTrainer": "trl_rewardweighted.trainers.ra_dpo_trainer",
     "reward_augment_dataset": "trl_rewardweighted.data.relabel",
+    "AugmentOptions": "trl_rewardweighted.data.relabel",
     "build_goal_prompt": "trl_rewardweighted.data.relabel",
     "generate_with_goal": "trl_rewardweighted.sampling",
     "implicit_reward_relabel": "trl_rewardweighted.ira",
@@ -36,6 +37,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AugmentOptions",
     "RewardAugmentedDPOConfig",
     "RewardAugmentedDPOTrainer",
     "VARConfig",
@@ -73,7 +75,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data.convert import groups_to_pairs, groups_to_rows
-    from .data.relabel import build_goal_prompt, reward_augment_dataset
+    from .data.relabel import AugmentOptions, build_goal_prompt, reward_augment_dataset
     from .ira import implicit_reward_relabel
     from .losses import var_loss, var_weights, vcb_loss
     from .sampling import generate_completions, generate_with_goal, score_completions

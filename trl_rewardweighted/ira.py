@@ -2,11 +2,11 @@
 
 Pipeline of the paper's IRA ablation:
 
-1. train DPO on the original pairs (``trl.DPOTrainer``);
-2. :func:`implicit_reward_relabel`: score every chosen and rejected response with the DPO implicit reward
-   ``r̂(x, y) = β (log π_DPO(y|x) − log π_ref(y|x))`` and write ``score_chosen`` / ``score_rejected`` mapped onto the
+1. train DPO on the original pairs (`trl.DPOTrainer`);
+2. [`implicit_reward_relabel`]: score every chosen and rejected response with the DPO implicit reward
+   `r̂(x, y) = β (log π_DPO(y|x) − log π_ref(y|x))` and write `score_chosen` / `score_rejected` mapped onto the
    1–10 goal scale with the dataset's min/max;
-3. train ``RewardAugmentedDPOTrainer`` on the result, from the *original* base model.
+3. train `RewardAugmentedDPOTrainer` on the result, from the *original* base model.
 
 The original chosen response stays the chosen one (under its own goal it is the winner); the relabeling never
 reorders pairs, whatever the implicit rewards say (the indicator reward does not depend on the original order).
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .data.relabel import _detect_layout, _split_row
+from .data.relabel import explicit_pairs
 from .model_utils import (
     LocalAccelerator,
     adapters_disabled,
@@ -49,7 +49,7 @@ def _load(model_or_path, model_init_kwargs, device):
 
 
 def _tokenize_pair(tokenizer, prompt, chosen, rejected) -> dict[str, list[int]]:
-    """DPOTrainer's tokenisation of one pair (see ``model_utils.tokenize_prompt_completions``)."""
+    """DPOTrainer's tokenisation of one pair (see `model_utils.tokenize_prompt_completions`)."""
     prompt_ids, (chosen_ids, rejected_ids) = tokenize_prompt_completions(tokenizer, prompt, [chosen, rejected])
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
 
@@ -73,35 +73,35 @@ def implicit_reward_relabel(
     device: str | torch.device | None = None,
     accelerator=None,
 ):
-    """Write DPO implicit rewards of both responses as 1–10 scores (IRA), ready for ``reward_augment_dataset``.
+    """Write DPO implicit rewards of both responses as 1–10 scores (IRA), ready for `reward_augment_dataset`.
 
     Args:
-        dataset (`datasets.Dataset`): preference pairs (any format ``reward_augment_dataset`` accepts, e.g. binarized
+        dataset (`datasets.Dataset`): preference pairs (any format `reward_augment_dataset` accepts, e.g. binarized
             data without scores).
-        model: the DPO-trained policy: a path, a ``PreTrainedModel``, or a ``PeftModel`` (then ``ref_model=None``
+        model: the DPO-trained policy: a path, a `PreTrainedModel`, or a `PeftModel` (then `ref_model=None`
             means the reference is the same model with adapters disabled).
-        ref_model: the reference π_ref the DPO run used (path or model). Required unless ``model`` is a PEFT model.
-        tokenizer: the tokenizer (loaded from ``model`` when it is a path and this is None).
+        ref_model: the reference π_ref the DPO run used (path or model). Required unless `model` is a PEFT model.
+        tokenizer: the tokenizer (loaded from `model` when it is a path and this is None).
         beta: the DPO β. It only scales the raw rewards; after the min/max map it drops out.
         batch_size: pairs per forward pass.
         score_range_out: the goal scale the rewards are mapped to, linearly from the dataset's finite min/max
-            (``lo + (hi - lo) (r - r_min) / (r_max - r_min)``, one map for both columns).
-        round_digits: decimals of the written scores (``None``: no rounding).
-        max_length: truncation of prompt+completion, as in ``DPOConfig.max_length`` (``keep_start``). A response
-            with no completion token left gets a NaN score (``reward_augment_dataset`` then drops the pair).
+            (`lo + (hi - lo) (r - r_min) / (r_max - r_min)`, one map for both columns).
+        round_digits: decimals of the written scores (`None`: no rounding).
+        max_length: truncation of prompt+completion, as in `DPOConfig.max_length` (`keep_start`). A response
+            with no completion token left gets a NaN score (`reward_augment_dataset` then drops the pair).
         score_columns: the columns written (overwritten if present, with a warning).
         prompt_column, chosen_column, rejected_column: input column names.
-        model_init_kwargs: ``from_pretrained`` kwargs for models given as paths (default ``dtype=float32``).
+        model_init_kwargs: `from_pretrained` kwargs for models given as paths (default `dtype=float32`).
         device: where models loaded from paths go (default: CUDA if available, else CPU).
-        accelerator: an ``accelerate.Accelerator`` to shard the scoring over processes (rows are gathered back, every
-            process gets the full columns); ``None`` scores everything in this process.
+        accelerator: an `accelerate.Accelerator` to shard the scoring over processes (rows are gathered back, every
+            process gets the full columns); `None` scores everything in this process.
 
     Returns:
-        The dataset with ``score_chosen``/``score_rejected`` (the mapped scores) and ``implicit_reward_chosen`` /
-        ``implicit_reward_rejected`` (the raw ``β log π/π_ref``) added; rows, order and other columns unchanged.
+        The dataset with `score_chosen`/`score_rejected` (the mapped scores) and `implicit_reward_chosen` /
+        `implicit_reward_rejected` (the raw `β log π/π_ref`) added; rows, order and other columns unchanged.
 
-    Models you pass in are patched in place with ``trl.trainer.utils.add_fused_lm_head`` (unless already patched);
-    a patched model behaves as before when ``fused_lm_head`` is not passed.
+    Models you pass in are patched in place with `trl.trainer.utils.add_fused_lm_head` (unless already patched);
+    a patched model behaves as before when `fused_lm_head` is not passed.
     """
     from accelerate.utils import is_peft_model
     from datasets import Dataset
@@ -141,16 +141,12 @@ def implicit_reward_relabel(
         ensure_fused_lm_head(ref_model)
     run_device = next(model.parameters()).device
 
-    # Tokenize exactly like DPOTrainer does (on the prompts as they are: IRA scores the original pairs).
-    layout, _ = _detect_layout(dataset, prompt_column, chosen_column)
-    columns = [c for c in (prompt_column, chosen_column, rejected_column) if c in dataset.column_names]
-    rows = dataset.select_columns(columns)
-    tokenized = []
-    for i, row in enumerate(rows):
-        prompt, chosen, rejected = _split_row(
-            layout, row.get(prompt_column), row[chosen_column], row[rejected_column], i
-        )
-        tokenized.append(_tokenize_pair(tokenizer, prompt, chosen, rejected))
+    # Tokenize exactly like DPOTrainer does (on the prompts as they are: IRA scores the original pairs; implicit
+    # prompts are split with TRL's `extract_prompt`, as DPOTrainer does).
+    pairs = explicit_pairs(
+        dataset, prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column
+    )
+    tokenized = [_tokenize_pair(tokenizer, prompt, chosen, rejected) for prompt, chosen, rejected in pairs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = DataCollatorForPreference(pad_token_id=pad_id, max_length=max_length, truncation_mode="keep_start")
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import DPOConfig
+
+from ..data.relabel import AUGMENT_MODES, SYSTEM_ROLES, TIE_POLICIES, AugmentOptions
 
 __all__ = ["RewardAugmentedDPOConfig"]
 
@@ -16,7 +16,8 @@ __all__ = ["RewardAugmentedDPOConfig"]
 class RewardAugmentedDPOConfig(DPOConfig):
     r"""
     Configuration for [`RewardAugmentedDPOTrainer`]: every [`~trl.DPOConfig`] field plus the relabeling options below
-    (the arguments of `reward_augment_dataset`).
+    (the options of `reward_augment_dataset`, validated by one [`AugmentOptions`] object: the config and the function
+    accept the same values and raise the same messages).
 
     Data: preference pairs with one numeric score per response (`prompt`, `chosen`, `rejected`, `score_chosen`,
     `score_rejected`, the columns of `HuggingFaceH4/ultrafeedback_binarized`), standard or conversational, explicit or
@@ -27,7 +28,11 @@ class RewardAugmentedDPOConfig(DPOConfig):
     effective batch 128, seed 42 (and `label_smoothing=0.3` for Qwen2-7B-It / Gemma-2-9B-It). This config keeps
     DPOConfig's defaults (β = 0.1, lr 1e-6), which are tuned for TRL's examples; the paper's values are in
     `recipes/reward_augmented_dpo/`. Note that `augment_mode="both"` doubles the number of rows, so an epoch has twice
-    the steps; ratio-based warmup adapts, a fixed `max_steps` does not.
+    the steps; ratio-based warmup adapts, a fixed `max_steps` does not. `beta` must be > 0.
+
+    Length: the goal text is part of the prompt, so it counts against `max_length` (the default goal text is about
+    45-50 tokens with common BPE tokenizers). Rows whose prompt fills `max_length` are dropped by DPO; the trainer
+    counts and reports them (`augment/dropped_too_long`).
 
     Parameters:
         augment_mode (`str`, *optional*, defaults to `"both"`):
@@ -46,7 +51,8 @@ class RewardAugmentedDPOConfig(DPOConfig):
         score_range (`str`, `tuple` or `None`, *optional*, defaults to `None`):
             `None`: scores are goals on the 1-10 scale as they are (they must lie in [1, 10], as UltraFeedback's).
             `(lo, hi)` or `"lo,hi"`: linear map `1 + 9 (s - lo) / (hi - lo)` (scores outside raise). `"auto"`: the
-            same map with the training set's min/max (reward-model scores).
+            same map with the training set's min/max (reward-model scores). With `attribute_columns`, a dict
+            `{attribute: spec}` sets it per attribute.
         round_digits (`int` or `None`, *optional*, defaults to `2`):
             Decimals the goals are rounded to after rescaling (`None`: no rounding).
         goal_template (`str` or `None`, *optional*, defaults to `None`):
@@ -69,13 +75,12 @@ class RewardAugmentedDPOConfig(DPOConfig):
             inference goal) without doubling or swapping. `None` leaves evaluation prompts untouched.
     """
 
-    _VALID_MODES = ("both", "chosen_only")
-    _VALID_TIES = ("drop", "keep")
-    _VALID_SYSTEM_ROLES = ("auto", "system", "prefix")
-
     augment_mode: str = field(
         default="both",
-        metadata={"help": "'both' (RA: both goals, 2N rows) or 'chosen_only' (RA+: the chosen goal only, N rows)."},
+        metadata={
+            "help": "'both' (RA: both goals, 2N rows) or 'chosen_only' (RA+: the chosen goal only, N rows).",
+            "choices": list(AUGMENT_MODES),
+        },
     )
     augment_fraction: float = field(
         default=1.0,
@@ -84,7 +89,8 @@ class RewardAugmentedDPOConfig(DPOConfig):
     ties: str = field(
         default="drop",
         metadata={
-            "help": "Pairs with equal goal scores: 'drop' (paper's indicator reward) or 'keep' (released code)."
+            "help": "Pairs with equal goal scores: 'drop' (paper's indicator reward) or 'keep' (released code).",
+            "choices": list(TIE_POLICIES),
         },
     )
     score_chosen_column: str = field(default="score_chosen", metadata={"help": "Score column of the chosen response."})
@@ -106,7 +112,10 @@ class RewardAugmentedDPOConfig(DPOConfig):
     )
     system_role: str = field(
         default="auto",
-        metadata={"help": "Goal placement for conversational prompts: 'auto', 'system' or 'prefix'."},
+        metadata={
+            "help": "Goal placement for conversational prompts: 'auto', 'system' or 'prefix'.",
+            "choices": list(SYSTEM_ROLES),
+        },
     )
     attribute_columns: dict[str, Any] | str | None = field(
         default=None,
@@ -122,49 +131,23 @@ class RewardAugmentedDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.augment_mode not in self._VALID_MODES:
-            raise ValueError(f"augment_mode must be one of {self._VALID_MODES}, got {self.augment_mode!r}.")
-        if self.ties not in self._VALID_TIES:
-            raise ValueError(f"ties must be one of {self._VALID_TIES}, got {self.ties!r}.")
-        if self.system_role not in self._VALID_SYSTEM_ROLES:
-            raise ValueError(f"system_role must be one of {self._VALID_SYSTEM_ROLES}, got {self.system_role!r}.")
-        if not 0.0 < float(self.augment_fraction) <= 1.0:
-            raise ValueError(f"augment_fraction must be in (0, 1] (0.5 = Half-RA), got {self.augment_fraction!r}.")
-        if isinstance(self.score_range, str):
-            value = self.score_range.strip()
-            if value.lower() in ("", "none", "null"):
-                self.score_range = None
-            elif value.lower() == "auto":
-                self.score_range = "auto"
-            else:
-                parts = value.strip("()[]").split(",")
-                try:
-                    lo, hi = (float(p) for p in parts)
-                except ValueError as exc:
-                    raise ValueError(
-                        f"score_range must be None, 'auto' or 'lo,hi', got {self.score_range!r}."
-                    ) from exc
-                self.score_range = (lo, hi)
-        elif isinstance(self.score_range, (list, tuple)):
-            if len(self.score_range) != 2:
-                raise ValueError(f"score_range must have two values (lo, hi), got {self.score_range!r}.")
-            self.score_range = tuple(float(v) for v in self.score_range)
-        if isinstance(self.attribute_columns, str):
-            value = self.attribute_columns.strip()
-            self.attribute_columns = None if value.lower() in ("", "none", "null") else json.loads(value)
-        if self.attribute_columns is not None:
-            if not isinstance(self.attribute_columns, Mapping) or not self.attribute_columns:
-                raise ValueError(
-                    "attribute_columns must be a non-empty dict {name: [chosen column, rejected column]}, got "
-                    f"{self.attribute_columns!r}."
-                )
-            self.attribute_columns = {str(k): tuple(v) for k, v in self.attribute_columns.items()}
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0:
+            raise ValueError(
+                f"beta must be > 0 (the DPO KL coefficient; the paper uses 0.01), got {self.beta!r}: beta = 0 makes "
+                "the loss constant (nothing is learned) and a negative beta trains toward the rejected responses."
+            )
+        # One validation for the config and `reward_augment_dataset`: build the options object (same messages), then
+        # keep its normalised values (`score_range` as a float pair, `attribute_columns` as a dict of column pairs).
+        options = self.augment_options()
+        self.score_range = options.score_range
+        self.attribute_columns = options.attributes
 
-    def relabel_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``reward_augment_dataset`` these options stand for."""
-        return dict(
+    def augment_options(self) -> AugmentOptions:
+        """The [`AugmentOptions`] these fields stand for (validated); the trainer passes them to
+        `reward_augment_dataset`."""
+        return AugmentOptions(
             mode=self.augment_mode,
-            fraction=float(self.augment_fraction),
+            fraction=self.augment_fraction,
             ties=self.ties,
             score_columns=(self.score_chosen_column, self.score_rejected_column),
             score_range=self.score_range,
