@@ -53,9 +53,41 @@ def test_extreme_rewards_do_not_overflow():
     expected = softmax_by_hand([65536.0, 65535.0, -65536.0])  # = [e / (1 + e), 1 / (1 + e), 0]
     torch.testing.assert_close(w, torch.tensor(expected), rtol=1e-5, atol=1e-7)
     assert torch.isfinite(w).all()
-    # Huge ratios that overflow float32 in r / beta itself make the row invalid rather than NaN.
+
+
+def test_large_reward_offset_keeps_its_precision():
+    """r = 1e4 +- 1e-3, beta = 1e-3: (r_i - r_j) / beta = [0, -2] (to 4e-10), so w = softmax([1, -1]) =
+    [1 / (1 + e^-2), e^-2 / (1 + e^-2)] = [0.8807970779778823, 0.11920292202211755]. Rounding the rewards to float32
+    first (spacing 9.8e-4 at 1e4) would give [0.5, 0.5]."""
+    rewards = torch.tensor([1e4 + 1e-3, 1e4 - 1e-3], dtype=torch.float64)
+    e = math.exp(-2.0)
+    expected = torch.tensor([1.0 / (1.0 + e), e / (1.0 + e)])
+    w = var_weights(rewards, beta=1e-3)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w, torch.tensor([0.8807970779778823, 0.11920292202211755]), rtol=1e-6, atol=1e-7)
+    # The same with a reference term: softmax([0 - 1, -2 + 0]) = [1 / (1 + e^-1), e^-1 / (1 + e^-1)].
+    w = var_weights(rewards, beta=1e-3, ref_logps=torch.tensor([-1.0, 0.0], dtype=torch.float64))
+    e1 = math.exp(-1.0)
+    torch.testing.assert_close(w, torch.tensor([1.0 / (1.0 + e1), e1 / (1.0 + e1)]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(var_log_weights(rewards, 1e-3), torch.tensor([0.0, -2.0]), rtol=0, atol=1e-6)
+
+
+def test_r_over_beta_beyond_float32_keeps_the_best_row():
+    """r / beta = 3e41 overflows float32: the best row must keep its weight (it used to become invalid, weight 0)."""
     w = var_weights(torch.tensor([3e38, 1.0]), beta=1e-3)
-    assert w.tolist() == [0.0, 1.0]
+    assert w.tolist() == [1.0, 0.0]
+    # Two equal best rows share the weight; a row (1e36 - 5e35) / 1e-3 = 5e38 below them gets exactly 0.
+    w = var_weights(torch.tensor([1e36, 1e36, 5e35, float("nan")], dtype=torch.float64), beta=1e-3)
+    assert w.tolist() == [0.5, 0.5, 0.0, 0.0]
+    # A finite log-weight below the float32 range stays finite (valid row, weight 0), never -inf (= invalid row).
+    lw = var_log_weights(torch.tensor([1e36, -1e36], dtype=torch.float64), beta=1e-3)
+    assert lw[0] == 0.0 and lw[1] == torch.finfo(torch.float32).min
+    # The same with a reference term: r / beta + ref with r / beta ~ 1e41.
+    w = var_weights(
+        torch.tensor([1e38, 1e38], dtype=torch.float64), 1e-3, torch.tensor([-3.0, -1.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(w, torch.tensor(softmax_by_hand([-3.0, -1.0])), rtol=1e-6, atol=1e-8)
 
 
 def test_bad_beta_and_no_valid_row():

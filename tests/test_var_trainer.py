@@ -329,3 +329,415 @@ def test_iterable_dataset_without_known_features_is_not_rejected():
     check_float_column(IterableDataset.from_generator(gen), "reward", "fix")  # checked later, in the collator
     with pytest.raises(ValueError, match=r"no `reward` column \(columns: \['prompt'\]\)"):
         check_float_column(Dataset.from_dict({"prompt": ["a"]}), "reward", "fix")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rows dropped by truncation, empty datasets
+# ------------------------------------------------------------------------------------------------------------------
+
+LONG_PROMPT = "The cat and the dog and the bird sat on the red mat by the big blue door"
+
+
+def test_rows_left_without_completion_tokens_are_counted_and_warned(tiny_model_path, tmp_path, tiny_tokenizer):
+    prompt_len = len(tiny_tokenizer(LONG_PROMPT)["input_ids"])
+    short_len = max(len(tiny_tokenizer(p)["input_ids"]) for p in ROWS["prompt"])
+    assert prompt_len > short_len + 8
+    # Row 2 (the top reward) has a prompt that fills max_length: SFT's truncation would leave it fully masked.
+    rows = {
+        "prompt": [ROWS["prompt"][0], ROWS["prompt"][1], LONG_PROMPT, ROWS["prompt"][3]],
+        "completion": ROWS["completion"],
+        "reward": [0.0, 0.5, 9.0, 1.0],
+    }
+    eval_rows = {k: [v[2], v[0]] for k, v in rows.items()}
+    args = make_args(tmp_path, max_length=prompt_len, ref_weighting=False)
+    with pytest.warns(UserWarning) as record:
+        trainer = VARTrainer(
+            model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(rows),
+            eval_dataset=Dataset.from_dict(eval_rows),
+        )  # fmt: skip
+    messages = [str(w.message) for w in record]
+    want = (
+        f"VAR: 1 of 4 rows of the train dataset have no completion token left after truncation to "
+        f"`max_length={prompt_len}` (truncation_mode='keep_start') and are dropped: rows [2]. "
+        f"`max_length={prompt_len + 1}` would keep them"
+    )
+    assert any(want in m for m in messages), messages
+    assert any("1 of 2 rows of the eval dataset" in m and "rows [0]" in m for m in messages), messages
+    assert trainer.dropped_rows == {"train": 1, "eval": 1}
+    assert trainer.dropped_row_indices == {"train": [2], "eval": [0]}
+    assert len(trainer.train_dataset) == 3 and 9.0 not in trainer.train_dataset["reward"]
+    # With the suggested max_length the row is kept.
+    trainer = VARTrainer(
+        model=tiny_model_path,
+        args=make_args(tmp_path, max_length=prompt_len + 1, ref_weighting=False),
+        train_dataset=Dataset.from_dict(rows),
+    )
+    assert trainer.dropped_rows == {"train": 0} and len(trainer.train_dataset) == 4
+    # A later evaluate() dataset is counted too (once, although SFT prepares it a second time).
+    trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(ROWS))
+    with pytest.warns(UserWarning, match=r"1 of 2 rows of the held_out dataset"):
+        trainer.evaluate({"held_out": Dataset.from_dict(eval_rows)})
+    assert trainer.dropped_rows["held_out"] == 1
+
+
+def test_iterable_dataset_rows_without_completion_tokens_are_counted_once(tiny_model_path, tmp_path, tiny_tokenizer):
+    from datasets import IterableDataset
+
+    prompt_len = len(tiny_tokenizer(LONG_PROMPT)["input_ids"])
+    prompts = [LONG_PROMPT, *ROWS["prompt"][1:]]
+
+    def gen():
+        for p, c, r in zip(prompts, ROWS["completion"], ROWS["reward"]):
+            yield {"prompt": p, "completion": c, "reward": r}
+
+    args = make_args(tmp_path, max_length=prompt_len, ref_weighting=False, max_steps=3)
+    with pytest.warns(
+        UserWarning,
+        match=rf"VAR: row 0 of the train dataset has no completion token within `max_length={prompt_len}` "
+        rf"\(truncation_mode='keep_start'\) and is dropped; `max_length={prompt_len + 1}` would keep it",
+    ):
+        trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=IterableDataset.from_generator(gen))
+        trainer.train()  # 3 steps of 2 rows: the 3 kept rows are read twice (2 epochs of the stream)
+    assert trainer.dropped_rows == {"train": 1} and trainer.dropped_row_indices == {"train": [0]}
+
+
+def test_every_row_dropped_names_max_length(tiny_model_path, tmp_path, tiny_tokenizer):
+    longest = max(len(tiny_tokenizer(p)["input_ids"]) for p in ROWS["prompt"])
+    with pytest.raises(
+        ValueError,
+        match=rf"No row of the train dataset keeps a completion token: all 4 rows would be dropped \(truncation to "
+        rf"`max_length=2`.*Raise `max_length` to at least {longest + 1} or set `max_length=None`",
+    ):
+        with pytest.warns(UserWarning, match=r"have no completion token left"):
+            VARTrainer(
+                model=tiny_model_path, args=make_args(tmp_path, max_length=2), train_dataset=Dataset.from_dict(ROWS)
+            )
+
+
+def test_empty_datasets_are_refused(tiny_model_path, tmp_path):
+    empty = Dataset.from_dict({"prompt": [], "completion": [], "reward": []})
+    with pytest.raises(ValueError, match=r"The train dataset is empty \(0 rows\)"):
+        VARTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=empty)
+    with pytest.raises(ValueError, match=r"The eval dataset is empty \(0 rows\)"):
+        VARTrainer(
+            model=tiny_model_path, args=make_args(tmp_path), train_dataset=Dataset.from_dict(ROWS), eval_dataset=empty
+        )
+    with pytest.raises(ValueError, match=r"The eval 'test' dataset is empty \(0 rows\)"):
+        VARTrainer(
+            model=tiny_model_path, args=make_args(tmp_path), train_dataset=Dataset.from_dict(ROWS),
+            eval_dataset={"test": empty},
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Inherited options VAR does not honour, compute_metrics, single-row normaliser
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("loss_type", "dft"),
+        ("completion_only_loss", False),
+        ("packing_strategy", "wrapped"),
+        ("eval_packing", True),
+        ("dataset_text_field", "content"),
+        ("label_smoothing_factor", 0.1),
+        ("router_aux_loss_coef", 0.01),
+    ],
+)
+def test_unsupported_sft_options_are_refused(name, value):
+    with pytest.raises(
+        ValueError, match=rf"VARConfig.{name}={value!r} is not supported: .*Leave `{name}` at its default"
+    ):
+        VARConfig(**cpu_args(output_dir="x", **{name: value}))
+
+
+def test_supported_non_default_sft_options_and_choices():
+    import dataclasses
+
+    args = VARConfig(
+        **cpu_args(output_dir="x", completion_only_loss=True, eval_packing=False, router_aux_loss_coef=0.0)
+    )
+    assert args.completion_only_loss is True
+    z_scope = next(f for f in dataclasses.fields(VARConfig) if f.name == "z_scope")
+    assert z_scope.metadata["choices"] == ["step", "micro_batch"]
+
+
+def test_assistant_only_loss_is_honoured(tiny_model_path, tmp_path):
+    ds = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p}] for p in ROWS["prompt"]],
+            "completion": [[{"role": "assistant", "content": c.strip()}] for c in ROWS["completion"]],
+            "reward": ROWS["reward"],
+        }
+    )
+    plain = VARTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=ds)
+    args = make_args(tmp_path, assistant_only_loss=True)
+    trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=ds)
+    # The chat template's newline after <|im_end|> is not an assistant token: it leaves the labels (and ref_logps).
+    assert plain.train_dataset[0]["labels"][-1] != -100 and trainer.train_dataset[0]["labels"][-1] == -100
+    assert all(a > b for a, b in zip(trainer.train_dataset["ref_logps"], plain.train_dataset["ref_logps"]))
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+@pytest.mark.parametrize("name", ["compute_metrics", "preprocess_logits_for_metrics"])
+def test_metrics_from_logits_are_refused(tiny_model_path, tmp_path, name):
+    with pytest.raises(
+        ValueError, match=rf"VARTrainer does not support `{name}`: its forward runs TRL's fused LM head"
+    ):
+        VARTrainer(
+            model=tiny_model_path, args=make_args(tmp_path), train_dataset=Dataset.from_dict(ROWS),
+            **{name: lambda *a: {}},
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("bs,ga,z_scope", [(1, 1, "step"), (1, 4, "micro_batch")])
+def test_single_row_normaliser_warns(tiny_model_path, tmp_path, bs, ga, z_scope):
+    args = make_args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, z_scope=z_scope)
+    with pytest.warns(UserWarning, match=r"VAR normalises its weights over a single row .* training is plain SFT"):
+        VARTrainer(model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(ROWS))
+
+
+def test_no_single_row_warning_for_a_real_normaliser(tiny_model_path, tmp_path):
+    import warnings
+
+    args = make_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        VARTrainer(model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(ROWS))
+    assert not [w for w in record if "single row" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Weight precision in the trainer (rewards reach the weights in float64)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_large_reward_offset_precision_in_training_and_eval(tiny_model_path, tmp_path):
+    rows = {"prompt": ROWS["prompt"][:2], "completion": ROWS["completion"][:2], "reward": [1e4 + 1e-3, 1e4 - 1e-3]}
+    args = make_args(tmp_path, beta=1e-3, ref_weighting=False, per_device_train_batch_size=2)
+    trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(rows))
+    e = math.exp(-2.0)
+    w = [1 / (1 + e), e / (1 + e)]  # softmax([1, -1]) = [0.8807970779778823, 0.11920292202211755]
+    assert trainer.evaluate(Dataset.from_dict(rows))["eval_var/max_weight"] == pytest.approx(w[0], rel=1e-6)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["var/max_weight"] == pytest.approx(w[0], rel=1e-6)
+    assert log["var/ess"] == pytest.approx(1 / (w[0] ** 2 + w[1] ** 2), rel=1e-6)
+    assert log["var/weighted_reward"] == pytest.approx(w[0] * (1e4 + 1e-3) + w[1] * (1e4 - 1e-3), rel=1e-12)
+
+
+def test_r_over_beta_beyond_float32_keeps_the_best_row_in_training(tiny_model_path, tmp_path):
+    rows = {"prompt": ROWS["prompt"][:2], "completion": ROWS["completion"][:2], "reward": [1e36, 5e35]}
+    args = make_args(tmp_path, beta=1e-3, ref_weighting=False, per_device_train_batch_size=2)
+    trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(rows))
+    trainer.train()
+    log = trainer.state.log_history[0]
+    # (5e35 - 1e36) / 1e-3 = -5e38: weights exactly [1, 0]; no row is skipped.
+    assert log["var/rows_skipped"] == 0 and log["var/max_weight"] == 1.0
+    assert log["var/weighted_reward"] == pytest.approx(1e36, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cumulative metrics across resume
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_cumulative_metrics_continue_after_resume(tiny_model_path, tmp_path):
+    ds = Dataset.from_dict({**ROWS, "reward": [1.0, float("nan"), None, 2.0]})
+    common = dict(per_device_train_batch_size=4, ref_weighting=False, save_strategy="steps", save_steps=2)
+    first = VARTrainer(model=tiny_model_path, args=make_args(tmp_path, max_steps=2, **common), train_dataset=ds)
+    first.train()
+    logs = [h for h in first.state.log_history if "loss" in h]
+    per_step = logs[0]["num_tokens"]
+    assert [h["num_tokens"] for h in logs] == [per_step, 2 * per_step]
+    assert [h["var/rows_skipped"] for h in logs] == [2, 4]
+    resumed = VARTrainer(model=tiny_model_path, args=make_args(tmp_path, max_steps=4, **common), train_dataset=ds)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    new = [h for h in resumed.state.log_history if "loss" in h and h["step"] > 2]
+    assert [h["step"] for h in new] == [3, 4]
+    assert [h["num_tokens"] for h in new] == [3 * per_step, 4 * per_step]
+    assert [h["var/rows_skipped"] for h in new] == [6, 8]
+    # resume_from_checkpoint=True picks the last checkpoint (checkpoint-4) the same way.
+    again = VARTrainer(model=tiny_model_path, args=make_args(tmp_path, max_steps=5, **common), train_dataset=ds)
+    again.train(resume_from_checkpoint=True)
+    assert [h["var/rows_skipped"] for h in again.state.log_history if "loss" in h and h["step"] == 5] == [10]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bool rewards
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_bool_rewards_are_refused(tiny_model_path, tmp_path):
+    ds = Dataset.from_dict({**ROWS, "reward": [True, False, True, False]})
+    with pytest.raises(ValueError, match=r"Column `reward` holds booleans .*\(a bool is not read as 1/0\)"):
+        VARTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=ds)
+
+
+def test_bool_rewards_in_an_iterable_dataset_are_refused_by_the_collator(tiny_model_path, tmp_path):
+    from datasets import IterableDataset
+
+    def gen():
+        for p, c in zip(ROWS["prompt"], ROWS["completion"]):
+            yield {"prompt": p, "completion": c, "reward": True}
+
+    args = make_args(tmp_path, ref_weighting=False)
+    trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=IterableDataset.from_generator(gen))
+    with pytest.raises(
+        ValueError, match=r"Column `reward`, row 0 of a batch: reward True \(bool\) is not a number; give a float"
+    ):
+        trainer.train()
+
+
+def test_collator_refuses_numpy_and_tensor_bools():
+    import numpy as np
+
+    from trl_rewardweighted.trainers.var_trainer import DataCollatorForVAR
+
+    collate = DataCollatorForVAR(lambda examples: {}, "score")
+    for value in (np.bool_(True), torch.tensor(False)):
+        with pytest.raises(ValueError, match=r"Column `score`, row 1 of a batch: reward (True|False) \(bool\)"):
+            collate([{"score": 1.0}, {"score": value}])
+    batch = collate([{"score": 1e4 + 1e-3, "ref_logps": -3.0}, {"score": None, "ref_logps": -1.0}])
+    assert batch["rewards"].dtype == torch.float64 and batch["rewards"][0].item() == 1e4 + 1e-3
+    assert math.isnan(batch["rewards"][1].item()) and batch["ref_logps"].tolist() == [-3.0, -1.0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reference: a pretrained adapter, a model id
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_reference_of_a_pretrained_adapter_is_the_policy_with_adapters(tiny_model_path, tmp_path, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+    )
+    policy = get_peft_model(base, lora)
+    pairs = list(zip(ROWS["prompt"], ROWS["completion"]))
+    with torch.no_grad():
+        with_adapter = [manual_completion_logps(policy, tiny_tokenizer, p, c) for p, c in pairs]
+        with policy.disable_adapter():
+            without = [manual_completion_logps(policy, tiny_tokenizer, p, c) for p, c in pairs]
+    assert max(abs(a - b) for a, b in zip(with_adapter, without)) > 1e-2  # the adapter is not the identity
+    trainer = VARTrainer(model=policy, args=make_args(tmp_path), train_dataset=Dataset.from_dict(ROWS))
+    assert list(trainer.train_dataset["ref_logps"]) == pytest.approx(with_adapter, abs=1e-4)
+    assert not trainer._var_base_is_reference
+    trainer.train()
+    # After training, the base model is not the starting policy: no reference for a new eval dataset.
+    with pytest.raises(ValueError, match=r"has no `ref_logps` column, and the reference is no longer available"):
+        trainer.evaluate(Dataset.from_dict(ROWS))
+
+
+def test_ref_model_id_is_loaded_with_model_init_kwargs(tiny_model_path, tmp_path, monkeypatch):
+    import trl.trainer.utils
+
+    from trl_rewardweighted.testing import build_tiny_model
+
+    other_path = build_tiny_model(tmp_path / "other", seed=123)
+    calls = []
+    original = trl.trainer.utils.create_model_from_path
+
+    def spy(path, **kwargs):
+        calls.append((path, kwargs))
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(trl.trainer.utils, "create_model_from_path", spy)
+    args = make_args(tmp_path, model_init_kwargs={"dtype": "float32"})
+    trainer = VARTrainer(model=tiny_model_path, ref_model=other_path, args=args, train_dataset=Dataset.from_dict(ROWS))
+    assert calls == [(other_path, {"dtype": "float32", "trust_remote_code": False})]
+    assert trainer._var_ref_model is None  # released after the pre-pass
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rows repeated by even_batches, signature columns, tensor-parallel token count
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_even_batches_repeats_rule():
+    from trl_rewardweighted.trainers.var_trainer import even_batches_repeats
+
+    # 2 processes x 2 rows, 3 real rows: the global batch is [r0, r1 | r2, repeat].
+    assert even_batches_repeats(2, 0, 3).tolist() == [False, False]
+    assert even_batches_repeats(2, 1, 3).tolist() == [False, True]
+    # 1 real row: process 1 holds only repeats, process 0 one.
+    assert even_batches_repeats(2, 0, 1).tolist() == [False, True]
+    assert even_batches_repeats(2, 1, 1).tolist() == [True, True]
+
+
+@pytest.mark.parametrize("z_scope", ["step", "micro_batch"])
+def test_repeated_rows_leave_the_normaliser(tiny_model_path, tmp_path, monkeypatch, z_scope):
+    """The last micro-batch's repeats (as `_even_batches_repeats` reports them with several processes) get weight 0,
+    are not counted as skipped, and the other rows are normalised without them."""
+    args = make_args(tmp_path, ref_weighting=False, z_scope=z_scope)
+    trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(ROWS))
+    monkeypatch.setattr(trainer, "_even_batches_repeats", lambda n: torch.tensor([False] * (n - 1) + [True]))
+    labels = torch.tensor([[-100, 5, 6]] * 2)
+    batches = [
+        {"labels": labels, "rewards": torch.tensor([0.0, 1.0], dtype=torch.float64)},
+        {"labels": labels, "rewards": torch.tensor([2.0, 3.0], dtype=torch.float64)},  # 3.0 is a repeat
+    ]
+    trainer._assign_step_weights(batches)
+    if z_scope == "step":
+        w = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
+        expected = [w[:2].tolist(), [w[2].item(), 0.0]]
+    else:
+        expected = [torch.softmax(torch.tensor([0.0, 1.0]), 0).tolist(), [1.0, 0.0]]
+    for batch, want in zip(batches, expected):
+        torch.testing.assert_close(batch["var_weights"], torch.tensor(want), rtol=1e-6, atol=1e-7)
+    assert trainer._metrics["train"]["var/rows_skipped"] == [0.0]
+    # A micro-batch of repeats only (micro_batch scope) gets zero weights, no error.
+    monkeypatch.setattr(trainer, "_even_batches_repeats", lambda n: torch.ones(n, dtype=torch.bool))
+    if z_scope == "micro_batch":
+        last = [{"labels": labels, "rewards": torch.tensor([2.0, 3.0], dtype=torch.float64)}]
+        trainer._assign_step_weights(last)
+        assert last[0]["var_weights"].tolist() == [0.0, 0.0]
+
+
+def test_uneven_last_batch_single_process(tiny_model_path, tmp_path):
+    """One process: the last batch of 5 rows / bs 2 holds the 5th row alone (remainder 1), nothing is masked."""
+    rows = {k: v + v[:1] for k, v in ROWS.items()}
+    args = make_args(tmp_path, ref_weighting=False, max_steps=-1, num_train_epochs=1)
+    trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(rows))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and logs[-1]["var/max_weight"] == 1.0 and logs[-1]["var/rows_skipped"] == 0
+
+
+def test_signature_columns_extend_sft(tiny_model_path, tmp_path, monkeypatch):
+    from trl import SFTTrainer
+
+    trainer = VARTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=Dataset.from_dict(ROWS))
+
+    def sft_columns(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids", "labels", "seq_lengths", "new_sft_column"]
+
+    monkeypatch.setattr(SFTTrainer, "_set_signature_columns_if_needed", sft_columns)
+    trainer._signature_columns = None
+    trainer._set_signature_columns_if_needed()
+    assert trainer._signature_columns == [
+        "input_ids",
+        "labels",
+        "seq_lengths",
+        "new_sft_column",
+        "reward",
+        "ref_logps",
+    ]
+
+
+def test_num_tokens_divides_by_tensor_parallel_size(tiny_model_path, tmp_path):
+    counts = []
+    for tp in (1, 2):
+        args = make_args(tmp_path / str(tp), ref_weighting=False)
+        trainer = VARTrainer(model=tiny_model_path, args=args, train_dataset=Dataset.from_dict(ROWS))
+        trainer._tp_size = tp
+        trainer.train()
+        counts.append(trainer.state.log_history[0]["num_tokens"])
+    assert counts[0] > 0 and counts[1] == counts[0] // 2

@@ -1,7 +1,7 @@
 """The math of the three methods as pure tensor functions.
 
-Tensors in, tensors out: no model, no Trainer, no I/O. Everything here runs in float32 and in log space
-(``softmax`` / ``logsumexp``); ``exp(r / beta)`` is never formed. Rewards, reference log-probabilities and the
+Tensors in, tensors out: no model, no Trainer, no I/O. Everything here runs in float32 (the VAR log-weights are centred
+in float64 first) and in log space (``softmax`` / ``logsumexp``); ``exp(r / beta)`` is never formed. Rewards, reference log-probabilities and the
 weights derived from them are constants (no gradient flows through them); only ``policy_logps`` carries a graph.
 
 See ``docs/ALGORITHMS.md`` (shared spec) sections 1, 2 and 6 for the derivations and the defaults.
@@ -39,31 +39,63 @@ def var_log_weights(
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unnormalised VAR log-weights ``r_i / beta + log pi_ref(y_i|x_i)``, ``-inf`` on invalid rows.
+    """Centred VAR log-weights `r_i / beta + log pi_ref(y_i|x_i) - c`, `-inf` on rows outside the normaliser.
 
-    A row is invalid when its reward or reference log-prob is not finite, or when ``mask`` is False there (e.g. an
-    empty completion or a padding row). The result is float32 and detached. It is what the trainer gathers across
-    micro-batches and processes before a single softmax (``z_scope="step"``).
+    A row is invalid when its reward or reference log-prob is not finite, or when `mask` is `False` there (e.g. an
+    empty completion, a padding row, or a row repeated by accelerate's `even_batches`). The constant `c` (the largest
+    log-weight of a valid row, which therefore gets `0`) does not change the softmax. The arithmetic runs in float64,
+    dividing `r - max(r)` rather than `r` by `beta`, so neither a large common reward offset nor an `r / beta` beyond
+    the float32 range loses the differences that set the weights.
+
+    Args:
+        rewards (`torch.Tensor`):
+            Rewards of shape `(B,)`, any float dtype (pass float64 to keep rewards with a large offset exact).
+        beta (`float`):
+            Temperature `> 0` of the weights.
+        ref_logps (`torch.Tensor` or `None`, *optional*):
+            Summed reference log-probs of shape `(B,)`; `None` leaves out the reference term.
+        mask (`torch.Tensor` or `None`, *optional*):
+            Boolean `(B,)`; `False` rows are left out.
+
+    Returns:
+        `torch.Tensor`: Float32 `(B,)`, detached; finite on every valid row (a log-weight below the float32 range is
+        clamped to the float32 minimum, a weight of 0 after the softmax) and `-inf` exactly on invalid rows. The
+        trainer feeds it to a single softmax over the normalisation batch.
+
+    Example:
+
+    ```python
+    >>> var_log_weights(torch.tensor([1e4 + 1e-3, 1e4 - 1e-3], dtype=torch.float64), beta=1e-3)
+    tensor([ 0., -2.])
+    ```
     """
     if not beta > 0:  # also catches NaN
         raise ValueError(f"`beta` must be > 0, got {beta}. It is the KL coefficient (temperature) of the VAR weights.")
     _check_1d("rewards", rewards)
-    log_e = rewards.detach().float() / float(beta)
-    valid = torch.isfinite(log_e)
+    r = rewards.detach().to(torch.float64)
+    valid = torch.isfinite(r)
+    ref = None
     if ref_logps is not None:
         _check_1d("ref_logps", ref_logps)
         if ref_logps.shape != rewards.shape:
             raise ValueError(
                 f"`ref_logps` has shape {tuple(ref_logps.shape)} but `rewards` has shape {tuple(rewards.shape)}."
             )
-        ref = ref_logps.detach().float().to(log_e.device)
+        ref = ref_logps.detach().to(device=r.device, dtype=torch.float64)
         valid &= torch.isfinite(ref)
-        log_e = log_e + torch.where(valid, ref, torch.zeros_like(ref))
     if mask is not None:
-        valid &= mask.to(device=log_e.device, dtype=torch.bool)
-    # Both terms finite does not guarantee a finite sum (r/beta can overflow to inf for tiny beta).
-    valid &= torch.isfinite(log_e)
-    return log_e.masked_fill(~valid, float("-inf"))
+        valid &= mask.to(device=r.device, dtype=torch.bool)
+    log_e = torch.full_like(r, float("-inf"))
+    if valid.any():
+        zeros = torch.zeros_like(r)
+        r = torch.where(valid, r, zeros)
+        # Centre before dividing: r / beta may overflow even float64 for a tiny beta, r - max(r) never does.
+        x = (r - r[valid].max()) / float(beta)
+        if ref is not None:
+            x = x + torch.where(valid, ref, zeros)
+        x = x - x[valid].max()  # the best row gets exactly 0
+        log_e = torch.where(valid, x.clamp(min=torch.finfo(torch.float32).min), log_e)
+    return log_e.to(torch.float32)
 
 
 def var_weights(
@@ -72,14 +104,35 @@ def var_weights(
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """VAR weights ``w = softmax(rewards / beta + ref_logps)`` over a 1-D batch (ALGORITHMS.md 1.4).
+    """VAR weights `w = softmax(rewards / beta + ref_logps)` over a 1-D batch (see `docs/var.md`).
 
-    ``ref_logps=None`` gives ``softmax(rewards / beta)`` (reward-weighted regression, ``ref_weighting=False``).
-    Rows whose reward or reference log-prob is not finite, or where ``mask`` is False, get weight exactly 0 and the
-    others still sum to 1. Float32, no gradient.
+    `ref_logps=None` gives `softmax(rewards / beta)` (reward-weighted regression, `ref_weighting=False`). Rows whose
+    reward or reference log-prob is not finite, or where `mask` is `False`, get weight exactly 0 and the others still
+    sum to 1. The log-weights are centred in float64 (see [`var_log_weights`]), so rewards with a large common offset
+    or an `r / beta` beyond the float32 range keep their exact weights.
+
+    Args:
+        rewards (`torch.Tensor`):
+            Rewards of shape `(B,)`.
+        beta (`float`):
+            Temperature `> 0`.
+        ref_logps (`torch.Tensor` or `None`, *optional*):
+            Summed reference log-probs of shape `(B,)`.
+        mask (`torch.Tensor` or `None`, *optional*):
+            Boolean `(B,)`; `False` rows get weight 0.
+
+    Returns:
+        `torch.Tensor`: Float32 weights of shape `(B,)`, no gradient.
 
     Raises:
-        ValueError: if ``beta <= 0`` or if no row is valid.
+        `ValueError`: if `beta <= 0` or if no row is valid.
+
+    Example:
+
+    ```python
+    >>> var_weights(torch.tensor([1e4 + 1e-3, 1e4 - 1e-3], dtype=torch.float64), beta=1e-3)  # softmax([1, -1])
+    tensor([0.8808, 0.1192])
+    ```
     """
     log_e = var_log_weights(rewards, beta, ref_logps, mask)
     if not torch.isfinite(log_e).any():
@@ -97,10 +150,11 @@ def var_loss(
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """VAR loss ``-(var_weights(rewards, beta, ref_logps) * policy_logps).sum()`` (ALGORITHMS.md 1.4, Eq. 21).
+    """VAR loss `-(var_weights(rewards, beta, ref_logps, mask) * policy_logps).sum()` (Eq. 21 of arXiv 2502.11026).
 
-    ``policy_logps`` are summed completion log-probs of shape (B,); the gradient flows only through them. Rows with
-    weight 0 contribute exactly 0 (even if their log-prob is not finite), so the loss is never NaN.
+    `policy_logps` are summed completion log-probs of shape `(B,)`; the gradient flows only through them. Rows with
+    weight 0 contribute exactly 0 (even if their log-prob is not finite), so the loss is never NaN. The other
+    arguments are those of [`var_weights`].
     """
     _check_1d("policy_logps", policy_logps)
     w = var_weights(rewards, beta, ref_logps, mask).to(policy_logps.device)
@@ -108,7 +162,8 @@ def var_loss(
 
 
 def weighted_nll(policy_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``-(weights * policy_logps).sum()`` in float32, with exact zeros where the weight is 0."""
+    """`-(weights * policy_logps).sum()` in float32, with exact zeros where the weight is 0 (so a non-finite
+    log-prob of a zero-weight row never makes the loss NaN)."""
     logp = policy_logps.float()
     contrib = torch.where(weights > 0, weights.detach().float() * logp, torch.zeros_like(logp))
     return -contrib.sum()
@@ -182,19 +237,35 @@ def vcb_loss(
     sigma_eps_rel: float = 1e-6,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """VCB loss (Eq. 19-20 of arXiv 2402.16030; ALGORITHMS.md section 2).
+    """VCB loss (Eqs. 19-20 of arXiv 2402.16030; the user guide is `docs/vcb.md`).
 
-    Inputs are ``(G, n)``: G prompt groups of n completions (``mask`` marks real completions when groups have
-    different sizes; non-finite rewards or reference log-probs also make an entry invalid). Per group:
+    Inputs are `(G, n)`: G prompt groups of n completions (`mask` marks real completions when groups have different
+    sizes; non-finite rewards or reference log-probs also make an entry invalid). Per group:
 
-    - ``sigma``: population std of the valid rewards (``pair_mode="appendix"``: unbiased std, as ``torch.std``);
-      when ``sigma <= sigma_eps_abs + sigma_eps_rel * max|r|`` the normalised reward gaps are 0 (no division by ~0);
-    - ``s_i = gamma * (logp_i - ref_i) - r_i / sigma``; ``l_ij = (s_i - s_j) ** 2``;
-    - ``"paper"``: ``lam * logsumexp_{j >= i}(l_ij / lam)`` (Eq. 20, diagonal included);
-      ``"appendix"``: ``lam * logsumexp_{all i, j}(l_ij / (2 lam))`` (the Appendix A.4 code).
+    - `sigma`: population std of the valid rewards (`pair_mode="appendix"`: unbiased std, as `torch.std`); when
+      `sigma <= sigma_eps_abs + sigma_eps_rel * max|r|` the normalised reward gaps are 0 (no division by ~0);
+    - `s_i = gamma * (logp_i - ref_i) - r_i / sigma`; `l_ij = (s_i - s_j) ** 2`;
+    - `"paper"`: `lam * logsumexp_{j >= i}(l_ij / lam)` (Eq. 20, diagonal included);
+      `"appendix"`: `lam * logsumexp_{all i, j}(l_ij / (2 lam))` (the Appendix A.4 code).
 
-    ``reduction="mean"`` averages over groups with at least 2 valid completions (0 with a graph if none);
-    ``"sum"`` sums them; ``"none"`` returns the (G,) per-group losses with 0 for skipped groups.
+    Every pair term is `exp(l / lam) >= 1`, so the loss of a group with k valid completions is never below
+    `lam * log(P)`, P the number of pairs: `k (k + 1) / 2` in `"paper"` mode, `k ** 2` in `"appendix"` mode. It
+    equals that value exactly at calibration (all `s_i` equal); it is not 0 there.
+
+    `reduction="mean"` averages over groups with at least 2 valid completions (0 with a graph if none); `"sum"` sums
+    them; `"none"` returns the (G,) per-group losses with 0 for skipped groups.
+
+    Example:
+
+    ```python
+    >>> import math, torch
+    >>> from trl_rewardweighted.losses import vcb_loss
+    >>> rewards = torch.tensor([[0.0, 1.0, 2.0]])  # population sigma = sqrt(2/3)
+    >>> ref = torch.zeros(1, 3)
+    >>> policy = (rewards - 1.0) / (2 / 3) ** 0.5 / 0.5  # gamma * log-ratio = normalised reward: calibrated
+    >>> round(vcb_loss(policy, ref, rewards, gamma=0.5).item(), 5) == round(math.log(6), 5)  # 3 * 4 / 2 pairs
+    True
+    ```
     """
     if not gamma > 0:
         raise ValueError(f"`gamma` must be > 0, got {gamma}.")
@@ -238,10 +309,10 @@ def vcb_pair_stats(
 
     Returns sums and counts (so they can be gathered across processes and averaged exactly):
 
-    - ``calib_abs_sum``: sum over pairs of ``|gamma * (dlogratio_ij) - (r_i - r_j) / sigma|``;
-    - ``agree_sum`` / ``agree_count``: pairs with distinct rewards where the log-ratio gap has the same sign as the
+    - `calib_abs_sum`: sum over pairs of `|gamma * (dlogratio_ij) - (r_i - r_j) / sigma|` (0 at calibration);
+    - `agree_sum` / `agree_count`: pairs with distinct rewards where the log-ratio gap has the same sign as the
       reward gap (pair-order agreement, the misalignment check of Appendix A.5);
-    - ``num_pairs``, ``sigma_sum``, ``num_groups`` (groups with >= 2 valid completions).
+    - `num_pairs`, `sigma_sum`, `num_groups` (groups with >= 2 valid completions).
     """
     logp, ref, r, valid = _vcb_prepare(policy_logps, ref_logps, rewards, mask)
     rn, sigma = _vcb_normalised_rewards(r, valid, pair_mode == "appendix", sigma_eps_abs, sigma_eps_rel)

@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
 __all__ = ["VARConfig"]
+
+VAR_Z_SCOPES = ("step", "micro_batch")
+
+
+def _sft_default(name: str):
+    """The default of an inherited [`~trl.SFTConfig`] field, read from the dataclass (never copied here)."""
+    for f in dataclasses.fields(SFTConfig):
+        if f.name == name:
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    raise KeyError(name)
+
+
+# Inherited SFT options VAR does not honour, with the reason. A value other than SFTConfig's default is refused (the
+# exceptions, values VAR does honour, are in `_ALLOWED_NON_DEFAULT`). Every other SFTConfig / TrainingArguments field is
+# honoured as in SFTTrainer (see the class docstring for the ones that have no effect on VAR's loss).
+_UNSUPPORTED_SFT_FIELDS = {
+    "loss_type": "VAR's loss is the reward-weighted NLL -sum_i w_i log pi(y_i|x_i); SFT's alternative token losses "
+    "('dft') are not applied",
+    "completion_only_loss": "VAR weights log pi(completion | prompt): the loss and the reference log-probs must cover "
+    "the completion tokens only",
+    "packing": "packing concatenates rows into one sequence and drops the reward column, so each completion's log-prob "
+    "and weight can no longer be told apart",
+    "packing_strategy": "it only applies with packing, which VAR does not support",
+    "padding_free": "VAR needs one summed log-prob per row",
+    "eval_packing": "packing concatenates rows and drops the reward column (evaluation too)",
+    "dataset_text_field": "VAR reads prompt/completion rows; the text field of language-modeling datasets is not used",
+    "label_smoothing_factor": "VAR's loss is the reward-weighted NLL; label smoothing is not applied",
+    "router_aux_loss_coef": "VAR does not add the Mixture-of-Experts router auxiliary loss",
+}
+# Non-default values of the fields above that VAR does honour.
+_ALLOWED_NON_DEFAULT = {
+    "completion_only_loss": (True,),
+    "eval_packing": (False,),
+    "router_aux_loss_coef": (0.0,),
+}
 
 
 @dataclass
@@ -43,9 +79,18 @@ class VARConfig(SFTConfig):
         precompute_ref_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Batch size of the one-off reference pass that fills the `ref_logps` column before training. `None` uses
             `per_device_eval_batch_size`.
+
+    Inherited SFT options that VAR does not honour are refused when set to anything but their [`~trl.SFTConfig`]
+    default: `loss_type` (VAR has its own loss), `completion_only_loss=False` (the weights and the loss are over the
+    completion tokens), `packing`, `packing_strategy`, `padding_free`, `eval_packing=True` (one summed log-prob per row
+    is needed), `dataset_text_field` (VAR reads prompt/completion rows), `label_smoothing_factor`, and
+    `router_aux_loss_coef` other than `0.0` (VAR does not add the MoE auxiliary loss). `assistant_only_loss`,
+    `max_length`, `truncation_mode`, `use_liger_kernel` (layer kernels only, as in SFT), `activation_offloading`,
+    `chat_template_path`, `eos_token`, `pad_token` and the data options work as in SFT.
+    `average_tokens_across_devices` has no effect: the loss is a weighted sum over rows, not a token mean.
     """
 
-    _VALID_Z_SCOPES = ("step", "micro_batch")
+    _VALID_Z_SCOPES = VAR_Z_SCOPES
 
     beta: float = field(
         default=1.0,
@@ -62,7 +107,8 @@ class VARConfig(SFTConfig):
     z_scope: str = field(
         default="step",
         metadata={
-            "help": "Softmax normaliser scope: 'step' (all micro-batches and processes of a step) or 'micro_batch'."
+            "help": "Softmax normaliser scope: 'step' (all micro-batches and processes of a step) or 'micro_batch'.",
+            "choices": list(VAR_Z_SCOPES),
         },
     )
     length_normalize: bool = field(
@@ -84,13 +130,9 @@ class VARConfig(SFTConfig):
             )
         if self.z_scope not in self._VALID_Z_SCOPES:
             raise ValueError(f"VARConfig.z_scope must be one of {self._VALID_Z_SCOPES}, got {self.z_scope!r}.")
-        if self.packing:
-            raise ValueError(
-                "VARConfig.packing=True is not supported: packing concatenates rows into one sequence and drops the "
-                "reward column, so each completion's log-prob and weight can no longer be told apart. Set packing=False."
-            )
-        if self.padding_free:
-            raise ValueError(
-                "VARConfig.padding_free=True is not supported: VAR needs one summed log-prob per row. Set "
-                "padding_free=False."
-            )
+        for name, why in _UNSUPPORTED_SFT_FIELDS.items():
+            value, default = getattr(self, name), _sft_default(name)
+            if value != default and value not in _ALLOWED_NON_DEFAULT.get(name, ()):
+                raise ValueError(
+                    f"VARConfig.{name}={value!r} is not supported: {why}. Leave `{name}` at its default ({default!r})."
+                )

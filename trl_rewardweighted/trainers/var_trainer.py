@@ -1,19 +1,26 @@
 """VAR: reward-weighted SFT from the variational view of RLHF (arXiv 2502.11026).
 
-The loss is ``-sum_i w_i log pi_theta(y_i|x_i)`` with ``w = softmax(r / beta + log pi_ref(y|x))`` over the batch
-(``ref_weighting=False``: ``softmax(r / beta)``). See ``docs/var.md`` and the shared spec ALGORITHMS.md sections 1 and 6.
+The loss is `-sum_i w_i log pi_theta(y_i|x_i)` with `w = softmax(r / beta + log pi_ref(y|x))` over the batch
+(`ref_weighting=False`: `softmax(r / beta)`). See `docs/var.md`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
+import math
+import os
 import textwrap
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
@@ -24,52 +31,116 @@ from ..model_utils import (
     adapters_disabled,
     compute_rowwise_distributed,
     ensure_fused_lm_head,
+    resolve_reference_model,
     sequence_logps,
 )
 from .var_config import VARConfig
 
-__all__ = ["VARTrainer", "DataCollatorForVAR"]
+__all__ = ["VARTrainer", "DataCollatorForVAR", "even_batches_repeats"]
 
 REF_LOGPS_COLUMN = "ref_logps"
+# Cumulative counters saved next to each checkpoint (`trainer_state.json` has no room for them) and restored on resume.
+COUNTERS_FILE = "var_trainer_state.json"
+# At most this many row indices are listed in a warning.
+_MAX_LISTED_ROWS = 10
+
+
+def _listed(rows: list[int]) -> str:
+    more = f" and {len(rows) - _MAX_LISTED_ROWS} more" if len(rows) > _MAX_LISTED_ROWS else ""
+    return f"{rows[:_MAX_LISTED_ROWS]}{more}"
 
 
 class DataCollatorForVAR:
-    """Wraps a language-modeling collator and adds the float32 `rewards` (and `ref_logps`) tensors of the batch.
+    """Wraps a language-modeling collator and adds the `rewards` (and `ref_logps`) tensors of the batch.
 
-    A missing/None reward becomes NaN (the trainer skips and counts such rows).
+    They are float64 (`dtype`), so that the trainer computes the weights from the rewards as given: float32 would round
+    `1e4 + 1e-3` to `1e4 + 9.8e-4`, which `beta=1e-3` turns into a wrong weight. A missing/None value becomes NaN (the
+    trainer skips and counts such rows); booleans and strings are refused.
+
+    Args:
+        base_collator (`Callable`):
+            The language-modeling collator that builds `input_ids`, `attention_mask` and `labels`.
+        reward_column (`str`, *optional*, defaults to `"reward"`):
+            Name of the reward field of each example.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float64`):
+            Dtype of the `rewards` and `ref_logps` tensors (float32 on devices without float64, such as MPS).
     """
 
-    def __init__(self, base_collator, reward_column: str = "reward"):
+    def __init__(self, base_collator, reward_column: str = "reward", dtype: torch.dtype = torch.float64):
         self.base_collator = base_collator
         self.reward_column = reward_column
+        self.dtype = dtype
 
-    @staticmethod
-    def _floats(values) -> torch.Tensor:
-        return torch.tensor([to_float(v, f"Batch row {i}") for i, v in enumerate(values)], dtype=torch.float32)
+    def _floats(self, values, column: str, what: str) -> torch.Tensor:
+        out = []
+        for i, value in enumerate(values):
+            if isinstance(value, np.bool_) or (torch.is_tensor(value) and value.dtype == torch.bool):
+                value = bool(value)  # refused by `to_float` like a Python bool
+            out.append(to_float(value, f"Column `{column}`, row {i} of a batch", what))
+        return torch.tensor(out, dtype=self.dtype)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.base_collator(examples)
         if self.reward_column not in examples[0]:
             raise ValueError(
                 f"A training example has no `{self.reward_column}` field (keys: {sorted(examples[0])}). Add a float "
                 f"reward column or set `reward_column` in VARConfig."
             )
-        batch["rewards"] = self._floats([ex[self.reward_column] for ex in examples])
+        batch = self.base_collator(examples)
+        batch["rewards"] = self._floats([ex[self.reward_column] for ex in examples], self.reward_column, "reward")
         if REF_LOGPS_COLUMN in examples[0]:
-            batch[REF_LOGPS_COLUMN] = self._floats([ex[REF_LOGPS_COLUMN] for ex in examples])
+            batch[REF_LOGPS_COLUMN] = self._floats(
+                [ex[REF_LOGPS_COLUMN] for ex in examples], REF_LOGPS_COLUMN, "reference log-prob"
+            )
         return batch
 
 
-_FLOAT_KEYS = ("rewards", REF_LOGPS_COLUMN, "var_weights")
+def even_batches_repeats(num_local: int, process_index: int, remainder: int) -> torch.Tensor:
+    """Which rows of this process's share of the **last** batch of an epoch are repeats added by accelerate.
+
+    With several processes and `even_batches=True` (accelerate's default), the last global batch of a map-style
+    dataset is completed with rows from the start of the epoch so that every process gets `num_local` rows. The global
+    batch is laid out process by process (rank-major, as [`~accelerate.Accelerator.gather`] returns it): its first
+    `remainder` rows (`accelerator.gradient_state.remainder`, the dataset length modulo the global batch size) are real
+    and the rest are repeats. This is the rule `Accelerator.gather_for_metrics` uses to drop them.
+
+    Args:
+        num_local (`int`):
+            Number of rows of the last batch on this process (the same on every process).
+        process_index (`int`):
+            Rank of this process.
+        remainder (`int`):
+            Number of real rows in the last global batch (`> 0`).
+
+    Returns:
+        `torch.Tensor`: Boolean tensor of shape `(num_local,)`, `True` on repeated rows.
+
+    Example:
+
+    ```python
+    >>> even_batches_repeats(num_local=2, process_index=1, remainder=3)  # 2 processes x 2 rows, 3 real rows
+    tensor([False,  True])
+    ```
+    """
+    positions = process_index * num_local + torch.arange(num_local)
+    return positions >= remainder
+
+
+_FLOAT32_KEYS = ("rewards", REF_LOGPS_COLUMN, "var_weights")
 
 
 class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
     """Trainer for VAR, reward-weighted SFT with batch-normalised exponential reward weights (arXiv 2502.11026).
 
-    Takes everything [`~trl.SFTTrainer`] takes plus `ref_model`. The reference log-probs that enter the weights come
-    from, in order: a `ref_logps` column in the dataset; the given `ref_model`; the base model with adapters disabled
-    (PEFT); the initial policy. They are computed once, before training, sharded over processes. Not needed with
-    `ref_weighting=False`.
+    Takes everything [`~trl.SFTTrainer`] takes plus `ref_model`, except `compute_metrics` and
+    `preprocess_logits_for_metrics` (the fused LM head builds no logits; see the error they raise). The reference
+    log-probs that enter the weights come from, in order: a `ref_logps` column in the dataset; the given `ref_model`
+    (an object, or a model id loaded with `model_init_kwargs`); the starting policy itself (with its PEFT adapters, if
+    any, enabled: a pretrained adapter is part of the policy training starts from). They are computed once, before
+    training, sharded over processes. Not needed with `ref_weighting=False`.
+
+    Rows that truncation to `max_length` leaves without any completion token are dropped (like SFT does), counted in
+    `dropped_rows[dataset_name]` (their indices in `dropped_row_indices[dataset_name]`) and reported in a warning with
+    the `max_length` that would keep them.
 
     Example:
 
@@ -91,8 +162,9 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
     ```
     """
 
-    # Rewards, reference log-probs and weights stay float32 under DeepSpeed's bf16 input cast.
-    _float32_input_keys = _FLOAT_KEYS
+    # Rewards, reference log-probs and weights reach `compute_loss` as float32 (not bf16 under DeepSpeed). The weights
+    # themselves are computed before that cast, from the float64 values of the collator.
+    _float32_input_keys = _FLOAT32_KEYS
 
     _tag_names = ["trl", "sft", "var", "reward-weighted", "trl-rewardweighted"]
     _name = "VAR"
@@ -134,20 +206,43 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
             raise TypeError(
                 f"`args` must be a VARConfig, got {type(args).__name__}. Build one with VARConfig(**your_args.to_dict())."
             )
+        for what, value in (
+            ("compute_metrics", compute_metrics),
+            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"VARTrainer does not support `{what}`: its forward runs TRL's fused LM head, which computes the "
+                    "completion log-probs without ever building the logits that `compute_metrics` and "
+                    "`preprocess_logits_for_metrics` receive. VAR logs `eval_loss`, `eval_nll`, "
+                    "`eval_mean_token_accuracy`, `eval_entropy` and the weight statistics `eval_var/ess`, "
+                    "`eval_var/max_weight` and `eval_var/weighted_reward` instead; compute other metrics from "
+                    "generations, e.g. in a `TrainerCallback`."
+                )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+        self._check_not_empty(train_dataset, "train", args.reward_column)
+        for name, ds in self._as_dict(eval_dataset).items():
+            self._check_not_empty(ds, "eval" if name == "eval" else f"eval {name!r}", args.reward_column)
         fix = f"VAR needs a float reward per row: add a `{args.reward_column}` column or set `reward_column` in VARConfig."
         check_float_column(train_dataset, args.reward_column, fix)
         for name, ds in self._as_dict(eval_dataset).items():
             check_float_column(ds, args.reward_column, f"(eval dataset {name!r}) {fix}")
         if isinstance(ref_model, str):
-            from trl.trainer.utils import create_model_from_path
-
-            ref_model = create_model_from_path(ref_model, **dict(args.model_init_kwargs or {}))
+            # Loaded like the DPO-based trainers load theirs: `model_init_kwargs`, `trust_remote_code`, no device map
+            # when distributed.
+            ref_model = resolve_reference_model(model, ref_model, args)
         # Only used by the reference pre-pass in __init__, then released.
         self._var_ref_model = ref_model
         self._var_external_ref = ref_model is not None
+        # Whether the base model (PEFT adapters disabled) gives the starting policy's log-probs, so that it can stand
+        # in for the reference once training has changed the adapters. Set by the pre-pass.
+        self._var_base_is_reference = False
         self._var_rows_skipped = 0
+        self._var_passthrough_prepare = False
+        # Rows dropped by `_prepare_dataset` (no completion token within `max_length`), per dataset name.
+        self.dropped_rows: dict[str, int] = {}
+        self.dropped_row_indices: dict[str, list[int]] = {}
 
         super().__init__(
             model=model,
@@ -156,17 +251,27 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
-        # Carry rewards (and reference log-probs) through the collator as float32 tensors.
+        if self._is_vision_dataset:
+            raise ValueError(
+                "VARTrainer does not support vision datasets (`image`/`images` columns): the reference pre-pass and "
+                "the weights need tokenized prompt/completion rows."
+            )
+        if self.aux_loss_enabled:
+            raise ValueError(
+                f"VARTrainer does not add the Mixture-of-Experts router auxiliary loss, which SFT enables for this model "
+                f"(router_aux_loss_coef={self.router_aux_loss_coef}). Set `router_aux_loss_coef=0.0` in VARConfig."
+            )
+        # Carry rewards (and reference log-probs) through the collator as float64 tensors (float32 on MPS).
         if not isinstance(self.data_collator, DataCollatorForVAR):
-            self.data_collator = DataCollatorForVAR(self.data_collator, args.reward_column)
+            dtype = torch.float32 if self.args.device.type == "mps" else torch.float64
+            self.data_collator = DataCollatorForVAR(self.data_collator, args.reward_column, dtype)
+        self._warn_single_row_normaliser()
 
         self._precompute_engine = None
         if args.ref_weighting:
@@ -178,6 +283,8 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
                     }
                 else:
                     self.eval_dataset = self._maybe_add_ref_logps(self.eval_dataset, "eval")
+            if not self._var_external_ref and is_peft_model(self.model) and isinstance(self.train_dataset, Dataset):
+                self._var_base_is_reference = self._base_matches_policy(self.train_dataset)
         self._release_reference()
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -197,9 +304,145 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
             return {}
         return dict(eval_dataset) if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
 
+    @staticmethod
+    def _check_not_empty(dataset, label: str, reward_column: str) -> None:
+        if isinstance(dataset, IterableDataset):
+            empty = next(iter(dataset), None) is None
+        else:
+            try:
+                empty = len(dataset) == 0
+            except TypeError:
+                return
+        if empty:
+            raise ValueError(
+                f"The {label} dataset is empty (0 rows). VAR needs prompt/completion rows with a `{reward_column}` "
+                "reward: check the split, the filtering or the file that produced it."
+            )
+
+    def _warn_single_row_normaliser(self) -> None:
+        args = self.args
+        if args.z_scope == "step":
+            size = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+            layout = (
+                f"per_device_train_batch_size={args.per_device_train_batch_size} x gradient_accumulation_steps="
+                f"{args.gradient_accumulation_steps} x {self.accelerator.num_processes} process(es)"
+            )
+        else:
+            size = args.per_device_train_batch_size
+            layout = f"per_device_train_batch_size={args.per_device_train_batch_size} with z_scope='micro_batch'"
+        if size == 1:
+            warnings.warn(
+                f"VAR normalises its weights over a single row ({layout}): every valid row gets weight 1, so training "
+                "is plain SFT and the rewards and `beta` have no effect. Use a larger per_device_train_batch_size or "
+                "gradient_accumulation_steps (with z_scope='step').",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["input_ids", "labels", "seq_lengths", self.args.reward_column, REF_LOGPS_COLUMN]
+            super()._set_signature_columns_if_needed()
+            extra = [c for c in (self.args.reward_column, REF_LOGPS_COLUMN) if c not in self._signature_columns]
+            self._signature_columns = [*self._signature_columns, *extra]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Data: rows that truncation leaves without a completion token
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if self._var_passthrough_prepare or args.max_length is None:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        # Tokenise without truncation (and without shuffling) first, so that the rows SFT's truncation would leave
+        # fully masked (and silently drop) can be counted, named by their index and dropped here; the second pass
+        # (idempotent on tokenized data) truncates and shuffles as SFT does.
+        untruncated = copy.copy(args)
+        untruncated.max_length = None
+        untruncated.shuffle_dataset = False
+        dataset = super()._prepare_dataset(
+            dataset, processing_class, untruncated, packing, formatting_func, dataset_name
+        )
+        dataset = self._drop_rows_without_completion_tokens(dataset, args, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, None, dataset_name)
+
+    @staticmethod
+    def _length_needed(labels, keep_end: bool) -> int | None:
+        """The smallest `max_length` that leaves a completion token (a label other than -100); None if there is none.
+
+        This is SFT's criterion: a truncated row is kept when any of its labels is not -100.
+        """
+        positions = [i for i, label in enumerate(labels) if label != -100]
+        if not positions:
+            return None
+        return len(labels) - positions[-1] if keep_end else positions[0] + 1
+
+    def _drop_rows_without_completion_tokens(self, dataset, args, name: str):
+        max_length, mode = args.max_length, args.truncation_mode
+        keep_end = mode == "keep_end"
+        if isinstance(dataset, IterableDataset):
+            # Counted as the stream is read, once per row index (SFT peeks at the first rows, epochs re-read them).
+            self.dropped_rows[name] = 0
+            self.dropped_row_indices[name] = []
+            seen: set[int] = set()
+
+            def keep(example, index):
+                needed = self._length_needed(example["labels"], keep_end)
+                if needed is not None and needed <= max_length:
+                    return True
+                if index not in seen:
+                    seen.add(index)
+                    self.dropped_rows[name] = len(seen)
+                    if len(seen) <= _MAX_LISTED_ROWS:
+                        self.dropped_row_indices[name].append(index)
+                        warnings.warn(
+                            f"VAR: row {index} of the {name} dataset has no completion token within `max_length="
+                            f"{max_length}` (truncation_mode={mode!r}) and is dropped"
+                            + (
+                                f"; `max_length={needed}` would keep it."
+                                if needed is not None
+                                else " (empty completion)."
+                            ),
+                            UserWarning,
+                            stacklevel=2,
+                        )
+                return False
+
+            return dataset.filter(keep, with_indices=True)
+
+        needed = []
+        for batch in dataset.select_columns(["labels"]).iter(batch_size=1024):
+            needed.extend(self._length_needed(labels, keep_end) for labels in batch["labels"])
+        too_long = [i for i, n in enumerate(needed) if n is not None and n > max_length]
+        empty = [i for i, n in enumerate(needed) if n is None]
+        dropped = sorted(too_long + empty)
+        self.dropped_rows[name] = len(dropped)
+        self.dropped_row_indices[name] = dropped
+        longest = max((needed[i] for i in too_long), default=None)
+        if too_long:
+            warnings.warn(
+                f"VAR: {len(too_long)} of {len(needed)} rows of the {name} dataset have no completion token left "
+                f"after truncation to `max_length={max_length}` (truncation_mode={mode!r}) and are dropped: rows "
+                f"{_listed(too_long)}. `max_length={longest}` would keep them (or set `max_length=None`).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if empty:
+            warnings.warn(
+                f"VAR: {len(empty)} of {len(needed)} rows of the {name} dataset have no completion token at all (an "
+                f"empty completion, or every completion token masked) and are dropped: rows {_listed(empty)}.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if len(dropped) == len(needed):
+            fix = f"Raise `max_length` to at least {longest} or set `max_length=None`" if longest else "Fix the data"
+            raise ValueError(
+                f"No row of the {name} dataset keeps a completion token: all {len(needed)} rows would be dropped "
+                f"(truncation to `max_length={max_length}`, truncation_mode={mode!r}, leaves "
+                f"{len(too_long)} of them fully masked; {len(empty)} have an empty completion). {fix}."
+            )
+        if dropped:
+            drop = set(dropped)
+            dataset = dataset.select([i for i in range(len(needed)) if i not in drop])
+        return dataset
 
     # ------------------------------------------------------------------------------------------------------------------
     # Reference log-probs (computed once, before training)
@@ -223,7 +466,13 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
         return dataset.add_column(REF_LOGPS_COLUMN, values.tolist())
 
     def _reference_forward_model(self):
-        """The module to run reference forwards with, and whether PEFT adapters must be disabled around it."""
+        """The module to run reference forwards with, and whether PEFT adapters must be disabled around it.
+
+        Before training the starting policy is the reference, adapters enabled (a pretrained adapter is part of it).
+        Once training has started, only the base model can stand in for it, and only when it gives the starting
+        policy's log-probs (`_var_base_is_reference`, checked by `evaluate`).
+        """
+        disable_adapters = is_peft_model(self.model) and self.state.global_step > 0
         if self._var_ref_model is not None:
             ref = self._var_ref_model
             ensure_fused_lm_head(ref)
@@ -234,17 +483,11 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
         if self.is_deepspeed_enabled:
             if self._precompute_engine is None:
                 self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            return self._precompute_engine, is_peft_model(self.model)
-        return self.model, is_peft_model(self.model)
+            return self._precompute_engine, disable_adapters
+        return self.model, disable_adapters
 
-    @torch.no_grad()
-    def _compute_ref_logps(self, dataset: Dataset, name: str) -> torch.Tensor:
-        ref, disable_adapters = self._reference_forward_model()
+    def _logps_fn(self, dataset: Dataset, ref, disable_adapters: bool):
         collate = self.data_collator.base_collator  # __init__ wraps the collator before the pre-pass
-        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-        was_training = self.model.training
-        self.model.eval()
-
         columns = dataset.select_columns(["input_ids", "labels"])
 
         def compute(indices):
@@ -254,13 +497,44 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
                 logps, _ = sequence_logps(ref, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
             return logps
 
+        return compute
+
+    @torch.no_grad()
+    def _compute_ref_logps(self, dataset: Dataset, name: str) -> torch.Tensor:
+        ref, disable_adapters = self._reference_forward_model()
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        was_training = self.model.training
+        self.model.eval()
         try:
             values = compute_rowwise_distributed(
-                self.accelerator, len(dataset), batch_size, compute, desc=f"Reference log-probs ({name})"
+                self.accelerator,
+                len(dataset),
+                batch_size,
+                self._logps_fn(dataset, ref, disable_adapters),
+                desc=f"Reference log-probs ({name})",
             )
         finally:
             self.model.train(was_training)
         return values
+
+    @torch.no_grad()
+    def _base_matches_policy(self, dataset: Dataset) -> bool:
+        """Whether the PEFT base model (adapters disabled) gives the starting policy's log-probs on the first rows.
+
+        True for an adapter that starts as the identity (a fresh LoRA); False for a pretrained one. Every process runs
+        the same rows (collective forwards under ZeRO-3 stay in step) and reaches the same answer.
+        """
+        ref, _ = self._reference_forward_model()
+        compute_on = self._logps_fn(dataset, ref, False)
+        compute_off = self._logps_fn(dataset, ref, True)
+        rows = list(range(min(len(dataset), self.args.precompute_ref_batch_size or 8)))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            on, off = compute_on(rows).float(), compute_off(rows).float()
+        finally:
+            self.model.train(was_training)
+        return bool(torch.allclose(on, off, rtol=1e-5, atol=1e-4))
 
     def _release_reference(self):
         # The reference is only needed for the pre-pass: free it. A DeepSpeed inference engine built around the policy
@@ -277,41 +551,108 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
             fix = f"Evaluation needs the `{self.args.reward_column}` column too."
             prepared = {}
             for key, ds in datasets.items():
+                self._check_not_empty(ds, "eval" if key == "eval" else f"eval {key!r}", self.args.reward_column)
                 check_float_column(ds, self.args.reward_column, fix)
                 ds = self._prepare_dataset(ds, self.processing_class, self.args, False, self._formatting_func, key)
                 if self.args.ref_weighting and REF_LOGPS_COLUMN not in (ds.column_names or []):
-                    if self._var_external_ref or (self.state.global_step > 0 and not is_peft_model(self.model)):
+                    trained = self.state.global_step > 0
+                    if self._var_external_ref or (trained and not self._var_base_is_reference):
                         raise ValueError(
                             f"Evaluation dataset {key!r} has no `ref_logps` column, and the reference is no longer "
                             "available (a `ref_model` is released after the init pre-pass; after training started the "
-                            "policy is no longer the reference). Pass evaluation datasets at init (their reference "
-                            "log-probs are computed then), or add a `ref_logps` column."
+                            "policy is no longer the reference, and no base model without adapters equals the starting "
+                            "policy). Pass evaluation datasets at init (their reference log-probs are computed then), "
+                            "or add a `ref_logps` column."
                         )
                     ds = self._maybe_add_ref_logps(ds, key)
                 prepared[key] = ds
             eval_dataset = prepared if isinstance(eval_dataset, dict) else prepared["eval"]
-        return super().evaluate(
-            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        # SFT's evaluate prepares the (already prepared) datasets again: do not count their rows a second time.
+        self._var_passthrough_prepare = True
+        try:
+            return super().evaluate(
+                eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )
+        finally:
+            self._var_passthrough_prepare = False
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Cumulative counters across checkpoints
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, COUNTERS_FILE), "w", encoding="utf-8") as f:
+                json.dump({"num_tokens": self._total_train_tokens, "rows_skipped": self._var_rows_skipped}, f)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """[`~transformers.Trainer.train`], restoring VAR's cumulative `num_tokens` and `var/rows_skipped` from the
+        checkpoint it resumes from."""
+        path = resume_from_checkpoint
+        if isinstance(path, bool):
+            path = get_last_checkpoint(self.args.output_dir) if path else None
+        if path is not None:
+            counters_path = os.path.join(path, COUNTERS_FILE)
+            if os.path.isfile(counters_path):
+                with open(counters_path, encoding="utf-8") as f:
+                    counters = json.load(f)
+                self._total_train_tokens = counters["num_tokens"]
+                self._var_rows_skipped = counters["rows_skipped"]
+            else:
+                warnings.warn(
+                    f"The checkpoint {path} has no {COUNTERS_FILE}: the cumulative `num_tokens` and `var/rows_skipped` "
+                    "metrics restart from 0.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Weights and loss
     # ------------------------------------------------------------------------------------------------------------------
 
-    def _row_log_weights(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unnormalised log-weights of a collated micro-batch, and its rows' validity before the reward check."""
+    def _row_table(self, batch: dict, repeats: torch.Tensor | None = None) -> torch.Tensor:
+        """A `(B, 4)` float64 table of a collated micro-batch: reward, reference term (0 when unused), whether the row
+        has a completion token, whether it is a repeat added by `even_batches` (not part of the normaliser)."""
         labels = batch["labels"]
         num_tokens = (labels[:, 1:] != -100).sum(dim=-1)
-        has_tokens = num_tokens > 0
-        ref = None
+        rewards = batch["rewards"].to(torch.float64)
+        ref = torch.zeros_like(rewards)
         if self.args.ref_weighting:
             if REF_LOGPS_COLUMN not in batch:
                 raise RuntimeError("ref_weighting=True but the batch carries no `ref_logps` (internal error).")
-            ref = batch[REF_LOGPS_COLUMN].float()
+            ref = batch[REF_LOGPS_COLUMN].to(device=rewards.device, dtype=torch.float64)
             if self.args.length_normalize:
-                ref = ref / num_tokens.clamp(min=1).to(ref.device, torch.float32)
-        log_e = var_log_weights(batch["rewards"].float(), self.args.beta, ref, mask=has_tokens)
-        return log_e, batch["rewards"].float()
+                ref = ref / num_tokens.clamp(min=1).to(ref)
+        if repeats is None:
+            repeats = torch.zeros_like(rewards, dtype=torch.bool)
+        columns = [rewards, ref, (num_tokens > 0).to(rewards), repeats.to(rewards)]
+        return torch.stack(columns, dim=1)
+
+    def _log_weights(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centred log-weights (float32, -inf on rows outside the normaliser) of a row table, and its real rows."""
+        real = table[:, 3] == 0
+        ref = table[:, 1] if self.args.ref_weighting else None
+        log_e = var_log_weights(table[:, 0], self.args.beta, ref, mask=(table[:, 2] > 0) & real)
+        return log_e, real
+
+    def _even_batches_repeats(self, num_local: int) -> torch.Tensor | None:
+        """Repeats in this process's last micro-batch of the epoch (see [`even_batches_repeats`]); None if none."""
+        acc = self.accelerator
+        state = acc.gradient_state
+        if acc.num_processes == 1 or not acc.even_batches or not state.end_of_dataloader or state.remainder <= 0:
+            return None
+        return even_batches_repeats(num_local, acc.process_index, state.remainder)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -322,81 +663,106 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
     def _assign_step_weights(self, batch_samples: list[dict]) -> None:
         """Compute the VAR weights of one optimizer step and attach them to each micro-batch as `var_weights`."""
         acc = self.accelerator
-        per_batch = [self._row_log_weights(b) for b in batch_samples]
-        sizes = [lw.numel() for lw, _ in per_batch]
+        tables = []
+        for i, batch in enumerate(batch_samples):
+            n = batch["rewards"].shape[0]
+            # Only the last micro-batch of an epoch can hold rows repeated by `even_batches`.
+            repeats = self._even_batches_repeats(n) if i == len(batch_samples) - 1 else None
+            tables.append(self._row_table(batch, repeats).to(acc.device))
+        sizes = [t.shape[0] for t in tables]
         if self.args.z_scope == "step":
-            local_lw = torch.cat([lw for lw, _ in per_batch]).to(acc.device)
-            local_r = torch.cat([r for _, r in per_batch]).to(acc.device)
-            all_lw, all_r, offset = self._gather_padded(local_lw, local_r)
-            groups = [(all_lw, all_r)]
+            all_rows, offset = self._gather_rows(torch.cat(tables))
+            groups = [all_rows]
         else:
-            groups = [(lw.to(acc.device), r.to(acc.device)) for lw, r in per_batch]
+            groups = tables
+        log_weights = [self._log_weights(t) for t in groups]
         # Decide on validity with the same information on every process, so all raise together (no hang).
-        num_valid = torch.stack([torch.isfinite(lw).sum() for lw, _ in groups])
-        num_rows = torch.tensor([lw.numel() for lw, _ in groups], device=acc.device)
+        num_valid = torch.stack([torch.isfinite(lw).sum() for lw, _ in log_weights])
+        num_real = torch.stack([real.sum() for _, real in log_weights])
         if self.args.z_scope == "micro_batch" and acc.num_processes > 1:
             num_valid = acc.gather(num_valid)
-            num_rows = acc.gather(num_rows)
-        if (num_valid == 0).any():
+            num_real = acc.gather(num_real)
+        if ((num_valid == 0) & (num_real > 0)).any():
             raise ValueError(
                 f"A VAR normalisation batch (z_scope={self.args.z_scope!r}) has no valid row: every reward in it is "
                 f"NaN/inf/None, every reference log-prob is non-finite, or every completion is empty. Drop such rows "
                 f"from the dataset (column `{self.args.reward_column}`), or use a larger batch / z_scope='step'."
             )
-        ess, max_w, mean_r = [], [], []
-        if self.args.z_scope == "step":
-            w = torch.softmax(all_lw, dim=0)
-            local_w = w[offset : offset + local_lw.numel()]
-            start = 0
-            for batch, n in zip(batch_samples, sizes):
-                batch["var_weights"] = local_w[start : start + n].detach()
-                start += n
-            self._add_weight_stats(w, all_lw, all_r, ess, max_w, mean_r)
-        else:
-            for batch, (lw, r) in zip(batch_samples, groups):
+        stats = []  # (ess, max weight, weighted reward) per normalisation group; NaN for a group of repeats only
+        weights = []
+        for (lw, _), table in zip(log_weights, groups):
+            if torch.isfinite(lw).any():
                 w = torch.softmax(lw, dim=0)
-                batch["var_weights"] = w.detach()
-                self._add_weight_stats(w, lw, r, ess, max_w, mean_r)
-        skipped = int((num_rows - num_valid).sum().item())
-        self._var_rows_skipped += skipped
-        m = self._metrics["train"]
+                stats.append(self._weight_stats(lw, table[:, 0]))
+            else:  # only rows repeated by `even_batches`: no weight
+                w = torch.zeros_like(lw)
+                stats.append((math.nan, math.nan, math.nan))
+            weights.append(w)
+        if self.args.z_scope == "step":
+            local_w = weights[0][offset : offset + sum(sizes)]
+            weights = list(torch.split(local_w, sizes))
+        for batch, w in zip(batch_samples, weights):
+            batch["var_weights"] = w.detach()
+        self._var_rows_skipped += int((num_real - num_valid).sum().item())
+        stats = torch.tensor(stats, dtype=torch.float64, device=acc.device)
         if self.args.z_scope == "micro_batch" and acc.num_processes > 1:
-            stats = acc.gather(torch.tensor([ess, max_w, mean_r], device=acc.device).T.reshape(-1, 3))
-            ess, max_w, mean_r = stats[:, 0].tolist(), stats[:, 1].tolist(), stats[:, 2].tolist()
-        m["var/ess"].append(sum(ess) / len(ess))
-        m["var/max_weight"].append(sum(max_w) / len(max_w))
-        m["var/weighted_reward"].append(sum(mean_r) / len(mean_r))
+            stats = acc.gather(stats)
+        stats = stats[~torch.isnan(stats[:, 0])].mean(dim=0).tolist()
+        m = self._metrics["train"]
+        m["var/ess"].append(stats[0])
+        m["var/max_weight"].append(stats[1])
+        m["var/weighted_reward"].append(stats[2])
         m["var/rows_skipped"] = [float(self._var_rows_skipped)]
 
     @staticmethod
-    def _add_weight_stats(w, lw, r, ess, max_w, mean_r):
-        valid = torch.isfinite(lw)
-        ess.append(float(1.0 / (w**2).sum()))
-        max_w.append(float(w.max()))
-        mean_r.append(float((w[valid] * r[valid]).sum()))
+    def _weight_stats(log_weights: torch.Tensor, rewards: torch.Tensor) -> tuple[float, float, float]:
+        """Effective sample size, largest weight and weighted reward of one normalisation group (in float64, so that
+        `sum_i w_i r_i` keeps the precision of rewards with a large common offset)."""
+        w = torch.softmax(log_weights.to(torch.float64), dim=0)
+        on = w > 0
+        weighted_reward = (w[on] * rewards[on].to(device=w.device, dtype=torch.float64)).sum()
+        return float(1.0 / (w**2).sum()), float(w.max()), float(weighted_reward)
 
-    def _gather_padded(self, local_lw: torch.Tensor, local_r: torch.Tensor):
-        """Gather the step's log-weights (and rewards) from all processes; returns them and this process's offset."""
+    def _gather_rows(self, local: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Gather the step's row tables from all processes (in rank order); returns them and this process's offset."""
         acc = self.accelerator
         if acc.num_processes == 1:
-            return local_lw, local_r, 0
-        n_local = torch.tensor([local_lw.numel()], device=acc.device)
-        counts = acc.gather(n_local)
+            return local, 0
+        counts = acc.gather(torch.tensor([local.shape[0]], device=acc.device))
         max_n = int(counts.max())
-        pad = max_n - local_lw.numel()
-        lw = torch.cat([local_lw, local_lw.new_full((pad,), float("-inf"))])
-        r = torch.cat([local_r, local_r.new_zeros(pad)])
-        all_lw, all_r = acc.gather(lw), acc.gather(r)
-        # Padding rows are -inf (weight 0); they are not counted as skipped rows because num_rows counts real ones.
+        pad = local.new_zeros((max_n - local.shape[0], local.shape[1]))
+        gathered = acc.gather(torch.cat([local, pad]))
+        # Padding rows (uneven micro-batch counts with `even_batches=False`) are dropped here; they never count.
         keep = torch.cat([torch.arange(max_n, device=acc.device) < c for c in counts])
         offset = int(counts[: acc.process_index].sum())
-        return all_lw[keep], all_r[keep], offset
+        return gathered[keep], offset
+
+    def _micro_batch_weights(self, inputs: dict, mode: str) -> torch.Tensor:
+        """Weights normalised over one micro-batch (evaluation, or `compute_loss` called outside the training loop)."""
+        log_e, _ = self._log_weights(self._row_table(inputs))
+        if not torch.isfinite(log_e).any():
+            return torch.zeros_like(log_e)
+        w = torch.softmax(log_e, dim=0)
+        ess, max_w, weighted_reward = self._weight_stats(log_e, inputs["rewards"])
+        self._metrics[mode]["var/ess"].append(ess)
+        self._metrics[mode]["var/max_weight"].append(max_w)
+        self._metrics[mode]["var/weighted_reward"].append(weighted_reward)
+        return w
+
+    def _prepare_inputs(self, inputs):
+        # Outside the training loop (evaluation) the weights are computed here, from the float64 rewards, before the
+        # float32 cast of `KeepFloat32InputsMixin`.
+        if "var_weights" not in inputs and torch.is_tensor(inputs.get("rewards")):
+            inputs["var_weights"] = self._micro_batch_weights(inputs, "train" if self.model.training else "eval")
+        return super()._prepare_inputs(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         weights = inputs.pop("var_weights", None)
-        rewards = inputs.pop("rewards")
-        ref_logps = inputs.pop(REF_LOGPS_COLUMN, None)
+        if weights is None:
+            weights = self._micro_batch_weights(inputs, mode)
+        inputs.pop("rewards")
+        inputs.pop(REF_LOGPS_COLUMN, None)
         labels = inputs["labels"]
         outputs = model(
             input_ids=inputs["input_ids"],
@@ -410,21 +776,6 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
         logps = token_logps.sum(dim=-1)
         if self.args.length_normalize:
             logps = logps / num_tokens.clamp(min=1).to(torch.float32)
-
-        if weights is None:
-            # Evaluation (and any call outside the training loop): normalise over this micro-batch.
-            batch = {"labels": labels, "rewards": rewards}
-            if ref_logps is not None:
-                batch[REF_LOGPS_COLUMN] = ref_logps
-            log_e, r = self._row_log_weights(batch)
-            valid = torch.isfinite(log_e)
-            if valid.any():
-                weights = torch.softmax(log_e, dim=0)
-                self._metrics[mode]["var/ess"].append(float(1.0 / (weights**2).sum()))
-                self._metrics[mode]["var/max_weight"].append(float(weights.max()))
-                self._metrics[mode]["var/weighted_reward"].append(float((weights[valid] * r[valid]).sum()))
-            else:
-                weights = torch.zeros_like(log_e)
         loss = weighted_nll(logps, weights.to(logps.device))
         if mode == "train" and self.args.z_scope == "step":
             # The weights sum to 1 over all processes; DDP averages gradients across processes, so undo that average.
@@ -444,7 +795,8 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
         self._metrics[mode]["nll"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
         if mode == "train":
             num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens_in_batch
+            # As in SFTTrainer: tensor-parallel ranks see the same batch, so the gathered count repeats each token.
+            self._total_train_tokens += num_tokens_in_batch // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         if return_outputs:
             return loss, outputs
