@@ -1,4 +1,4 @@
-"""RewardAugmentedDPOTrainer on the tiny model: the goal-conditioned optimum (ALGORITHMS.md section 6), eval handling,
+"""RewardAugmentedDPOTrainer on the tiny model: the goal-conditioned optimum (docs/algorithms.md#optimum-ra), eval handling,
 model card, config parsing, recipes, and IRA end to end."""
 
 import json
@@ -82,7 +82,7 @@ def trained(tiny_model_path, tmp_path_factory):
 
 
 def test_goal_conditioned_margins_after_training(trained, tiny_model_path):
-    """Section 6: under the chosen goal the chosen response gains log-prob over the rejected one relative to the
+    """docs/algorithms.md#optimum-ra: under the chosen goal the chosen response gains log-prob over the rejected one relative to the
     reference; under the rejected goal, the opposite."""
     trainer, tokenizer = trained
     assert len(trainer.train_dataset) == 8

@@ -136,7 +136,7 @@ def test_eval_dataset_and_later_evaluate(tiny_model_path, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Convergence to the closed-form optimum (ALGORITHMS.md section 6)
+# Convergence to the closed-form optimum (docs/algorithms.md#optimum-var)
 # ------------------------------------------------------------------------------------------------------------------
 
 CANDIDATES = [" likes the red ball.", " sees a good book.", " is blue and bright.", " writes a long letter."]

@@ -667,7 +667,7 @@ def test_recipes_use_current_field_names():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Convergence to the closed-form optimum (ALGORITHMS.md section 6)
+# Convergence to the closed-form optimum (docs/algorithms.md#optimum-vcb)
 # ----------------------------------------------------------------------------------------------------------------------
 
 

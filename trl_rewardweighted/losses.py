@@ -4,7 +4,7 @@ Tensors in, tensors out: no model, no Trainer, no I/O. Everything here runs in f
 in float64 first) and in log space (``softmax`` / ``logsumexp``); ``exp(r / beta)`` is never formed. Rewards, reference log-probabilities and the
 weights derived from them are constants (no gradient flows through them); only ``policy_logps`` carries a graph.
 
-See ``docs/ALGORITHMS.md`` (shared spec) sections 1, 2 and 6 for the derivations and the defaults.
+See `docs/algorithms.md` (sections 2, 3 and 5) for the derivations, the choices where the papers are silent and the defaults.
 """
 
 from __future__ import annotations
