@@ -53,3 +53,42 @@ def test_two_processes_micro_batch_scope_runs_and_differs(tiny_model_path, tmp_p
     assert rel_diff(results[0]["grad"], results[1]["grad"]) < 1e-6  # ranks in sync
     assert torch.isfinite(results[0]["grad"]).all()
     assert rel_diff(results[0]["grad"], reference_grad) > 1e-3
+
+
+@pytest.mark.distributed
+def test_uneven_last_batch_repeats_get_no_weight(tiny_model_path, tmp_path):
+    """5 rows, 2 processes x batch 2: accelerate's `even_batches` fills the last step (1 real row) with 3 rows from the
+    start of the epoch. Under the step-wide softmax those repeats must get weight 0: the real row gets all of it, and
+    every step's gradient equals the single-process (batch 4) gradient of the same rows."""
+    from tests.distributed.var_uneven import ROWS as UNEVEN_ROWS
+    from tests.distributed.var_uneven import run as run_uneven
+
+    script = Path(__file__).parent / "distributed" / "var_uneven.py"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(script), tiny_model_path, str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"uneven_rank{r}.pt") for r in (0, 1)]
+    single = run_uneven(tiny_model_path, str(tmp_path / "single"), bs=4)
+
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
+    rows = {step: [(r, w) for x in ranks for rec in x["records"] if rec["step"] == step
+                   for r, w in zip(rec["rewards"], rec["weights"])] for step in (0, 1)}  # fmt: skip
+    first = {r for r, _ in rows[0]}
+    assert len(rows[0]) == 4 and len(first) == 4
+    # The last step: 4 rows on the 2 processes, only one of them new; the other 3 repeat rows of the first step.
+    real = [(r, w) for r, w in rows[1] if r not in first]
+    repeats = [(r, w) for r, w in rows[1] if r in first]
+    assert len(rows[1]) == 4 and len(real) == 1 and len(repeats) == 3
+    assert sorted([*first, real[0][0]]) == pytest.approx(sorted(UNEVEN_ROWS["reward"]))  # every row once
+    assert real[0][1] == pytest.approx(1.0, abs=1e-6), rows[1]  # the weights sum to 1 over the distinct rows only
+    assert all(w == 0.0 for _, w in repeats), rows[1]
+    # Same gradients as one process with batch 4 (whose last step holds only the real row).
+    assert len(single["grads"]) == len(ranks[0]["grads"]) == 2
+    for r in ranks:
+        for got, expected in zip(r["grads"], single["grads"], strict=True):
+            assert rel_diff(got, expected) < 1e-5

@@ -108,6 +108,11 @@ def test_deepspeed_zero3_keeps_rewards_and_ref_logps_float32(tiny_model_path, tm
         assert result["dtypes"] and all(d["rewards"] == "torch.float32" for d in result["dtypes"]), name
         if name != "live":
             assert all(d["ref_logps"] == "torch.float32" for d in result["dtypes"]), name
+        # Every parameter partitioned by ZeRO-3 (persistence threshold 0): empty outside a gather.
+        assert result["partition"] and all(
+            status == "NOT_AVAILABLE" and visible == 0 and local == full > 0
+            for _, full, visible, local, status in result["partition"]
+        ), (name, result["partition"])
     # A reference log-prob of -310.123 survives (bf16 would round it to -310).
     assert results["column"]["ref_logps"][0] == [-310.123, -311.5, -312.25]
     assert results["precompute"]["losses"] == pytest.approx(results["live"]["losses"], rel=1e-3)

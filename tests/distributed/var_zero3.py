@@ -1,4 +1,5 @@
-"""One VAR run under DeepSpeed ZeRO-3 (or without it), printing its reference log-probs and losses as JSON.
+"""One VAR run under DeepSpeed ZeRO-3 (or without it), printing its reference log-probs, losses and the ZeRO-3
+partition status of its parameters as JSON. The ZeRO-3 config partitions every parameter (persistence threshold 0).
 
 torchrun --nproc_per_node 1 tests/distributed/var_zero3.py MODEL OUT zero3|plain [bf16]
 """
@@ -14,17 +15,9 @@ from datasets import Dataset  # noqa: E402
 
 from tests._helpers import cpu_args  # noqa: E402
 from tests.distributed.var_grad_layout import ROWS  # noqa: E402
+from tests.distributed.zero3_trainers import partition_status, zero3_config  # noqa: E402
 
 torch.set_num_threads(1)
-
-ZERO3 = {
-    "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "train_batch_size": "auto",
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": "auto"},
-}
 
 
 def main(model_path, out, mode, precision="fp32"):
@@ -37,7 +30,7 @@ def main(model_path, out, mode, precision="fp32"):
         max_steps=3,
         learning_rate=1e-3,
         beta=0.7,
-        deepspeed=ZERO3 if mode == "zero3" else None,
+        deepspeed=zero3_config(bf16=precision == "bf16") if mode == "zero3" else None,
         **cpu_args(bf16=precision == "bf16", use_cpu=mode == "plain"),
     )
     trainer = VARTrainer(model=model_path, args=args, train_dataset=Dataset.from_dict(ROWS))
@@ -53,7 +46,8 @@ def main(model_path, out, mode, precision="fp32"):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if trainer.accelerator.is_main_process:
-        print("RESULT " + json.dumps({"ref_logps": ref, "losses": losses, **seen}))
+        partition = partition_status(trainer.model)  # ZeRO-3: numel() == 0 outside a gather (all partitioned)
+        print("RESULT " + json.dumps({"ref_logps": ref, "losses": losses, "partition": partition, **seen}))
 
 
 if __name__ == "__main__":

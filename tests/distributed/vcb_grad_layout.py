@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from tests._helpers import cpu_args, make_grad_capture  # noqa: E402
+from tests.distributed.zero3_trainers import partition_status, zero3_config  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -102,14 +103,7 @@ def deepspeed_zero3_check(model_path, out_dir):
             seen.append({k: str(inputs[k].dtype) for k in ("rewards", "ref_logps") if k in inputs})
             return super()._compute_vcb_loss(model, inputs, num_items_in_batch)
 
-    ds_config = {
-        "zero_optimization": {"stage": 3},
-        "bf16": {"enabled": "auto"},
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-    }
+    ds_config = zero3_config(bf16=True)  # every parameter partitioned (persistence threshold 0)
     column = [[-310.123, -311.5, -312.25], [-5.0, -6.0], [-1.0, -2.0, -3.0, -4.0], [-7.0, -8.0, -9.0]]
     results = {}
     for name, extra, rows in (
@@ -125,6 +119,7 @@ def deepspeed_zero3_check(model_path, out_dir):
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
             "dtypes": seen,
             "ref_logps": list(trainer.train_dataset["ref_logps"]) if args.precompute_ref_log_probs else None,
+            "partition": partition_status(trainer.model),
         }
     return results
 

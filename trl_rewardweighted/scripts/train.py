@@ -110,3 +110,10 @@ def main(method: str, argv: list[str] | None = None):
 def run(method: str):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main(method)
+    # Leave together: every rank waits for the others (rank 0 may still be writing the model), then the process group
+    # is torn down explicitly instead of at interpreter exit, where a rank was seen to hang.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
