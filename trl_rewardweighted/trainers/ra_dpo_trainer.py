@@ -22,7 +22,13 @@ from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 
-from ..data.relabel import build_goal_prompt, condition_dataset_on_goal, reward_augment_dataset, to_explicit_prompt
+from ..data.relabel import (
+    AUGMENTED_MARKER_COLUMN,
+    build_goal_prompt,
+    condition_dataset_on_goal,
+    reward_augment_dataset,
+    to_explicit_prompt,
+)
 from ..model_utils import compute_rowwise_distributed, resolve_reference_model
 from .ra_dpo_config import RewardAugmentedDPOConfig
 
@@ -257,6 +263,15 @@ class RewardAugmentedDPOTrainer(DPOTrainer):
                 f"RewardAugmentedDPOTrainer needs a map-style `datasets.Dataset` for the {dataset_name} dataset "
                 "(rescaling, `augment_fraction` and the drop counts read the whole dataset). Load it without "
                 "`streaming=True`, or augment it yourself with `reward_augment_dataset` and pass the result."
+            )
+        ref_columns = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names]
+        if ref_columns and AUGMENTED_MARKER_COLUMN not in dataset.column_names:
+            raise ValueError(
+                f"The {dataset_name} dataset has {ref_columns} columns, but its pairs are about to be relabeled: the "
+                "goal text changes every prompt (and the negative-goal copies swap chosen and rejected), so reference "
+                "log-probs computed on the original pairs do not apply. Remove these columns and let the trainer "
+                "compute them on the augmented pairs (`precompute_ref_log_probs=True` computes them once), or relabel "
+                "first with `reward_augment_dataset` and compute them on its output."
             )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         dataset, stats = reward_augment_dataset(

@@ -221,6 +221,15 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
                 )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+        if not isinstance(train_dataset, (Dataset, IterableDataset)):
+            raise TypeError(
+                f"`train_dataset` must be a `Dataset` or `IterableDataset`, got `{type(train_dataset).__name__}`"
+                + (
+                    f" with splits {list(train_dataset)}: pass one split, e.g. `dataset['train']`."
+                    if isinstance(train_dataset, dict)
+                    else "."
+                )
+            )
         self._check_not_empty(train_dataset, "train", args.reward_column)
         for name, ds in self._as_dict(eval_dataset).items():
             self._check_not_empty(ds, "eval" if name == "eval" else f"eval {name!r}", args.reward_column)
@@ -451,7 +460,9 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
     def _maybe_add_ref_logps(self, dataset, name: str):
         if dataset is None:
             return None
-        columns = dataset.column_names or []
+        columns = dataset.column_names
+        if columns is None:  # an IterableDataset whose features are unknown (e.g. after `map`): read its first row
+            columns = list(next(iter(dataset)).keys())
         if REF_LOGPS_COLUMN in columns:
             check_float_column(
                 dataset, REF_LOGPS_COLUMN, "The `ref_logps` column must hold summed completion log-probs (floats)."
