@@ -568,3 +568,21 @@ def test_precompute_two_processes_in_memory(tiny_model_path, tiny_tokenizer, tmp
                 torch.testing.assert_close(
                     torch.tensor(result[split][column]), torch.tensor(dataset[column]), rtol=0, atol=1e-5
                 )
+
+
+def test_num_tokens_continues_after_resume(tiny_model_path, tmp_path):
+    """DPO's cumulative `num_tokens` lives on the trainer: it is saved with each checkpoint and restored on resume."""
+    common = dict(per_device_train_batch_size=2, save_strategy="steps", save_steps=2, logging_steps=1)
+    first = RewardAugmentedDPOTrainer(
+        tiny_model_path, args=config(tmp_path, max_steps=2, **common), train_dataset=pairs()
+    )
+    first.train()
+    tokens = [h["num_tokens"] for h in first.state.log_history if "loss" in h]
+    assert len(tokens) == 2 and 0 < tokens[0] < tokens[1]
+    assert (tmp_path / "checkpoint-2" / "trl_rewardweighted_counters.json").is_file()
+    resumed = RewardAugmentedDPOTrainer(
+        tiny_model_path, args=config(tmp_path, max_steps=4, **common), train_dataset=pairs()
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    new = [h["num_tokens"] for h in resumed.state.log_history if "loss" in h and h["step"] > 2]
+    assert len(new) == 2 and new[0] > tokens[1] and new[1] > new[0]

@@ -503,7 +503,7 @@ def test_cumulative_metrics_continue_after_resume(tiny_model_path, tmp_path):
     (end,) = [e for e in full.state.log_history if "loss" in e and e["step"] == 3]
     assert (end["groups_skipped"], end["masked_completions"]) == (3.0, 15.0)
     checkpoint = Path(full.args.output_dir) / "checkpoint-2"
-    assert (checkpoint / "vcb_state.json").is_file()
+    assert (checkpoint / "trl_rewardweighted_counters.json").is_file()
 
     with pytest.warns(UserWarning):
         resumed = VCBTrainer(

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +22,7 @@ from accelerate.utils import is_peft_model
 from .data.utils import is_messages
 
 __all__ = [
+    "CheckpointedCountersMixin",
     "KeepFloat32InputsMixin",
     "LocalAccelerator",
     "adapters_disabled",
@@ -275,3 +279,59 @@ class KeepFloat32InputsMixin:
         for key, value in kept.items():
             inputs[key] = value.to(device=self.args.device, dtype=torch.float32)
         return inputs
+
+
+class CheckpointedCountersMixin:
+    """Trainer mixin: save the trainer's cumulative counters with each checkpoint and restore them on resume.
+
+    Running totals that a trainer logs (tokens seen, rows or groups skipped, ...) live on the trainer object, which
+    `resume_from_checkpoint` does not restore: without this they restart from 0. A trainer returns its totals from
+    `_cumulative_counters()` and takes them back in `_restore_cumulative_counters(counters)` (an empty dict when the
+    checkpoint has no counters file, e.g. one written by an older version). The file is `COUNTERS_FILE` in the
+    checkpoint folder.
+    """
+
+    COUNTERS_FILE = "trl_rewardweighted_counters.json"
+
+    def _cumulative_counters(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _restore_cumulative_counters(self, counters: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(folder, self.COUNTERS_FILE), "w", encoding="utf-8") as f:
+                json.dump(self._cumulative_counters(), f, indent=2)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: `Trainer.train` raises its own error
+        if isinstance(checkpoint, str):
+            path = os.path.join(checkpoint, self.COUNTERS_FILE)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    self._restore_cumulative_counters(json.load(f))
+            else:
+                warnings.warn(
+                    f"The checkpoint {checkpoint} has no `{self.COUNTERS_FILE}` (written by another version?): the "
+                    f"cumulative metrics ({', '.join(self._cumulative_counters())}) restart from 0.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._restore_cumulative_counters({})
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )

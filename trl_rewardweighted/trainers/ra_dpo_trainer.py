@@ -29,7 +29,7 @@ from ..data.relabel import (
     reward_augment_dataset,
     to_explicit_prompt,
 )
-from ..model_utils import compute_rowwise_distributed, resolve_reference_model
+from ..model_utils import CheckpointedCountersMixin, compute_rowwise_distributed, resolve_reference_model
 from .ra_dpo_config import RewardAugmentedDPOConfig
 
 __all__ = ["RewardAugmentedDPOTrainer"]
@@ -59,7 +59,7 @@ def _check_not_empty(dataset, label: str) -> None:
         raise ValueError(f"The {label} is empty (0 rows). Pass a dataset with preference pairs.")
 
 
-class RewardAugmentedDPOTrainer(DPOTrainer):
+class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, DPOTrainer):
     """
     DPO on reward-augmented pairs (arXiv 2410.08067).
 
@@ -359,3 +359,9 @@ class RewardAugmentedDPOTrainer(DPOTrainer):
             template=self.args.goal_template,
             attributes=self.args.attribute_columns,
         )
+
+    def _cumulative_counters(self) -> dict[str, float]:
+        return {"num_tokens": self._total_train_tokens}
+
+    def _restore_cumulative_counters(self, counters: dict[str, float]) -> None:
+        self._total_train_tokens = counters.get("num_tokens", 0)

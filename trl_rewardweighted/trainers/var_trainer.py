@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import os
 import textwrap
 import warnings
 from typing import Any
@@ -20,13 +18,13 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
 from ..data.utils import check_float_column, to_float
 from ..losses import var_log_weights, weighted_nll
 from ..model_utils import (
+    CheckpointedCountersMixin,
     KeepFloat32InputsMixin,
     adapters_disabled,
     compute_rowwise_distributed,
@@ -40,7 +38,6 @@ __all__ = ["VARTrainer", "DataCollatorForVAR", "even_batches_repeats"]
 
 REF_LOGPS_COLUMN = "ref_logps"
 # Cumulative counters saved next to each checkpoint (`trainer_state.json` has no room for them) and restored on resume.
-COUNTERS_FILE = "var_trainer_state.json"
 # At most this many row indices are listed in a warning.
 _MAX_LISTED_ROWS = 10
 
@@ -128,7 +125,7 @@ def even_batches_repeats(num_local: int, process_index: int, remainder: int) -> 
 _FLOAT32_KEYS = ("rewards", REF_LOGPS_COLUMN, "var_weights")
 
 
-class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
+class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
     """Trainer for VAR, reward-weighted SFT with batch-normalised exponential reward weights (arXiv 2502.11026).
 
     Takes everything [`~trl.SFTTrainer`] takes plus `ref_model`, except `compute_metrics` and
@@ -591,42 +588,12 @@ class VARTrainer(KeepFloat32InputsMixin, SFTTrainer):
     # Cumulative counters across checkpoints
     # ------------------------------------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, COUNTERS_FILE), "w", encoding="utf-8") as f:
-                json.dump({"num_tokens": self._total_train_tokens, "rows_skipped": self._var_rows_skipped}, f)
-        super()._save_checkpoint(model, trial)
+    def _cumulative_counters(self) -> dict[str, float]:
+        return {"num_tokens": self._total_train_tokens, "rows_skipped": self._var_rows_skipped}
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """[`~transformers.Trainer.train`], restoring VAR's cumulative `num_tokens` and `var/rows_skipped` from the
-        checkpoint it resumes from."""
-        path = resume_from_checkpoint
-        if isinstance(path, bool):
-            path = get_last_checkpoint(self.args.output_dir) if path else None
-        if path is not None:
-            counters_path = os.path.join(path, COUNTERS_FILE)
-            if os.path.isfile(counters_path):
-                with open(counters_path, encoding="utf-8") as f:
-                    counters = json.load(f)
-                self._total_train_tokens = counters["num_tokens"]
-                self._var_rows_skipped = counters["rows_skipped"]
-            else:
-                warnings.warn(
-                    f"The checkpoint {path} has no {COUNTERS_FILE}: the cumulative `num_tokens` and `var/rows_skipped` "
-                    "metrics restart from 0.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+    def _restore_cumulative_counters(self, counters: dict[str, float]) -> None:
+        self._total_train_tokens = counters.get("num_tokens", 0)
+        self._var_rows_skipped = counters.get("rows_skipped", 0)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Weights and loss

@@ -13,9 +13,7 @@ adapters disabled, DeepSpeed/FSDP placement, precomputation) and the fused LM he
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import textwrap
 import warnings
 from dataclasses import dataclass
@@ -27,7 +25,6 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
@@ -36,6 +33,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 from ..data.utils import check_float_column, to_float
 from ..losses import vcb_loss, vcb_pair_stats
 from ..model_utils import (
+    CheckpointedCountersMixin,
     KeepFloat32InputsMixin,
     adapters_disabled,
     compute_rowwise_distributed,
@@ -71,9 +69,8 @@ _STAT_KEYS = (
     "num_tokens",
     "loss_sum",
 )
-# Training metrics logged as running totals; saved with each checkpoint (`_VCB_STATE_NAME`) and restored on resume.
+# Training metrics logged as running totals; saved with each checkpoint (`CheckpointedCountersMixin`) and restored on resume.
 _CUMULATIVE_KEYS = ("groups_skipped", "masked_completions", "num_tokens")
-_VCB_STATE_NAME = "vcb_state.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -190,7 +187,7 @@ def flatten_groups(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
+class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
     r"""
     Trainer for Value-based CaliBration (VCB, Mao et al., arXiv 2402.16030) over n scored completions per prompt.
 
@@ -762,43 +759,14 @@ class VCBTrainer(KeepFloat32InputsMixin, DPOTrainer):
     # Checkpoints: the cumulative training metrics continue after `resume_from_checkpoint`
     # ------------------------------------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            # Totals up to this step: the logged ones plus the window not logged yet.
-            pending = dict(zip(_STAT_KEYS, self._vcb_sums["train"].tolist(), strict=True))
-            totals = {key: self._vcb_cumulative[key] + pending[key] for key in _CUMULATIVE_KEYS}
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            with open(os.path.join(folder, _VCB_STATE_NAME), "w") as f:
-                json.dump({"cumulative": totals}, f, indent=2)
+    def _cumulative_counters(self) -> dict[str, float]:
+        # Totals up to this step: the logged ones plus the window not logged yet.
+        pending = dict(zip(_STAT_KEYS, self._vcb_sums["train"].tolist(), strict=True))
+        return {key: self._vcb_cumulative[key] + pending[key] for key in _CUMULATIVE_KEYS}
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: `Trainer.train` raises
-        if isinstance(checkpoint, str):
-            path = os.path.join(checkpoint, _VCB_STATE_NAME)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    saved = json.load(f)["cumulative"]
-                self._vcb_cumulative = {key: float(saved[key]) for key in _CUMULATIVE_KEYS}
-            else:
-                warnings.warn(
-                    f"The checkpoint {checkpoint} has no `{_VCB_STATE_NAME}` (saved by an older version?): the "
-                    f"cumulative VCB metrics ({', '.join(_CUMULATIVE_KEYS)}) restart from 0.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                self._vcb_cumulative = dict.fromkeys(_CUMULATIVE_KEYS, 0.0)
-            self._vcb_sums["train"].zero_()
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+    def _restore_cumulative_counters(self, counters: dict[str, float]) -> None:
+        self._vcb_cumulative = {key: float(counters.get(key, 0.0)) for key in _CUMULATIVE_KEYS}
+        self._vcb_sums["train"].zero_()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
