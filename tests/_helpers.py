@@ -39,3 +39,45 @@ def make_grad_capture():
                 )
 
     return GradCapture()
+
+
+def accelerate_two_processes(*script_and_args, timeout=300):
+    """Run `script_and_args` (a script path or `-m module`, then its arguments) under `accelerate launch` with 2 real
+    CPU processes (gloo DDP), assert both exit 0, and return the combined stdout + stderr.
+
+    The launcher and its ranks run in their own process group: on timeout the whole group is killed (no rank is left
+    behind) and the test fails, saying a rank hung.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU="1",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(root),
+    )
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        *[str(a) for a in script_and_args],
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"`{' '.join(cmd)}` did not exit within {timeout} s (a rank hung).\n{out[-3000:]}\n{err[-4000:]}")
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{out[-3000:]}\n{err[-4000:]}"
+    return out + err

@@ -6,17 +6,13 @@ processes: both processes exit 0 within a timeout (no rank left hanging at exit)
         --model_name_or_path TINY --dataset_name rows.jsonl ...
 """
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 
-from tests._helpers import cpu_args
+from tests._helpers import accelerate_two_processes, cpu_args
 from tests.distributed.zero3_trainers import RA_DPO_ROWS, VAR_ROWS, VCB_ROWS
 
 ROOT = Path(__file__).parent.parent
@@ -31,46 +27,20 @@ SKIP = ("disable_tqdm", "dataloader_num_workers", "save_strategy")
 CPU_FLAGS = [f"--{k}={v}" for k, v in cpu_args().items() if k not in SKIP]
 
 
-def run_with_timeout(cmd, env, timeout):
-    """Run `cmd` in its own process group; on timeout kill the whole group (the launcher *and* its ranks) and fail."""
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"`{' '.join(cmd)}` did not exit within {timeout} s (a rank hung).\n{out[-3000:]}\n{err[-4000:]}")
-    return proc.returncode, out, err
-
-
 def launch_script(method, model_path, tmp_path, extra=()):
     recipe, rows = RECIPES[method]
     data = tmp_path / f"{method}.jsonl"
     Dataset.from_dict(rows).to_json(data)
     out = tmp_path / f"{method}-out"
-    env = dict(
-        os.environ,
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(ROOT),
-    )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", f"trl_rewardweighted.scripts.{method}", "--config", str(ROOT / recipe),
-        "--model_name_or_path", model_path, "--dataset_name", str(data), "--dtype", "float32",
-        "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+    log = accelerate_two_processes(
+        "-m", f"trl_rewardweighted.scripts.{method}", "--config", ROOT / recipe,
+        "--model_name_or_path", model_path, "--dataset_name", data, "--dtype", "float32",
+        "--output_dir", out, "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--eval_strategy", "no", "--do_eval", "false", "--push_to_hub", "false", "--max_length", "256",
-        *CPU_FLAGS, *extra,
-    ]  # fmt: skip
-    rc, stdout, stderr = run_with_timeout(cmd, env, TIMEOUT)
-    assert rc == 0, f"exit code {rc}\n{stdout[-3000:]}\n{stderr[-4000:]}"
+        *CPU_FLAGS, *extra, timeout=TIMEOUT,
+    )  # fmt: skip
     assert (out / "checkpoint-2" / "model.safetensors").exists()  # the end-of-training checkpoint
-    return out, stdout + stderr
+    return out, log
 
 
 def check_saved_model(out, model_path):

@@ -4,10 +4,7 @@ model card, config parsing, recipes, and IRA end to end."""
 import json
 import logging
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from tests._helpers import cpu_args
+from tests._helpers import accelerate_two_processes, cpu_args
 from trl_rewardweighted import RewardAugmentedDPOConfig, RewardAugmentedDPOTrainer, build_goal_prompt
 from trl_rewardweighted.data.relabel import reward_augment_dataset
 from trl_rewardweighted.ira import _tokenize_pair, implicit_reward_relabel
@@ -542,21 +539,7 @@ def test_precompute_two_processes_in_memory(tiny_model_path, tiny_tokenizer, tmp
     fails on rank 1 with FileNotFoundError) and hold the single-process values."""
     from tests.distributed.ra_dpo_precompute import build_trainer
 
-    env = dict(
-        os.environ,
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(ROOT),
-    )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(PRECOMPUTE_SCRIPT), tiny_model_path, str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accelerate_two_processes(PRECOMPUTE_SCRIPT, tiny_model_path, tmp_path, timeout=600)
     single = build_trainer(tiny_model_path, str(tmp_path / "single"), processing_class=tiny_tokenizer)
     results = [json.loads((tmp_path / f"ref_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert {k: results[0][k] for k in ("train", "eval")} == {k: results[1][k] for k in ("train", "eval")}

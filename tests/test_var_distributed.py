@@ -1,14 +1,12 @@
 """VAR with 2 real processes (CPU, gloo): the step-wide softmax makes the update independent of the batch layout,
 and the reference pre-pass works with an in-memory dataset on every rank."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests._helpers import accelerate_two_processes
 from tests.distributed.var_grad_layout import ROWS, run_layout
 
 SCRIPT = Path(__file__).parent / "distributed" / "var_grad_layout.py"
@@ -16,14 +14,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def launch_two_processes(model_path, out_dir, bs, ga, scope="step"):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(SCRIPT), model_path, str(out_dir), str(bs), str(ga), scope,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accelerate_two_processes(SCRIPT, model_path, out_dir, bs, ga, scope)
     return [torch.load(out_dir / f"rank{r}.pt") for r in (0, 1)]
 
 
@@ -64,14 +55,7 @@ def test_uneven_last_batch_repeats_get_no_weight(tiny_model_path, tmp_path):
     from tests.distributed.var_uneven import run as run_uneven
 
     script = Path(__file__).parent / "distributed" / "var_uneven.py"
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(script), tiny_model_path, str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accelerate_two_processes(script, tiny_model_path, tmp_path)
     ranks = [torch.load(tmp_path / f"uneven_rank{r}.pt") for r in (0, 1)]
     single = run_uneven(tiny_model_path, str(tmp_path / "single"), bs=4)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._helpers import accelerate_two_processes
 from tests.distributed.vcb_grad_layout import ROWS, precompute_ref_logps, run_layout
 
 SCRIPT = Path(__file__).parent / "distributed" / "vcb_grad_layout.py"
@@ -55,21 +56,7 @@ def test_per_micro_batch_mean_would_differ(tiny_model_path, tmp_path, single_pro
 @pytest.mark.distributed
 def test_two_processes_match_single_process(tiny_model_path, tmp_path, single_process):
     reference, reference_loss = single_process
-    env = dict(
-        os.environ,
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(ROOT),
-    )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(SCRIPT), tiny_model_path, str(tmp_path), "2x1", "1x2",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accelerate_two_processes(SCRIPT, tiny_model_path, tmp_path, "2x1", "1x2")
 
     # 2 processes x bs 2 and 2 processes x bs 1 x GA 2: DDP all-reduces, both ranks hold the bs-4 gradient.
     for layout in ("2x1", "1x2"):
