@@ -382,7 +382,7 @@ def test_empty_datasets_are_named(tiny_model_path, tiny_tokenizer, tmp_path):
             processing_class=tiny_tokenizer,
         )
     stream = IterableDataset.from_generator(lambda: iter([]))
-    with pytest.raises(ValueError, match=re.escape("The train dataset is empty: it yields no rows.")):
+    with pytest.raises(ValueError, match=re.escape("The train dataset is empty (0 rows).")):
         RewardAugmentedDPOTrainer(
             tiny_model_path, args=config(tmp_path, max_steps=1), train_dataset=stream, processing_class=tiny_tokenizer
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["check_float_column", "completion_text", "is_messages", "to_float"]
+__all__ = ["check_float_column", "completion_text", "first_row", "is_messages", "to_float"]
 
 
 def is_messages(value: Any) -> bool:
@@ -41,6 +41,15 @@ def to_float(value: Any, where: str, what: str = "reward") -> float:
         return float(value)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {what} {value!r} ({type(value).__name__}) is not a number; give a float.") from err
+
+
+def first_row(dataset, label: str, needs: str = "") -> dict:
+    """The first row of `dataset` (map-style or streaming), or a `ValueError` saying the `label` (e.g. "train dataset")
+    is empty, followed by `needs` (what a row must hold), instead of a bare `StopIteration` or an Arrow type error."""
+    try:
+        return next(iter(dataset))
+    except StopIteration:
+        raise ValueError(f"The {label} is empty (0 rows). {needs}".rstrip()) from None
 
 
 def check_float_column(dataset, column: str, fix: str, list_valued: bool = False) -> None:

@@ -29,6 +29,7 @@ from ..data.relabel import (
     reward_augment_dataset,
     to_explicit_prompt,
 )
+from ..data.utils import first_row
 from ..model_utils import CheckpointedCountersMixin, compute_rowwise_distributed, resolve_reference_model
 from .ra_dpo_config import RewardAugmentedDPOConfig
 
@@ -46,17 +47,7 @@ def _dataset_label(dataset_name: str, is_train: bool) -> str:
 
 
 def _check_not_empty(dataset, label: str) -> None:
-    """A clear error for a dataset without rows (instead of an Arrow type error or a StopIteration later)."""
-    if isinstance(dataset, IterableDataset):
-        try:
-            next(iter(dataset))
-        except StopIteration:
-            raise ValueError(
-                f"The {label} is empty: it yields no rows. Pass a dataset with preference pairs."
-            ) from None
-        return
-    if dataset is not None and len(dataset) == 0:
-        raise ValueError(f"The {label} is empty (0 rows). Pass a dataset with preference pairs.")
+    first_row(dataset, label, "Pass a dataset with preference pairs.")
 
 
 class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, DPOTrainer):

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
-from ..data.utils import check_float_column, to_float
+from ..data.utils import check_float_column, first_row, to_float
 from ..losses import var_log_weights, weighted_nll
 from ..model_utils import (
     CheckpointedCountersMixin,
@@ -312,18 +312,12 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
 
     @staticmethod
     def _check_not_empty(dataset, label: str, reward_column: str) -> None:
-        if isinstance(dataset, IterableDataset):
-            empty = next(iter(dataset), None) is None
-        else:
-            try:
-                empty = len(dataset) == 0
-            except TypeError:
-                return
-        if empty:
-            raise ValueError(
-                f"The {label} dataset is empty (0 rows). VAR needs prompt/completion rows with a `{reward_column}` "
-                "reward: check the split, the filtering or the file that produced it."
-            )
+        first_row(
+            dataset,
+            f"{label} dataset",
+            f"VAR needs prompt/completion rows with a `{reward_column}` reward: check the split, the filtering or the "
+            "file that produced it.",
+        )
 
     def _warn_single_row_normaliser(self) -> None:
         args = self.args

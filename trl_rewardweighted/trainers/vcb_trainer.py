@@ -30,7 +30,7 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
 
-from ..data.utils import check_float_column, to_float
+from ..data.utils import check_float_column, first_row, to_float
 from ..losses import vcb_loss, vcb_pair_stats
 from ..model_utils import (
     CheckpointedCountersMixin,
@@ -775,14 +775,12 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
 
 
 def _first_row(dataset, name: str, args) -> dict:
-    """The first row of `dataset`, or a clear error when it has none."""
-    try:
-        return next(iter(dataset))
-    except StopIteration:
-        raise ValueError(
-            f"The {name} dataset is empty (0 rows). VCB needs at least one prompt group: a row with a `prompt`, its "
-            f"`{args.completions_column}` (at least 2) and their `{args.rewards_column}`."
-        ) from None
+    return first_row(
+        dataset,
+        f"{name} dataset",
+        f"VCB needs at least one prompt group: a row with a `prompt`, its `{args.completions_column}` (at least 2) and "
+        f"their `{args.rewards_column}`.",
+    )
 
 
 def _column_names(dataset, first_example=None) -> list[str]:
