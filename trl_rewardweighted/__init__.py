@@ -1,11 +1,11 @@
 """trl-rewardweighted: alignment trainers for TRL that use reward *values*, not only preference order.
 
-- ``VARTrainer`` / ``VARConfig``: reward-weighted SFT from the variational view of RLHF (arXiv 2502.11026).
-- ``VCBTrainer`` / ``VCBConfig``: value-based calibration over n scored responses per prompt (arXiv 2402.16030).
-- ``RewardAugmentedDPOTrainer`` / ``RewardAugmentedDPOConfig`` and ``reward_augment_dataset``: reward-conditioned
+- `VARTrainer` / `VARConfig`: reward-weighted SFT from the variational view of RLHF (arXiv 2502.11026).
+- `VCBTrainer` / `VCBConfig`: value-based calibration over n scored responses per prompt (arXiv 2402.16030).
+- `RewardAugmentedDPOTrainer` / `RewardAugmentedDPOConfig` and `reward_augment_dataset`: reward-conditioned
   relabeling of preference pairs, then DPO (arXiv 2410.08067).
 
-Names are imported lazily so that ``import trl_rewardweighted`` stays cheap.
+Names are imported lazily so that `import trl_rewardweighted` stays cheap.
 """
 
 from __future__ import annotations

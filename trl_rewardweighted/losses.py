@@ -1,8 +1,8 @@
 """The math of the three methods as pure tensor functions.
 
 Tensors in, tensors out: no model, no Trainer, no I/O. Everything here runs in float32 (the VAR log-weights are centred
-in float64 first) and in log space (``softmax`` / ``logsumexp``); ``exp(r / beta)`` is never formed. Rewards, reference log-probabilities and the
-weights derived from them are constants (no gradient flows through them); only ``policy_logps`` carries a graph.
+in float64 first) and in log space (`softmax` / `logsumexp`); `exp(r / beta)` is never formed. Rewards, reference log-probabilities and the
+weights derived from them are constants (no gradient flows through them); only `policy_logps` carries a graph.
 
 See `docs/algorithms.md` (sections 2, 3 and 5) for the derivations, the choices where the papers are silent and the defaults.
 """
@@ -200,7 +200,7 @@ def _vcb_prepare(policy_logps, ref_logps, rewards, mask):
 
 
 def _vcb_normalised_rewards(r, valid, unbiased, eps_abs, eps_rel):
-    """Per-group ``(r - mean) / sigma`` (0 where sigma is ~0 or the row is invalid), and sigma itself."""
+    """Per-group `(r - mean) / sigma` (0 where sigma is ~0 or the row is invalid), and sigma itself."""
     k = valid.sum(dim=1, keepdim=True).float()
     denom_mean = k.clamp(min=1.0)
     mean = (r * valid).sum(dim=1, keepdim=True) / denom_mean

@@ -39,13 +39,13 @@ logger = logging.getLogger(__name__)
 
 
 def is_fused(model) -> bool:
-    """True when ``model.forward`` is TRL's fused-LM-head patch (``add_fused_lm_head``)."""
+    """True when `model.forward` is TRL's fused-LM-head patch (`add_fused_lm_head`)."""
     func = getattr(model.forward, "__func__", model.forward)
     return getattr(getattr(func, "__code__", None), "co_name", "") == "_fused_forward"
 
 
 def ensure_fused_lm_head(model, outputs=None):
-    """Patch ``model`` (its PEFT *base* model) with TRL's fused LM head unless it already is; returns ``model``."""
+    """Patch `model` (its PEFT *base* model) with TRL's fused LM head unless it already is; returns `model`."""
     from trl.trainer.utils import add_fused_lm_head
 
     target = model.get_base_model() if is_peft_model(model) else model
@@ -58,9 +58,9 @@ def ensure_fused_lm_head(model, outputs=None):
 
 
 def frozen_copy(model):
-    """A frozen deep copy of ``model`` to serve as a reference, without any fused-LM-head patch of the original.
+    """A frozen deep copy of `model` to serve as a reference, without any fused-LM-head patch of the original.
 
-    A model patched by an earlier trainer keeps a ``forward`` instance attribute whose non-fused path is bound to the
+    A model patched by an earlier trainer keeps a `forward` instance attribute whose non-fused path is bound to the
     original object; the copy drops it and uses its own class forward.
     """
     ref = copy.deepcopy(model)
@@ -73,10 +73,10 @@ def frozen_copy(model):
 
 
 def sequence_logps(model, input_ids, attention_mask, labels, length_normalize: bool = False):
-    """Summed completion log-probs ``(B,)`` float32 and completion token counts ``(B,)`` via TRL's fused LM head.
+    """Summed completion log-probs `(B,)` float32 and completion token counts `(B,)` via TRL's fused LM head.
 
-    ``model`` must have been patched with ``trl.trainer.utils.add_fused_lm_head`` (on the PEFT *base* model under
-    PEFT). ``labels`` are -100 on prompt and padding tokens. No ``(B, T, V)`` logits tensor is built.
+    `model` must have been patched with `trl.trainer.utils.add_fused_lm_head` (on the PEFT *base* model under
+    PEFT). `labels` are -100 on prompt and padding tokens. No `(B, T, V)` logits tensor is built.
     """
     outputs = model(
         input_ids=input_ids,
@@ -100,7 +100,7 @@ def sequence_logps(model, input_ids, attention_mask, labels, length_normalize: b
 
 @contextlib.contextmanager
 def adapters_disabled(model):
-    """Run ``model`` as its base (adapters off) when it is a PEFT model; a no-op otherwise."""
+    """Run `model` as its base (adapters off) when it is a PEFT model; a no-op otherwise."""
     unwrapped = model
     while hasattr(unwrapped, "module") and not is_peft_model(unwrapped):
         unwrapped = unwrapped.module
@@ -120,12 +120,12 @@ def compute_rowwise_distributed(
 ) -> torch.Tensor:
     """Compute one value (or one fixed-shape tensor) per dataset row, sharded over processes, gathered on all.
 
-    Every process takes the rows ``rank, rank + world, ...``, padded (by repeating its last row) so that all processes
-    run the same number of ``compute_fn`` calls: collective forwards under DeepSpeed ZeRO-3 never hang. The result is
-    a CPU float32 tensor of shape ``(num_rows, *value_shape)`` in row order, identical on every process, so an
+    Every process takes the rows `rank, rank + world, ...`, padded (by repeating its last row) so that all processes
+    run the same number of `compute_fn` calls: collective forwards under DeepSpeed ZeRO-3 never hang. The result is
+    a CPU float32 tensor of shape `(num_rows, *value_shape)` in row order, identical on every process, so an
     in-memory dataset can get the column on every rank (TRL's own precompute writes it on rank 0 only).
 
-    ``compute_fn(indices)`` returns a tensor of shape ``(len(indices), *value_shape)``.
+    `compute_fn(indices)` returns a tensor of shape `(len(indices), *value_shape)`.
     """
     if num_rows == 0:
         raise ValueError("Cannot precompute reference log-probs for an empty dataset.")
@@ -155,17 +155,17 @@ def compute_rowwise_distributed(
 
 def resolve_reference_model(model, ref_model, args, peft_config=None, quantization_config=None):
     """The reference-model rule of the DPO-based trainers (VCB and reward-augmented DPO), applied before
-    ``DPOTrainer.__init__``.
+    `DPOTrainer.__init__`.
 
-    - ``ref_model`` given as a model id or path: loaded like DPO loads its own reference (``model_init_kwargs``,
-      ``quantization_config``, ``device_map=None`` when distributed, ``trust_remote_code``). ``DPOTrainer`` itself
+    - `ref_model` given as a model id or path: loaded like DPO loads its own reference (`model_init_kwargs`,
+      `quantization_config`, `device_map=None` when distributed, `trust_remote_code`). `DPOTrainer` itself
       only takes a model object there.
-    - no ``ref_model``, and the policy is a model *object* that is not PEFT, with no ``peft_config``, no
-      ``precompute_ref_log_probs`` and no ZeRO-3: a frozen copy of the object, taken now (before the fused LM head is
-      patched onto the policy). ``DPOTrainer`` would reload ``config._name_or_path`` instead, which fails for a model
+    - no `ref_model`, and the policy is a model *object* that is not PEFT, with no `peft_config`, no
+      `precompute_ref_log_probs` and no ZeRO-3: a frozen copy of the object, taken now (before the fused LM head is
+      patched onto the policy). `DPOTrainer` would reload `config._name_or_path` instead, which fails for a model
       built in memory and silently differs from a policy modified after loading. (Under ZeRO-3 partitioned
       parameters cannot be deep-copied, so DPO's reload from the path is kept.)
-    - otherwise ``ref_model`` is returned as given (``None``: DPO uses the PEFT base / "ref" adapter, the precomputed
+    - otherwise `ref_model` is returned as given (`None`: DPO uses the PEFT base / "ref" adapter, the precomputed
       log-probs, or reloads the policy's path).
     """
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -193,7 +193,7 @@ def resolve_reference_model(model, ref_model, args, peft_config=None, quantizati
 
 
 class LocalAccelerator:
-    """The parts of ``accelerate.Accelerator`` that ``compute_rowwise_distributed`` uses, for one process."""
+    """The parts of `accelerate.Accelerator` that `compute_rowwise_distributed` uses, for one process."""
 
     num_processes = 1
     process_index = 0
@@ -220,12 +220,12 @@ def _as_assistant_messages(completion, row) -> list[dict]:
 
 
 def tokenize_prompt_completions(processing_class, prompt, completions, row=None, **template_kwargs):
-    """Tokenise one prompt and its completions the way TRL's ``DPOTrainer`` does (trl 1.16 ``_prepare_dataset``).
+    """Tokenise one prompt and its completions the way TRL's `DPOTrainer` does (trl 1.16 `_prepare_dataset`).
 
     Conversational prompts (message lists) go through the chat template (the prompt with
-    ``add_generation_prompt=True``); string prompts are concatenated with each completion, and EOS is appended to a
+    `add_generation_prompt=True`); string prompts are concatenated with each completion, and EOS is appended to a
     string completion that lacks it. The completion starts where the tokenised prompt and every tokenised
-    prompt + completion agree. Returns ``(prompt_ids, [completion_ids, ...])``.
+    prompt + completion agree. Returns `(prompt_ids, [completion_ids, ...])`.
     """
     from trl.data_utils import _tokenize, common_prefix_length
 
@@ -264,11 +264,11 @@ def tokenize_prompt_completions(processing_class, prompt, completions, row=None,
 
 
 class KeepFloat32InputsMixin:
-    """Trainer mixin: keep the listed batch tensors in float32 through ``_prepare_inputs``.
+    """Trainer mixin: keep the listed batch tensors in float32 through `_prepare_inputs`.
 
-    Under DeepSpeed, ``Trainer._prepare_input`` casts every float tensor of the batch to the engine dtype (bf16): a
+    Under DeepSpeed, `Trainer._prepare_input` casts every float tensor of the batch to the engine dtype (bf16): a
     summed log-prob of -300 then has a resolution of 2, and rewards lose their small differences. The keys in
-    ``_float32_input_keys`` are set aside, the rest is prepared as usual, and they come back as float32 on the device.
+    `_float32_input_keys` are set aside, the rest is prepared as usual, and they come back as float32 on the device.
     """
 
     _float32_input_keys: tuple[str, ...] = ()

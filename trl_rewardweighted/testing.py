@@ -5,8 +5,8 @@ Used by the test suite, the benchmarks and anyone who wants to try the trainers 
     from trl_rewardweighted.testing import build_tiny_model
     path = build_tiny_model("/tmp/tiny")  # a folder loadable with AutoModelForCausalLM / AutoTokenizer
 
-The tokenizer is trained with Qwen2's own normaliser and pre-tokenizer, so ``AutoTokenizer`` (which reloads it as a
-``Qwen2Tokenizer`` because of ``model_type=qwen2``) gives identical ids. Its ChatML template has ``{% generation %}``
+The tokenizer is trained with Qwen2's own normaliser and pre-tokenizer, so `AutoTokenizer` (which reloads it as a
+`Qwen2Tokenizer` because of `model_type=qwen2`) gives identical ids. Its ChatML template has `{% generation %}`
 markers and renders a system role. The same corpus gives byte-identical files.
 """
 
@@ -83,9 +83,9 @@ def _build_tokenizer(vocab_size: int):
 
 
 def build_tiny_model(path: str | os.PathLike, vocab_size: int = 1024, seed: int = 0) -> str:
-    """Write a tiny Qwen2ForCausalLM + tokenizer to ``path`` (created) and return ``str(path)``.
+    """Write a tiny Qwen2ForCausalLM + tokenizer to `path` (created) and return `str(path)`.
 
-    Deterministic for a given ``seed``. Takes about a second on one CPU thread. Reuses ``path`` when it already holds
+    Deterministic for a given `seed`. Takes about a second on one CPU thread. Reuses `path` when it already holds
     a model built with the same arguments.
     """
     import torch
@@ -116,7 +116,7 @@ def build_tiny_model(path: str | os.PathLike, vocab_size: int = 1024, seed: int 
 
 
 def build_tiny_reward_model(path: str | os.PathLike, seed: int = 1) -> str:
-    """A tiny ``Qwen2ForSequenceClassification`` (1 label, random score head) + the tiny tokenizer at ``path``."""
+    """A tiny `Qwen2ForSequenceClassification` (1 label, random score head) + the tiny tokenizer at `path`."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
 

@@ -9,7 +9,7 @@ __all__ = ["check_float_column", "completion_text", "first_row", "is_messages", 
 
 
 def is_messages(value: Any) -> bool:
-    """True when ``value`` is a non-empty list of ``{"role": ..., "content": ...}`` messages (TRL's conversational
+    """True when `value` is a non-empty list of `{"role": ..., "content": ...}` messages (TRL's conversational
     format)."""
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, dict) for m in value)
 
@@ -29,9 +29,9 @@ def completion_text(completion: Any, where: str = "A completion") -> str:
 
 
 def to_float(value: Any, where: str, what: str = "reward") -> float:
-    """``value`` as a float; ``None`` becomes NaN (a missing value the trainers skip and count).
+    """`value` as a float; `None` becomes NaN (a missing value the trainers skip and count).
 
-    Booleans and strings are refused: ``True`` is not a reward of 1.0, and ``"0.5"`` is a formatting error upstream.
+    Booleans and strings are refused: `True` is not a reward of 1.0, and `"0.5"` is a formatting error upstream.
     """
     if value is None:
         return math.nan
@@ -53,7 +53,7 @@ def first_row(dataset, label: str, needs: str = "") -> dict:
 
 
 def check_float_column(dataset, column: str, fix: str, list_valued: bool = False) -> None:
-    """Raise a clear error when ``column`` is missing or not numeric (a float, or a list of floats if list_valued).
+    """Raise a clear error when `column` is missing or not numeric (a float, or a list of floats if list_valued).
 
     Non-finite values (NaN/inf) are allowed here: the trainers skip and count them. Booleans are refused.
     """

@@ -529,7 +529,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
 
     @torch.no_grad()
     def _reference_sequence_logps(self, model, input_ids, attention_mask, labels):
-        """Summed completion log-probs (N,) of ``model`` as the reference (no grad, fp32)."""
+        """Summed completion log-probs (N,) of `model` as the reference (no grad, fp32)."""
         with (
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._reference_context(),
