@@ -72,11 +72,12 @@ def frozen_copy(model):
     return ref
 
 
-def sequence_logps(model, input_ids, attention_mask, labels, length_normalize: bool = False):
+def sequence_logps(model, input_ids, attention_mask, labels, length_normalize: bool = False, return_outputs=False):
     """Summed completion log-probs `(B,)` float32 and completion token counts `(B,)` via TRL's fused LM head.
 
     `model` must have been patched with `trl.trainer.utils.add_fused_lm_head` (on the PEFT *base* model under
-    PEFT). `labels` are -100 on prompt and padding tokens. No `(B, T, V)` logits tensor is built.
+    PEFT). `labels` are -100 on prompt and padding tokens. No `(B, T, V)` logits tensor is built. With
+    `return_outputs=True` the model's output (per-token `log_probs`, `entropy`, `is_top1`, `label_mask`) comes third.
     """
     outputs = model(
         input_ids=input_ids,
@@ -95,7 +96,7 @@ def sequence_logps(model, input_ids, attention_mask, labels, length_normalize: b
     logps = token_logps.sum(dim=-1)
     if length_normalize:
         logps = logps / num_tokens.clamp(min=1).to(logps.dtype)
-    return logps, num_tokens
+    return (logps, num_tokens, outputs) if return_outputs else (logps, num_tokens)
 
 
 @contextlib.contextmanager

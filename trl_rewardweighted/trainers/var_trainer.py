@@ -736,18 +736,9 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         inputs.pop("rewards")
         inputs.pop(REF_LOGPS_COLUMN, None)
         labels = inputs["labels"]
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            labels=labels,
-            fused_lm_head=True,
-            use_cache=False,
+        logps, num_tokens, outputs = sequence_logps(
+            model, inputs["input_ids"], inputs.get("attention_mask"), labels, self.args.length_normalize, True
         )
-        token_logps = outputs.log_probs.float()
-        num_tokens = (labels[:, 1:] != -100).sum(dim=-1)
-        logps = token_logps.sum(dim=-1)
-        if self.args.length_normalize:
-            logps = logps / num_tokens.clamp(min=1).to(torch.float32)
         loss = weighted_nll(logps, weights.to(logps.device))
         if mode == "train" and self.args.z_scope == "step":
             # The weights sum to 1 over all processes; DDP averages gradients across processes, so undo that average.
@@ -763,7 +754,7 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             self._metrics[mode]["mean_token_accuracy"].append(
                 (num_correct / num_valid).item() if num_valid > 0 else 0.0
             )
-        nll = -(token_logps.sum() / num_tokens.sum().clamp(min=1))
+        nll = -(outputs.log_probs.float().sum() / num_tokens.sum().clamp(min=1))
         self._metrics[mode]["nll"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
         if mode == "train":
             num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
