@@ -353,7 +353,10 @@ def test_ira_peft_reference_is_adapters_off(tiny_model_path, tiny_tokenizer):
 def test_beta_must_be_positive(tmp_path):
     for beta in (0.0, -0.1):
         with pytest.raises(
-            ValueError, match=re.escape(f"beta must be > 0 (the DPO KL coefficient; the paper uses 0.01), got {beta}")
+            ValueError,
+            match=re.escape(
+                f"beta must be a finite number > 0 (the DPO KL coefficient; the paper uses 0.01), got {beta}"
+            ),
         ):
             config(tmp_path, beta=beta)
     assert config(tmp_path, beta=0.01).beta == 0.01

@@ -544,7 +544,7 @@ def test_augment_options_one_validation():
     assert AugmentOptions(score_range={"Overall score": "auto"}).range_for("Overall score") == "auto"
     with pytest.raises(ValueError, match=re.escape("`ties` must be one of ('drop', 'keep'), got 'skip'.")):
         AugmentOptions(ties="skip")
-    with pytest.raises(ValueError, match=re.escape("`round_digits` must be an int or None, got 1.5.")):
+    with pytest.raises(ValueError, match=re.escape("`round_digits` must be an int >= 0 or None, got 1.5")):
         AugmentOptions(round_digits=1.5)
     with pytest.raises(ValueError, match=re.escape("`score_range` names unknown attribute(s) ['Honesty']")):
         AugmentOptions(score_range={"Honesty": (0, 1)})

@@ -280,7 +280,7 @@ def test_packing_and_padding_free_rejected():
 
 @pytest.mark.parametrize("beta", [0.0, -1.0])
 def test_bad_beta(beta):
-    with pytest.raises(ValueError, match=rf"VARConfig.beta must be > 0, got {beta}"):
+    with pytest.raises(ValueError, match=rf"VARConfig.beta must be a finite number > 0, got {beta}"):
         VARConfig(**cpu_args(output_dir="x", beta=beta))
 
 

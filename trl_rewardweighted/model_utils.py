@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from accelerate.utils import is_peft_model
 
-from .data.utils import is_messages
+from .data.utils import check_text_or_messages, is_messages
 
 __all__ = [
     "CheckpointedCountersMixin",
@@ -180,7 +180,13 @@ def resolve_reference_model(model, ref_model, args, peft_config=None, quantizati
         if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
             kwargs["device_map"] = None
         kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        return create_model_from_path(ref_model, **kwargs)
+        try:
+            return create_model_from_path(ref_model, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"`ref_model={ref_model!r}` could not be loaded as a model: {err} Give a folder with a saved model, a "
+                "Hub model id, or a model object (or leave `ref_model` unset to use a copy of the starting policy)."
+            ) from err
     if (
         ref_model is None
         and not isinstance(model, str)
@@ -230,7 +236,10 @@ def tokenize_prompt_completions(processing_class, prompt, completions, row=None,
     """
     from trl.data_utils import _tokenize, common_prefix_length
 
-    if is_messages(prompt):
+    if check_text_or_messages(prompt, f"Row {row}: `prompt`"):
+        for k, completion in enumerate(completions):
+            if isinstance(completion, (list, tuple)):
+                check_text_or_messages(completion, f"Row {row}: completion {k}")
         prompt = list(prompt)
         prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
         full_ids = [

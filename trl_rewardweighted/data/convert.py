@@ -287,6 +287,10 @@ def groups_to_pairs(
 _DATASET_FOLDER_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
+# Data-file suffixes that `save_dataset` does not write: refused rather than silently made a folder of that name.
+_UNWRITTEN_FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".zip", ".arrow", ".xlsx", ".yaml", ".yml")
+
+
 def _format_of(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
@@ -308,6 +312,11 @@ def check_output_path(path, overwrite: bool = False, option: str = "overwrite=Tr
     and a folder only when it is empty or was written by `save_to_disk` (a folder of other files is never removed).
     """
     path = Path(path)
+    if path.suffix.lower() in _UNWRITTEN_FILE_SUFFIXES:
+        raise ValueError(
+            f"{path}: {path.suffix} files are not written (a name with another suffix would become a save_to_disk "
+            "folder). Give a .jsonl, .json or .parquet file, or a folder name without a file suffix."
+        )
     if not _exists(path):
         return path
     if not overwrite:
@@ -420,7 +429,8 @@ def save_datasets(items: Sequence[tuple[Any, Any]], overwrite: bool = True) -> l
 
 def save_dataset(ds, path, overwrite: bool = True) -> str:
     """Write `ds` by the suffix of `path`: `.jsonl` / `.json` → JSON lines, `.parquet` → Parquet, anything
-    else → a `save_to_disk` folder. Parent folders are created. Returns `str(path)`.
+    else → a `save_to_disk` folder (data-file suffixes it does not write, such as `.csv`, are refused). Parent folders
+    are created. Returns `str(path)`.
 
     The data is written to a hidden temporary in the same folder and renamed to `path` only when complete, so an
     interrupted write never leaves a truncated file, and an existing output stays as it was until the new one is

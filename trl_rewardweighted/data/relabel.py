@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .utils import check_float_column, is_messages
+from .utils import check_float_column, check_prompt_and_completion, check_text_or_messages, is_messages
 
 __all__ = [
     "AugmentOptions",
@@ -455,8 +455,11 @@ class AugmentOptions:
             raise ValueError(f"{_opt('fraction')} must be a number in (0, 1] (0.5 = Half-RA), got {fraction!r}.")
         set_(self, "fraction", float(fraction))
         digits = self.round_digits
-        if digits is not None and (isinstance(digits, bool) or not isinstance(digits, int)):
-            raise ValueError(f"{_opt('round_digits')} must be an int or None, got {digits!r}.")
+        if digits is not None and (isinstance(digits, bool) or not isinstance(digits, int) or digits < 0):
+            raise ValueError(
+                f"{_opt('round_digits')} must be an int >= 0 or None, got {digits!r} (a negative value rounds the "
+                "goals to tens: 7.5 -> 10, 2 -> 0)."
+            )
         _check_template(self.goal_template)
         columns = self.score_columns
         if isinstance(columns, str) or not isinstance(columns, Sequence) or len(columns) != 2:
@@ -521,6 +524,12 @@ def _options_from(options: AugmentOptions | None, option_kwargs: dict[str, Any])
 def _conversation_problem(chosen: list, rejected: list) -> str | None:
     """Why two full conversations do not split into one prompt + one final reply each (None when they do)."""
     n = min(len(chosen), len(rejected))
+    if chosen[0].get("role") == "assistant" and rejected[0].get("role") == "assistant":
+        return (
+            "both start with an assistant message, so they hold no prompt (with no `prompt` column, or a string one, "
+            "message-list `chosen`/`rejected` are read as full conversations, prompt included); add a `prompt` "
+            "column of message lists"
+        )
     if chosen[0] != rejected[0]:
         return "they share no leading message"
     if chosen[:n] == rejected[:n]:  # identical, or one is a prefix of the other
@@ -542,13 +551,17 @@ def _extract_prompt(chosen, rejected, row: int) -> tuple[Any, Any, Any]:
     `DPOTrainer` applies to data without a `prompt` column), after checks that name the row."""
     from trl.data_utils import extract_prompt
 
+    check_text_or_messages(chosen, f"Row {row}: `chosen`")
+    check_text_or_messages(rejected, f"Row {row}: `rejected`")
     if is_messages(chosen) and is_messages(rejected):
         problem = _conversation_problem(list(chosen), list(rejected))
         if problem is not None:
             raise ValueError(f"Row {row}: the prompts of `chosen` and `rejected` differ: {problem}. {_MISMATCH_HINT}")
     elif isinstance(chosen, str) and isinstance(rejected, str):
         if chosen == rejected:
-            raise ValueError(f"Row {row}: `chosen` and `rejected` are identical; there is no preference to learn.")
+            raise ValueError(
+                f"Row {row}: `chosen` and `rejected` are identical; there is no preference to learn. Drop the row."
+            )
         if (
             not chosen
             or not rejected
@@ -582,6 +595,7 @@ def _detect_layout(dataset, prompt_column: str = "prompt", chosen_column: str = 
             # A string prompt with full conversations in chosen/rejected (HuggingFaceH4/ultrafeedback_binarized):
             # the conversations are the source of truth, the string is replaced by their shared leading messages.
             return ("implicit_conversational" if chosen_conv else "explicit"), chosen_conv
+        check_text_or_messages(prompt_value, f"Row 0: `{prompt_column}`")
         raise ValueError(
             f"Column `{prompt_column}` must hold strings or message lists, row 0 has {type(prompt_value).__name__}."
         )
@@ -591,6 +605,12 @@ def _detect_layout(dataset, prompt_column: str = "prompt", chosen_column: str = 
 def _explicit_row(layout: str, prompt, chosen, rejected, row: int):
     """`(prompt, chosen, rejected)` of one row in the explicit format."""
     if layout == "explicit":
+        check_prompt_and_completion(prompt, chosen, row, "prompt", "chosen")
+        check_prompt_and_completion(prompt, rejected, row, "prompt", "rejected")
+        if chosen == rejected:
+            raise ValueError(
+                f"Row {row}: `chosen` and `rejected` are identical; there is no preference to learn. Drop the row."
+            )
         return prompt, chosen, rejected
     return _extract_prompt(chosen, rejected, row)
 
@@ -800,6 +820,8 @@ def _keep_mask(goals_c, goals_r, options: AugmentOptions, stats: dict) -> np.nda
         raise ValueError(
             f"No pair is left after dropping {n_nonfinite} non-finite and {stats['dropped_ties']} tied pair(s) out of "
             f"{len(keep)}."
+            + (" Pass ties='keep' to keep tied pairs (as the released code does)." if stats["dropped_ties"] else "")
+            + (" Fill in the missing/NaN scores." if n_nonfinite else "")
         )
     return keep
 

@@ -5,13 +5,84 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["check_float_column", "completion_text", "first_row", "is_messages", "to_float"]
+__all__ = [
+    "check_float_column",
+    "check_prompt_and_completion",
+    "check_text_or_messages",
+    "completion_text",
+    "first_row",
+    "is_messages",
+    "messages_problem",
+    "to_float",
+]
 
 
 def is_messages(value: Any) -> bool:
     """True when `value` is a non-empty list of `{"role": ..., "content": ...}` messages (TRL's conversational
     format)."""
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, dict) for m in value)
+
+
+def messages_problem(messages: Any) -> str | None:
+    """Why `messages` is not a usable chat-message list (`None` when it is): a non-empty list of dicts, each with a
+    string `role` and a `content` that is a string (or a list of parts); `content` may be missing only on a message
+    that carries `tool_calls`."""
+    if not isinstance(messages, (list, tuple)):
+        return f"it is {type(messages).__name__}, not a list of messages"
+    if len(messages) == 0:
+        return "it is an empty message list"
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"message {k} is {type(message).__name__} ({message!r:.60}), not a dict with `role` and `content`"
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            return f"message {k} has no `role` (got {role!r}); each message needs a role such as 'user' or 'assistant'"
+        content = message.get("content")
+        if content is None:
+            if message.get("tool_calls"):
+                continue
+            return f"message {k} ({role!r}) has no `content`"
+        if not isinstance(content, (str, list)):
+            return (
+                f"message {k} ({role!r}) has content {content!r:.60} of type {type(content).__name__}; content must "
+                "be a string"
+            )
+    return None
+
+
+def check_text_or_messages(value: Any, where: str) -> bool:
+    """Raise a `ValueError` starting with `where` (e.g. "Row 3: `prompt`") unless `value` is a string or a usable
+    message list (see [`messages_problem`]); return `True` for a message list."""
+    if isinstance(value, str):
+        return False
+    if isinstance(value, (list, tuple)):
+        problem = messages_problem(value)
+        if problem is None:
+            return True
+        raise ValueError(
+            f"{where}: {problem}. Give a string, or a non-empty list of {{'role': ..., 'content': <string>}} messages."
+        )
+    raise ValueError(
+        f"{where} is {value!r:.60} ({type(value).__name__}): it must be a string or a list of "
+        "{'role': ..., 'content': <string>} messages. Fix or drop the row."
+    )
+
+
+def check_prompt_and_completion(
+    prompt: Any, completion: Any, row: int, prompt_column: str = "prompt", completion_column: str = "completion"
+) -> None:
+    """Check one prompt/completion row before it is tokenised: both strings, or both message lists (TRL's standard and
+    conversational formats), each well formed. The `ValueError` names the row, the column and the fix, instead of the
+    tokenizer's or the chat template's error."""
+    chat_prompt = check_text_or_messages(prompt, f"Row {row}: `{prompt_column}`")
+    chat_completion = check_text_or_messages(completion, f"Row {row}: `{completion_column}`")
+    if chat_prompt != chat_completion:
+        kinds = {True: "a message list", False: "a string"}
+        raise ValueError(
+            f"Row {row}: `{prompt_column}` is {kinds[chat_prompt]} but `{completion_column}` is "
+            f"{kinds[chat_completion]}; both must be strings (standard format) or both message lists (conversational "
+            f"format, e.g. `{completion_column}=[{{'role': 'assistant', 'content': ...}}]`)."
+        )
 
 
 def completion_text(completion: Any, where: str = "A completion") -> str:

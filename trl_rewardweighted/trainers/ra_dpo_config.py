@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,10 +132,16 @@ class RewardAugmentedDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0:
+        if (
+            isinstance(self.beta, bool)
+            or not isinstance(self.beta, (int, float))
+            or not self.beta > 0
+            or not math.isfinite(self.beta)
+        ):
             raise ValueError(
-                f"beta must be > 0 (the DPO KL coefficient; the paper uses 0.01), got {self.beta!r}: beta = 0 makes "
-                "the loss constant (nothing is learned) and a negative beta trains toward the rejected responses."
+                f"beta must be a finite number > 0 (the DPO KL coefficient; the paper uses 0.01), got {self.beta!r}: beta = 0 makes "
+                "the loss constant (nothing is learned), a negative beta trains toward the rejected responses and an "
+                "infinite beta makes the loss infinite."
             )
         # One validation for the config and `reward_augment_dataset`: build the options object (same messages), then
         # keep its normalised values (`score_range` as a float pair, `attribute_columns` as a dict of column pairs).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -123,9 +124,10 @@ class VARConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
+        beta = self.beta
+        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
             raise ValueError(
-                f"VARConfig.beta must be > 0, got {self.beta!r}. It is the temperature of the weights "
+                f"VARConfig.beta must be a finite number > 0, got {self.beta!r}. It is the temperature of the weights "
                 "softmax(r / beta + log pi_ref); set it to the scale of your rewards (e.g. their std)."
             )
         if self.z_scope not in self._VALID_Z_SCOPES:

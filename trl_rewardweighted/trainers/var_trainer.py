@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
-from ..data.utils import check_float_column, first_row, to_float
+from ..data.utils import check_float_column, check_prompt_and_completion, first_row, to_float
 from ..losses import var_log_weights, weighted_nll
 from ..model_utils import (
     CheckpointedCountersMixin,
@@ -228,8 +228,11 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 )
             )
         self._check_not_empty(train_dataset, "train", args.reward_column)
+        self._check_rows(train_dataset, "train")
         for name, ds in self._as_dict(eval_dataset).items():
-            self._check_not_empty(ds, "eval" if name == "eval" else f"eval {name!r}", args.reward_column)
+            label = "eval" if name == "eval" else f"eval {name!r}"
+            self._check_not_empty(ds, label, args.reward_column)
+            self._check_rows(ds, label)
         fix = f"VAR needs a float reward per row: add a `{args.reward_column}` column or set `reward_column` in VARConfig."
         check_float_column(train_dataset, args.reward_column, fix)
         for name, ds in self._as_dict(eval_dataset).items():
@@ -318,6 +321,33 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             f"VAR needs prompt/completion rows with a `{reward_column}` reward: check the split, the filtering or the "
             "file that produced it.",
         )
+
+    @staticmethod
+    def _check_rows(dataset, label: str) -> None:
+        """Refuse a missing `prompt`/`completion` column, or a row whose prompt or completion is not a string / a
+        well-formed message list, with the row and the fix (SFT would raise a bare `KeyError` or a tokenizer/chat
+        template error). Streams are checked on their first row. Tokenized datasets are left alone."""
+        columns = getattr(dataset, "column_names", None)
+        if columns is None:
+            columns = list(first_row(dataset, f"{label} dataset"))
+        if "input_ids" in columns:
+            return
+        missing = [c for c in ("prompt", "completion") if c not in columns]
+        if missing:
+            raise ValueError(
+                f"The {label} dataset has no {' and no '.join(f'`{c}`' for c in missing)} column (columns: "
+                f"{list(columns)}). VAR trains on prompt/completion rows (strings, or message lists for chat data) "
+                "with a reward per row: rename your columns to `prompt` and `completion`."
+            )
+        if isinstance(dataset, Dataset):
+            start = 0
+            for batch in dataset.select_columns(["prompt", "completion"]).iter(batch_size=1024):
+                for i, (prompt, completion) in enumerate(zip(batch["prompt"], batch["completion"])):
+                    check_prompt_and_completion(prompt, completion, start + i)
+                start += len(batch["prompt"])
+        else:
+            row = first_row(dataset, f"{label} dataset")
+            check_prompt_and_completion(row["prompt"], row["completion"], 0)
 
     def _warn_single_row_normaliser(self) -> None:
         args = self.args
