@@ -6,6 +6,7 @@ trl-rw score    --input groups.jsonl --scorer trl_rewardweighted.rewards:vader_p
 trl-rw convert  --input scored.jsonl --to pairs --strategy best_worst --output pairs.jsonl
 trl-rw sample   --model M --prompts prompts.txt --scorer SPEC --output-groups g.jsonl --output-pairs p.jsonl
 trl-rw train    var --config recipes/var/smollm2-135m/config_full.yaml --dataset_name rows.jsonl
+trl-rw check-recipe recipes/   # every recipe parses strictly; no model or data is loaded
 ```
 
 Adding a subcommand: write `_add_<name>_parser(subparsers)` that registers it with `set_defaults(func=_cmd_<name>)`
@@ -139,8 +140,20 @@ def _add_convert_parser(subparsers) -> None:
         description="Convert a groups or rows dataset into rows (VAR), groups (VCB) or pairs (DPO / RA-DPO), "
         "or re-save a dataset in another format (by the output suffix).",
     )
-    parser.add_argument("--input", required=True, help="groups, rows or pairs dataset")
-    parser.add_argument("--to", required=True, choices=["rows", "groups", "pairs"], help="target shape")
+    parser.add_argument("--input", required=True, help="groups, rows or pairs dataset (with --adapter: the source)")
+    parser.add_argument(
+        "--to", default=None, choices=["rows", "groups", "pairs"], help="target shape (optional with --adapter)"
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="public-dataset adapter applied first (e.g. ultrafeedback_groups; see docs/datasets.md). --input may "
+        "then be a Hub id",
+    )
+    parser.add_argument(
+        "--adapter-kwargs", default=None, help='adapter options as a JSON object, e.g. \'{"score": "overall"}\''
+    )
+    parser.add_argument("--split", default="train", help="split read from --input with --adapter (default: train)")
     _add_pair_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="breaks ties for the best / worst completion")
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
@@ -181,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(subparsers)
     _add_sample_parser(subparsers)
     _add_train_parser(subparsers)
+    _add_check_recipe_parser(subparsers)
     return parser
 
 
@@ -201,6 +215,27 @@ def _cmd_train(args) -> None:
     from trl_rewardweighted.scripts.train import main as train_main
 
     train_main(args.method, args.script_args)
+
+
+def _add_check_recipe_parser(subparsers) -> None:
+    from trl_rewardweighted.scripts.check_recipe import add_arguments
+
+    p = subparsers.add_parser(
+        "check-recipe",
+        help="validate recipes without loading a model or data",
+        description="Parse each recipe strictly with its method's config, ModelConfig and script arguments (no model "
+        "or data is loaded): renamed, misspelled and mistyped keys are reported, one message per problem. Exits 1 "
+        "when any recipe has a problem.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_check_recipe)
+
+
+def _cmd_check_recipe(args) -> None:
+    from trl_rewardweighted.scripts.check_recipe import check_recipes
+
+    if check_recipes(args.paths, args.method):
+        raise SystemExit(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -361,11 +396,21 @@ def _convert(ds, to: str, strategy: str, ties: str, seed: int):
 def _cmd_convert(args) -> None:
     from trl_rewardweighted.data.convert import load_dataset_any, save_dataset
 
+    if args.to is None and args.adapter is None:
+        raise ValueError("Give --to (a target shape), --adapter (a public-dataset adapter), or both.")
     _check_outputs(args, {"--output": args.output})
-    ds = load_dataset_any(args.input)
-    out = _convert(ds, args.to, args.strategy, args.ties, args.seed)
+    if args.adapter is not None:
+        from trl_rewardweighted.data.adapters import apply_adapter, load_source
+
+        ds = load_source(args.input, args.split)
+        out = apply_adapter(ds, args.adapter, args.adapter_kwargs)
+        out = _convert(out, args.to, args.strategy, args.ties, args.seed) if args.to else out
+    else:
+        ds = load_dataset_any(args.input)
+        out = _convert(ds, args.to, args.strategy, args.ties, args.seed)
     path = save_dataset(out, args.output, overwrite=args.overwrite)
-    print(f"convert: wrote {len(out)} {args.to} to {path} (from {len(ds)} rows)")
+    what = args.to if args.adapter is None else f"rows ({' + '.join(filter(None, [args.adapter, args.to]))})"
+    print(f"convert: wrote {len(out)} {what} to {path} (from {len(ds)} rows)")
 
 
 def _cmd_sample(args) -> None:

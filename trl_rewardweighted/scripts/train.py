@@ -30,14 +30,99 @@ def _classes(method: str):
     return getattr(trl_rewardweighted, config_name), getattr(trl_rewardweighted, trainer_name)
 
 
+_SCRIPT_ARGUMENTS = None
+
+
+def script_arguments_class():
+    """TRL's `ScriptArguments` plus `dataset_adapter`, `dataset_adapter_kwargs` and `dataset_mixture` (built on first
+    use, so that importing this module does not import TRL)."""
+    global _SCRIPT_ARGUMENTS
+    if _SCRIPT_ARGUMENTS is None:
+        import json
+        from dataclasses import dataclass, field
+
+        from trl import ScriptArguments
+
+        from trl_rewardweighted.data.adapters import ADAPTERS, parse_adapter_kwargs
+
+        @dataclass
+        class RecipeScriptArguments(ScriptArguments):
+            """[`~trl.ScriptArguments`] with a dataset adapter and a dataset mixture (see `docs/datasets.md`)."""
+
+            dataset_adapter: str | None = field(
+                default=None,
+                metadata={
+                    "help": "Adapter applied to each loaded split (see trl_rewardweighted.data.adapters.ADAPTERS).",
+                    "choices": sorted(ADAPTERS),
+                },
+            )
+            dataset_adapter_kwargs: dict | str | None = field(
+                default=None, metadata={"help": "Options of `dataset_adapter`: a mapping, or a JSON object string."}
+            )
+            dataset_mixture: dict | str | None = field(
+                default=None,
+                metadata={
+                    "help": "The alignment handbook's mixture block (datasets with id / config / split / columns / "
+                    "weight / adapter, seed, test_split_size), a mapping or a JSON object string. Replaces "
+                    "`dataset_name`."
+                },
+            )
+
+            def __post_init__(self):
+                if self.dataset_adapter is not None and self.dataset_adapter not in ADAPTERS:
+                    raise ValueError(
+                        f"dataset_adapter: unknown adapter {self.dataset_adapter!r}; choose one of {sorted(ADAPTERS)}."
+                    )
+                self.dataset_adapter_kwargs = parse_adapter_kwargs(self.dataset_adapter_kwargs)
+                if isinstance(self.dataset_mixture, str):
+                    try:
+                        self.dataset_mixture = json.loads(self.dataset_mixture)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"dataset_mixture: not valid JSON ({err}).") from None
+
+        _SCRIPT_ARGUMENTS = RecipeScriptArguments
+    return _SCRIPT_ARGUMENTS
+
+
 def make_parser(method: str):
-    from trl import ModelConfig, ScriptArguments, TrlParser
+    from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
     config_cls, _ = _classes(method)
-    return TrlParser((ScriptArguments, config_cls, ModelConfig), prog=f"trl_rewardweighted.scripts.{method}")
+    return TrlParser(
+        (script_arguments_class(), config_cls, ModelConfig, DatasetMixtureConfig),
+        prog=f"trl_rewardweighted.scripts.{method}",
+    )
 
 
-def load_splits(script_args):
+def load_splits(script_args, mixture_args=None):
+    """Return (train, eval-or-None): from `dataset_name` (a local path or a Hub id) with `dataset_adapter` applied to
+    each split, or from a mixture (`dataset_mixture`, or TRL's `datasets:` list in `mixture_args`)."""
+    mixture = getattr(script_args, "dataset_mixture", None)
+    adapter = getattr(script_args, "dataset_adapter", None)
+    adapter_kwargs = getattr(script_args, "dataset_adapter_kwargs", None)
+    if mixture_args is not None and mixture_args.datasets:
+        if mixture is not None:
+            raise ValueError("Set either `dataset_mixture` or TRL's `datasets:` list, not both.")
+        mixture = mixture_args
+    if mixture is not None:
+        if script_args.dataset_name is not None:
+            raise ValueError(
+                "Set either `dataset_name` or a mixture (`dataset_mixture` / `datasets`), not both: the mixture would "
+                "replace the dataset."
+            )
+        from trl_rewardweighted.data.adapters import load_mixture
+
+        return load_mixture(mixture, adapter, adapter_kwargs)
+    train, test = _load_named(script_args)
+    if adapter:
+        from trl_rewardweighted.data.adapters import apply_adapter
+
+        train = apply_adapter(train, adapter, adapter_kwargs)
+        test = apply_adapter(test, adapter, adapter_kwargs) if test is not None else None
+    return train, test
+
+
+def _load_named(script_args):
     """Return (train, eval-or-None) from a local path or a Hub dataset id."""
     name = script_args.dataset_name
     if name is None:
@@ -67,7 +152,8 @@ def main(method: str, argv: list[str] | None = None):
 
     _, trainer_cls = _classes(method)
     parser = make_parser(method)
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)[:3]
+    parsed = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+    script_args, training_args, model_args, mixture_args = parsed[:4]
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -84,7 +170,7 @@ def main(method: str, argv: list[str] | None = None):
         )
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
-    train_dataset, eval_dataset = load_splits(script_args)
+    train_dataset, eval_dataset = load_splits(script_args, mixture_args)
     if training_args.eval_strategy == "no":
         eval_dataset = None
     kwargs = dict(
