@@ -186,10 +186,9 @@ def test_var_refuses_malformed_eval_rows_and_stream_first_row(tiny_model_path, t
     [[float("inf")] * 4, [float("-inf")] * 4, [float("nan")] * 4],
     ids=["+inf", "-inf", "all-nan"],
 )
-def test_var_no_finite_reward_is_a_clear_error_in_training(tiny_model_path, tmp_path, rewards):
-    trainer = VARTrainer(model=tiny_model_path, args=var_args(tmp_path), train_dataset=var_data(reward=rewards))
-    with pytest.raises(ValueError, match=r"A VAR normalisation batch \(z_scope='step'\) has no valid row"):
-        trainer.train()
+def test_var_no_finite_reward_is_refused_at_init(tiny_model_path, tmp_path, rewards):
+    with pytest.raises(ValueError, match=r"Every `reward` of the train dataset is NaN/inf/None \(4 rows\)"):
+        VARTrainer(model=tiny_model_path, args=var_args(tmp_path), train_dataset=var_data(reward=rewards))
 
 
 @pytest.mark.parametrize(

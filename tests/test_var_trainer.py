@@ -290,10 +290,11 @@ def test_bad_z_scope():
 
 
 def test_batch_with_no_valid_row_raises(tiny_model_path, tmp_path):
-    ds = Dataset.from_dict({**ROWS, "reward": [float("nan")] * 4})
+    # A map-style dataset with no valid reward is refused at init (test below); a stream is only seen in training.
+    ds = Dataset.from_dict({**ROWS, "reward": [float("nan")] * 4}).to_iterable_dataset()
     trainer = VARTrainer(
         model=tiny_model_path,
-        args=make_args(tmp_path, ref_weighting=False, per_device_train_batch_size=4),
+        args=make_args(tmp_path, ref_weighting=False, per_device_train_batch_size=4, max_steps=1),
         train_dataset=ds,
     )
     with pytest.raises(ValueError, match=r"A VAR normalisation batch \(z_scope='step'\) has no valid row"):
@@ -741,3 +742,14 @@ def test_num_tokens_divides_by_tensor_parallel_size(tiny_model_path, tmp_path):
         trainer.train()
         counts.append(trainer.state.log_history[0]["num_tokens"])
     assert counts[0] > 0 and counts[1] == counts[0] // 2
+
+
+def test_missing_rewards_warn_at_init_and_all_missing_is_refused(tiny_model_path, tmp_path):
+    some = Dataset.from_dict({**ROWS, "reward": [1.0, float("nan"), None, float("inf")]})
+    with pytest.warns(
+        UserWarning, match=r"VAR: 3 of 4 rows of the train dataset have a NaN/inf/None `reward` \(rows \[1, 2, 3\]\)"
+    ):
+        VARTrainer(model=tiny_model_path, args=make_args(tmp_path, ref_weighting=False), train_dataset=some)
+    none = Dataset.from_dict({**ROWS, "reward": [float("nan"), float("inf"), float("-inf"), float("nan")]})
+    with pytest.raises(ValueError, match=r"Every `reward` of the train dataset is NaN/inf/None \(4 rows\)"):
+        VARTrainer(model=tiny_model_path, args=make_args(tmp_path, ref_weighting=False), train_dataset=none)

@@ -237,6 +237,8 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         check_float_column(train_dataset, args.reward_column, fix)
         for name, ds in self._as_dict(eval_dataset).items():
             check_float_column(ds, args.reward_column, f"(eval dataset {name!r}) {fix}")
+        for label, ds in [("train", train_dataset), *self._as_dict(eval_dataset).items()]:
+            self._warn_missing_rewards(ds, label, args.reward_column)
         if isinstance(ref_model, str):
             # Loaded like the DPO-based trainers load theirs: `model_init_kwargs`, `trust_remote_code`, no device map
             # when distributed.
@@ -348,6 +350,28 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         else:
             row = first_row(dataset, f"{label} dataset")
             check_prompt_and_completion(row["prompt"], row["completion"], 0)
+
+    @staticmethod
+    def _warn_missing_rewards(dataset, label: str, reward_column: str) -> None:
+        """Warn once per dataset about rows whose reward is NaN/inf/None: they get weight 0 and are counted in the
+        `var/rows_skipped` metric (streamed datasets are only counted, in training)."""
+        if not isinstance(dataset, Dataset):
+            return
+        values = np.asarray([np.nan if v is None else v for v in dataset[reward_column]], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if values.size and bad.size == values.size:
+            raise ValueError(
+                f"Every `{reward_column}` of the {label} dataset is NaN/inf/None ({values.size} rows): VAR has no row "
+                "to weight. Fill in the rewards (or drop the rows without one)."
+            )
+        if bad.size:
+            warnings.warn(
+                f"VAR: {bad.size} of {values.size} rows of the {label} dataset have a NaN/inf/None "
+                f"`{reward_column}` (rows {_listed(bad.tolist())}); they get weight 0 and are counted in the "
+                "`var/rows_skipped` metric.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _warn_single_row_normaliser(self) -> None:
         args = self.args
