@@ -147,6 +147,58 @@ def _load_named(script_args):
     return data[train_split], data[test_split] if test_split in data else None
 
 
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0", "none", "")
+
+
+def resolve_resume_checkpoint(value, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from, given `resume_from_checkpoint` as a recipe or the command line sets it.
+
+    `TrainingArguments.resume_from_checkpoint` is a string field, so `--resume_from_checkpoint true` arrives as the
+    string `"true"` (and `resume_from_checkpoint: true` in a recipe as the boolean) and would otherwise be taken as a
+    path.
+
+    Args:
+        value (`str`, `bool` or `None`):
+            `True` / `"true"` / `"yes"`: the last `checkpoint-N` folder in `output_dir`. `None` / `False` / `"false"` /
+            `"no"`: no resume. Anything else: the path of a checkpoint folder.
+        output_dir (`str`):
+            The run's output folder, searched for the last checkpoint.
+
+    Returns:
+        `str` or `None`: the checkpoint folder, or `None` to train from scratch.
+
+    Example:
+
+    ```python
+    >>> resolve_resume_checkpoint("false", "outputs/run")  # None
+    >>> resolve_resume_checkpoint("true", "outputs/run")
+    'outputs/run/checkpoint-500'
+    ```
+    """
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        value = value.strip().lower() in _TRUE
+    if value is None or value is False:
+        return None
+    if value is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(
+                f"resume_from_checkpoint is true, but there is no checkpoint in output_dir {output_dir!r} (no "
+                "`checkpoint-N` folder). Remove `resume_from_checkpoint` to train from scratch, or set it to the path "
+                "of a checkpoint folder."
+            )
+        return last
+    if not os.path.isdir(value):
+        raise ValueError(
+            f"resume_from_checkpoint: {value!r} is not a folder. Set it to a checkpoint folder (`output_dir/"
+            "checkpoint-N`), to `true` for the last checkpoint in output_dir, or to `false`."
+        )
+    return str(value)
+
+
 def main(method: str, argv: list[str] | None = None):
     from trl import get_peft_config, get_quantization_config
 
@@ -154,6 +206,8 @@ def main(method: str, argv: list[str] | None = None):
     parser = make_parser(method)
     parsed = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
     script_args, training_args, model_args, mixture_args = parsed[:4]
+    # Resolved before the (slow) model and data loading, so that a missing checkpoint fails at once.
+    resume_from_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -183,7 +237,7 @@ def main(method: str, argv: list[str] | None = None):
     trainer = trainer_cls(
         **{k: v for k, v in kwargs.items() if k in inspect.signature(trainer_cls.__init__).parameters}
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
