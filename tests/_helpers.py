@@ -41,6 +41,9 @@ def make_grad_capture():
     return GradCapture()
 
 
+_GLOO_ABORT = "terminate called without an active exception"
+
+
 def accelerate_two_processes(*script_and_args, timeout=300):
     """Run `script_and_args` (a script path or `-m module`, then its arguments) under `accelerate launch` with 2 real
     CPU processes (gloo DDP), assert both exit 0, and return the combined stdout + stderr.
@@ -52,6 +55,7 @@ def accelerate_two_processes(*script_and_args, timeout=300):
     import signal
     import subprocess
     import sys
+    import warnings
     from pathlib import Path
 
     import pytest
@@ -70,14 +74,24 @@ def accelerate_two_processes(*script_and_args, timeout=300):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         *[str(a) for a in script_and_args],
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"`{' '.join(cmd)}` did not exit within {timeout} s (a rank hung).\n{out[-3000:]}\n{err[-4000:]}")
+    for attempt in range(2):
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(
+                f"`{' '.join(cmd)}` did not exit within {timeout} s (a rank hung).\n{out[-3000:]}\n{err[-4000:]}"
+            )
+        # Known CPU/gloo flake (seen in about 1 of 10 full-suite runs, never in isolation): a rank aborts in C++ with
+        # "terminate called without an active exception" (SIGABRT). It is retried once, visibly, and a second abort
+        # fails the test. Tracked in docs/contributing.md.
+        if proc.returncode != 0 and attempt == 0 and _GLOO_ABORT in err:
+            warnings.warn(f"A rank aborted with {_GLOO_ABORT!r}; retrying once: {' '.join(cmd[-4:])}", stacklevel=2)
+            continue
+        break
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{out[-3000:]}\n{err[-4000:]}"
     return out + err
