@@ -44,9 +44,9 @@ def make_grad_capture():
 _GLOO_ABORT = "terminate called without an active exception"
 
 
-def accelerate_two_processes(*script_and_args, timeout=300):
-    """Run `script_and_args` (a script path or `-m module`, then its arguments) under `accelerate launch` with 2 real
-    CPU processes (gloo DDP), assert both exit 0, and return the combined stdout + stderr.
+def run_launcher(cmd, extra_env=None, timeout=300):
+    """Run a multi-process launch command (`accelerate launch`, `torchrun`, or a plain script) offline on CPU, assert it
+    exits 0, and return its stdout followed by its stderr.
 
     The launcher and its ranks run in their own process group: on timeout the whole group is killed (no rank is left
     behind) and the test fails, saying a rank hung.
@@ -54,7 +54,6 @@ def accelerate_two_processes(*script_and_args, timeout=300):
     import os
     import signal
     import subprocess
-    import sys
     import warnings
     from pathlib import Path
 
@@ -63,17 +62,13 @@ def accelerate_two_processes(*script_and_args, timeout=300):
     root = Path(__file__).resolve().parent.parent
     env = dict(
         os.environ,
-        ACCELERATE_USE_CPU="1",
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONPATH=str(root),
+        **(extra_env or {}),
     )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        *[str(a) for a in script_and_args],
-    ]  # fmt: skip
+    cmd = [str(a) for a in cmd]
     for attempt in range(2):
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -95,3 +90,24 @@ def accelerate_two_processes(*script_and_args, timeout=300):
         break
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{out[-3000:]}\n{err[-4000:]}"
     return out + err
+
+
+def accelerate_two_processes(*script_and_args, timeout=300):
+    """Run `script_and_args` (a script path or `-m module`, then its arguments) under `accelerate launch` with 2 real
+    CPU processes (gloo DDP); see `run_launcher`."""
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script_and_args,
+    ]  # fmt: skip
+    return run_launcher(cmd, {"ACCELERATE_USE_CPU": "1"}, timeout)
+
+
+def torchrun_deepspeed(*script_and_args, nproc=1, timeout=300):
+    """Run `script_and_args` under `torchrun --standalone` with `nproc` ranks and DeepSpeed on CPU
+    (`DS_ACCELERATOR=cpu`; the script sets up gloo itself, see docs/contributing.md); see `run_launcher`."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc, *script_and_args]
+    return run_launcher(cmd, {"DS_ACCELERATOR": "cpu"}, timeout)

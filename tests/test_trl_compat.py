@@ -737,6 +737,15 @@ def test_model_card(name, tiny_model_path, tmp_path):
 
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["string_data", "conversational_data"])
+def assert_trains_two_logged_steps(trainer, kit):
+    """Two training steps change the weights and log a finite loss and the method's own metric each."""
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert changed_names(trainer.model, before)
+    logs = train_logs(trainer)
+    assert len(logs) == 2 and all(math.isfinite(e["loss"]) and kit.metric in e for e in logs), logs
+
+
 @parametrize_trainers
 def test_data_format(name, conversational, tiny_model_path, tmp_path):
     kit = KITS[name]
@@ -747,11 +756,7 @@ def test_data_format(name, conversational, tiny_model_path, tmp_path):
     )
     if trainer is None:
         return
-    before = snapshot(trainer.model)
-    trainer.train()
-    assert changed_names(trainer.model, before)
-    logs = train_logs(trainer)
-    assert len(logs) == 2 and all(math.isfinite(e["loss"]) and kit.metric in e for e in logs), logs
+    assert_trains_two_logged_steps(trainer, kit)
 
 
 @parametrize_trainers
@@ -761,11 +766,7 @@ def test_streaming(name, tiny_model_path, tmp_path):
     trainer = expect("streaming", name, lambda: kit.make(tmp_path, tiny_model_path, cfg, train_dataset=kit.stream()))
     if trainer is None:
         return
-    before = snapshot(trainer.model)
-    trainer.train()
-    assert changed_names(trainer.model, before)
-    logs = train_logs(trainer)
-    assert len(logs) == 2 and all(math.isfinite(e["loss"]) and kit.metric in e for e in logs), logs
+    assert_trains_two_logged_steps(trainer, kit)
 
 
 @parametrize_trainers

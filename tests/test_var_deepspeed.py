@@ -4,12 +4,12 @@ Every parameter is a ZeRO-3 parameter (persistence threshold 0), empty outside a
 tests/test_zero3.py."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests._helpers import run_launcher, torchrun_deepspeed
 
 pytest.importorskip("deepspeed")
 
@@ -18,14 +18,11 @@ SCRIPT = ROOT / "tests" / "distributed" / "var_zero3.py"
 
 
 def run(model_path, out, mode):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     if mode == "zero3":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(SCRIPT)]
+        output = torchrun_deepspeed(SCRIPT, model_path, out, mode)
     else:
-        cmd = [sys.executable, str(SCRIPT)]
-    proc = subprocess.run([*cmd, model_path, str(out), mode], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+        output = run_launcher([sys.executable, SCRIPT, model_path, out, mode], {"DS_ACCELERATOR": "cpu"})
+    line = next(ln for ln in output.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
 
 

@@ -3,15 +3,12 @@ across gradient-accumulation micro-batches or processes; the reference precomput
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests._helpers import accelerate_two_processes
+from tests._helpers import accelerate_two_processes, torchrun_deepspeed
 from tests.distributed.vcb_grad_layout import ROWS, precompute_ref_logps, run_layout
 
 SCRIPT = Path(__file__).parent / "distributed" / "vcb_grad_layout.py"
@@ -80,15 +77,7 @@ def test_deepspeed_zero3_keeps_rewards_and_ref_logps_float32(tiny_model_path, tm
     """One ZeRO-3 + bf16 process (DeepSpeed runs on CPU with one process): live, precomputed and column references all
     train, with float32 rewards / reference log-probs at the loss (DeepSpeed would cast them to bf16)."""
     pytest.importorskip("deepspeed")
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT)
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-        str(SCRIPT), "--deepspeed", tiny_model_path, str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_deepspeed(SCRIPT, "--deepspeed", tiny_model_path, tmp_path)
     results = json.loads((tmp_path / "deepspeed.json").read_text())
     for name, result in results.items():
         assert len(result["losses"]) == 2 and all(map(math.isfinite, result["losses"])), name

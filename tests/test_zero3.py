@@ -11,9 +11,6 @@ docs/contributing.md for why `stage3_param_persistence_threshold: 0` and the glo
 """
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
+from tests._helpers import torchrun_deepspeed  # noqa: E402
 from tests.distributed.zero3_trainers import CASES, run_case  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
@@ -30,30 +28,8 @@ TIMEOUT = 420
 
 def launch_zero3(model_path, out_dir, cases, nproc=2):
     """Run `cases` under ZeRO-3 with `nproc` CPU ranks; returns {case: [rank 0 result, rank 1 result, ...]}."""
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(ROOT),
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        str(SCRIPT), model_path, str(out_dir), *cases,
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as e:  # a hung rank fails the test instead of the whole suite
-        pytest.fail(f"ZeRO-3 launch did not finish within {TIMEOUT} s.\n{_tail(e.stdout)}\n{_tail(e.stderr)}")
-    assert proc.returncode == 0, f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
+    torchrun_deepspeed(SCRIPT, model_path, out_dir, *cases, nproc=nproc, timeout=TIMEOUT)
     return {case: [torch.load(Path(out_dir) / case / f"rank{r}.pt") for r in range(nproc)] for case in cases}
-
-
-def _tail(text, n=4000):
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    return (text or "")[-n:]
 
 
 @pytest.fixture(scope="module")
