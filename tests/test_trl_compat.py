@@ -736,7 +736,6 @@ def test_model_card(name, tiny_model_path, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("conversational", [False, True], ids=["string_data", "conversational_data"])
 def assert_trains_two_logged_steps(trainer, kit):
     """Two training steps change the weights and log a finite loss and the method's own metric each."""
     before = snapshot(trainer.model)
@@ -746,6 +745,7 @@ def assert_trains_two_logged_steps(trainer, kit):
     assert len(logs) == 2 and all(math.isfinite(e["loss"]) and kit.metric in e for e in logs), logs
 
 
+@pytest.mark.parametrize("conversational", [False, True], ids=["string_data", "conversational_data"])
 @parametrize_trainers
 def test_data_format(name, conversational, tiny_model_path, tmp_path):
     kit = KITS[name]
