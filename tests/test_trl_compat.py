@@ -61,6 +61,7 @@ SCENARIOS = (
     "model_object",
     "processing_class",
     "gradient_accumulation",
+    "padding_free",
     "no_train_dataset",
     "dataset_dict_as_train_dataset",
 )
@@ -864,6 +865,21 @@ def test_gradient_accumulation(name, tiny_model_path, tmp_path):
         grads.append(capture.grad)
     assert grads[0] is not None and float(grads[0].norm()) > 0
     assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-4
+
+
+@parametrize_trainers
+def test_padding_free(name, tiny_model_path, tmp_path, baseline):
+    """`padding_free=True`: VAR and VCB run padding-free forwards with the same first step as padded ones; RA-DPO is
+    `DPOTrainer`, which in TRL 1.16 warns that padding-free is unavailable and pads."""
+    kit = KITS[name]
+    cfg = kit.config(tmp_path, padding_free=True)
+    trainer = expect("padding_free", name, lambda: kit.make(tmp_path, tiny_model_path, cfg))
+    if trainer is None:
+        return
+    assert trainer.padding_free is (name != "ra")
+    assert cfg.padding_free is True  # the user's config is left as given
+    trainer.train()
+    assert first_loss(trainer) == pytest.approx(baseline(name), rel=1e-5, abs=1e-6)
 
 
 @parametrize_trainers

@@ -47,7 +47,8 @@ def test_two_processes_micro_batch_scope_runs_and_differs(tiny_model_path, tmp_p
 
 
 @pytest.mark.distributed
-def test_uneven_last_batch_repeats_get_no_weight(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_uneven_last_batch_repeats_get_no_weight(tiny_model_path, tmp_path, packed):
     """5 rows, 2 processes x batch 2: accelerate's `even_batches` fills the last step (1 real row) with 3 rows from the
     start of the epoch. Under the step-wide softmax those repeats must get weight 0: the real row gets all of it, and
     every step's gradient equals the single-process (batch 4) gradient of the same rows."""
@@ -55,9 +56,10 @@ def test_uneven_last_batch_repeats_get_no_weight(tiny_model_path, tmp_path):
     from tests.distributed.var_uneven import run as run_uneven
 
     script = Path(__file__).parent / "distributed" / "var_uneven.py"
-    accelerate_two_processes(script, tiny_model_path, tmp_path)
+    accelerate_two_processes(script, tiny_model_path, tmp_path, *(["packed"] if packed else []))
     ranks = [torch.load(tmp_path / f"uneven_rank{r}.pt") for r in (0, 1)]
-    single = run_uneven(tiny_model_path, str(tmp_path / "single"), bs=4)
+    single = run_uneven(tiny_model_path, str(tmp_path / "single"), bs=4, packed=packed)
+    assert ranks[0]["num_rows"] == single["num_rows"] == 5  # packed: 5 packs of one row
 
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
     rows = {step: [(r, w) for x in ranks for rec in x["records"] if rec["step"] == step

@@ -271,11 +271,12 @@ def test_non_numeric_rewards(tiny_model_path, tmp_path):
         VARTrainer(model=tiny_model_path, args=make_args(tmp_path), train_dataset=ds)
 
 
-def test_packing_and_padding_free_rejected():
-    with pytest.raises(ValueError, match=r"VARConfig.packing=True is not supported"):
-        VARConfig(**cpu_args(output_dir="x", packing=True))
-    with pytest.raises(ValueError, match=r"VARConfig.padding_free=True is not supported"):
-        VARConfig(**cpu_args(output_dir="x", padding_free=True))
+def test_packing_needs_max_length_and_whole_rows():
+    with pytest.raises(ValueError, match=r"VARConfig.packing / eval_packing need `max_length`: it is the size"):
+        VARConfig(**cpu_args(output_dir="x", packing=True, max_length=None))
+    for strategy in ("wrapped", "bfd_split"):
+        with pytest.raises(ValueError, match=rf"VARConfig.packing_strategy='{strategy}' is not supported: VAR packs"):
+            VARConfig(**cpu_args(output_dir="x", packing=True, packing_strategy=strategy))
 
 
 @pytest.mark.parametrize("beta", [0.0, -1.0])
@@ -441,7 +442,6 @@ def test_empty_datasets_are_refused(tiny_model_path, tmp_path):
         ("loss_type", "dft"),
         ("completion_only_loss", False),
         ("packing_strategy", "wrapped"),
-        ("eval_packing", True),
         ("dataset_text_field", "content"),
         ("label_smoothing_factor", 0.1),
         ("router_aux_loss_coef", 0.01),

@@ -29,10 +29,13 @@ __all__ = [
     "compute_rowwise_distributed",
     "ensure_fused_lm_head",
     "frozen_copy",
+    "hidden_from_base_init",
     "is_fused",
+    "padding_free_inputs",
     "resolve_reference_model",
     "sequence_logps",
     "tokenize_prompt_completions",
+    "warn_if_padding_free_attention_is_dense",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,31 +75,137 @@ def frozen_copy(model):
     return ref
 
 
-def sequence_logps(model, input_ids, attention_mask, labels, length_normalize: bool = False, return_outputs=False):
+def padding_free_inputs(input_ids, attention_mask, labels) -> dict:
+    """Concatenate the real tokens of a padded `(B, T)` batch into one `(1, L)` row, `L` the number of real tokens.
+
+    The sequences are kept apart by `position_ids` that restart at 0 on each of them (transformers then builds a
+    block-diagonal causal mask, or the varlen kernels use `cu_seq_lens_q/k`), and the first token of each sequence gets
+    the label -100, so that no sequence is predicted from the end of the previous one: the summed log-prob of each
+    segment equals that of the padded row. Padding may be on either side; rows may be empty.
+
+    Returns:
+        `dict`: the model inputs (`input_ids`, `labels`, `position_ids`, `cu_seq_lens_q`, `cu_seq_lens_k`,
+        `max_length_q`, `max_length_k`, all `(1, L)` or 1-D) plus `segment_ids` `(L,)` (the row of each token) and
+        `num_rows`, which [`sequence_logps`] uses to sum per row.
+    """
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    flat_ids = input_ids[mask]
+    flat_labels = labels[mask].clone()
+    ends = lengths.cumsum(0)
+    starts = ends - lengths
+    flat_labels[starts[lengths > 0]] = -100
+    segment_ids = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths)
+    position_ids = torch.arange(flat_ids.shape[0], device=input_ids.device) - starts[segment_ids]
+    cu_seq_lens = torch.cat([starts.new_zeros(1), ends[lengths > 0]]).to(torch.int32)
+    max_length = int(lengths.max()) if lengths.numel() else 0
+    return {
+        "input_ids": flat_ids[None],
+        "labels": flat_labels[None],
+        "position_ids": position_ids[None],
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+        "segment_ids": segment_ids,
+        "num_rows": len(lengths),
+    }
+
+
+def sequence_logps(
+    model,
+    input_ids,
+    attention_mask,
+    labels,
+    length_normalize: bool = False,
+    return_outputs: bool = False,
+    padding_free: bool = False,
+):
     """Summed completion log-probs `(B,)` float32 and completion token counts `(B,)` via TRL's fused LM head.
 
     `model` must have been patched with `trl.trainer.utils.add_fused_lm_head` (on the PEFT *base* model under
     PEFT). `labels` are -100 on prompt and padding tokens. No `(B, T, V)` logits tensor is built. With
     `return_outputs=True` the model's output (per-token `log_probs`, `entropy`, `is_top1`, `label_mask`) comes third.
+
+    With `padding_free=True` the padded batch runs as one row of its real tokens (see [`padding_free_inputs`]): no
+    compute is spent on padding, and the per-row results are those of the padded forward (to float rounding). The
+    per-token outputs then have shape `(1, L - 1)`. `use_cache=False` is always passed: with a cache, transformers
+    does not build the block-diagonal mask from `position_ids` and every sequence would attend to the previous ones.
     """
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        labels=labels,
-        fused_lm_head=True,
-        use_cache=False,
-    )
+    if padding_free:
+        flat = padding_free_inputs(input_ids, attention_mask, labels)
+        segment_ids, num_rows = flat.pop("segment_ids"), flat.pop("num_rows")
+        outputs = model(**flat, fused_lm_head=True, use_cache=False)
+    else:
+        outputs = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            fused_lm_head=True,
+            use_cache=False,
+        )
     log_probs = getattr(outputs, "log_probs", None)
     if log_probs is None:
         raise RuntimeError(
             "The model returned no `log_probs`: it was not patched with `add_fused_lm_head` (patch the PEFT base model)."
         )
     token_logps = log_probs.float()  # (B, T-1), zero where the label is -100
-    num_tokens = (labels[:, 1:] != -100).sum(dim=-1)
-    logps = token_logps.sum(dim=-1)
+    if padding_free:
+        # Token k of the row is predicted at position k - 1; the first token of every segment has label -100.
+        per_token = torch.cat([token_logps.new_zeros(1), token_logps[0]])
+        counted = (flat["labels"][0] != -100).to(torch.long)
+        counted[0] = 0
+        segment_ids = segment_ids.to(per_token.device)
+        logps = per_token.new_zeros(num_rows).index_add(0, segment_ids, per_token)
+        num_tokens = torch.zeros(num_rows, dtype=torch.long, device=per_token.device)
+        num_tokens = num_tokens.index_add(0, segment_ids, counted.to(per_token.device))
+    else:
+        num_tokens = (labels[:, 1:] != -100).sum(dim=-1)
+        logps = token_logps.sum(dim=-1)
     if length_normalize:
         logps = logps / num_tokens.clamp(min=1).to(logps.dtype)
     return (logps, num_tokens, outputs) if return_outputs else (logps, num_tokens)
+
+
+def warn_if_padding_free_attention_is_dense(model) -> None:
+    """Warn when padding-free forwards will run with a dense attention kernel.
+
+    Results are exact with any implementation that honours packed `position_ids`, but only the varlen kernels
+    (`flash_attention_2/3`, hub flash kernels) attend within each sequence alone. With `sdpa` / `eager`, transformers
+    builds an `(L, L)` block-diagonal mask over the whole concatenated row, so attention costs grow with the square of
+    the micro-batch's total tokens: the MLP and LM-head saving can then be eaten by attention on long rows.
+    """
+    config = getattr(model, "config", None)
+    impl = str(getattr(config, "_attn_implementation", None) or "")
+    if "flash" not in impl:
+        warnings.warn(
+            f"padding_free=True with attn_implementation={impl or None!r}: results are exact, but this kernel attends "
+            "over the whole concatenated micro-batch with an (L, L) block-diagonal mask, so attention costs grow with "
+            "the square of its total tokens. The speed-up is largest with a varlen kernel: load the model with "
+            "`attn_implementation='flash_attention_2'` (`model_init_kwargs`, or `attn_implementation` in a recipe).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+@contextlib.contextmanager
+def hidden_from_base_init(args, **values):
+    """Set config fields to `values` for the duration of the base trainer's `__init__` (restored on exit).
+
+    Our trainers keep padded, one-row-per-sequence collators and run padding-free forwards themselves (see
+    [`sequence_logps`]), and VAR packs rows itself (keeping each row's reward). The bases would otherwise act on
+    these flags: `SFTTrainer` builds a collator that concatenates the rows (losing the row each token belongs to),
+    refuses `max_length` with `padding_free`, and packs without the reward column; `DPOTrainer` 1.16 warns that it
+    ignores `padding_free`.
+    """
+    saved = {name: getattr(args, name) for name in values}
+    for name, value in values.items():
+        setattr(args, name, value)
+    try:
+        yield saved
+    finally:
+        for name, value in saved.items():
+            setattr(args, name, value)
 
 
 @contextlib.contextmanager

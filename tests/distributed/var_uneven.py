@@ -46,7 +46,7 @@ def make_step_grads_callback():
     return StepGrads()
 
 
-def run(model_path, out_dir, bs):
+def run(model_path, out_dir, bs, packed=False):
     from trl_rewardweighted import VARConfig, VARTrainer
 
     args = VARConfig(
@@ -59,6 +59,10 @@ def run(model_path, out_dir, bs):
         max_grad_norm=0.0,
         beta=1.0,
         ref_weighting=False,
+        # Packed: rows of 8-13 tokens in packs of at most 13, so one row per pack (5 packs, the same layout as rows),
+        # now through the pack path (the collator unpacks; repeats are found per pack; padding-free forwards).
+        packing=packed,
+        max_length=13 if packed else 1024,
         **cpu_args(),
     )
     grads = make_step_grads_callback()
@@ -77,11 +81,18 @@ def run(model_path, out_dir, bs):
         return original(model, inputs, *a, **kw)
 
     trainer.compute_loss = spy
+    num_rows = len(trainer.train_dataset)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"records": records, "grads": grads.grads, "losses": losses, "rank": trainer.accelerator.process_index}
+    return {
+        "num_rows": num_rows,
+        "records": records,
+        "grads": grads.grads,
+        "losses": losses,
+        "rank": trainer.accelerator.process_index,
+    }
 
 
 if __name__ == "__main__":
-    result = run(sys.argv[1], sys.argv[2], bs=2)
+    result = run(sys.argv[1], sys.argv[2], bs=2, packed=sys.argv[3:] == ["packed"])
     torch.save(result, os.path.join(sys.argv[2], f"uneven_rank{result['rank']}.pt"))

@@ -29,11 +29,8 @@ _UNSUPPORTED_SFT_FIELDS = {
     "('dft') are not applied",
     "completion_only_loss": "VAR weights log pi(completion | prompt): the loss and the reference log-probs must cover "
     "the completion tokens only",
-    "packing": "packing concatenates rows into one sequence and drops the reward column, so each completion's log-prob "
-    "and weight can no longer be told apart",
-    "packing_strategy": "it only applies with packing, which VAR does not support",
-    "padding_free": "VAR needs one summed log-prob per row",
-    "eval_packing": "packing concatenates rows and drops the reward column (evaluation too)",
+    "packing_strategy": "VAR packs whole rows only ('bfd'): 'bfd_split' and 'wrapped' cut rows into pieces across "
+    "packs, and a piece of a completion has no reward or weight of its own",
     "dataset_text_field": "VAR reads prompt/completion rows; the text field of language-modeling datasets is not used",
     "label_smoothing_factor": "VAR's loss is the reward-weighted NLL; label smoothing is not applied",
     "router_aux_loss_coef": "VAR does not add the Mixture-of-Experts router auxiliary loss",
@@ -41,7 +38,6 @@ _UNSUPPORTED_SFT_FIELDS = {
 # Non-default values of the fields above that VAR does honour.
 _ALLOWED_NON_DEFAULT = {
     "completion_only_loss": (True,),
-    "eval_packing": (False,),
     "router_aux_loss_coef": (0.0,),
 }
 
@@ -83,12 +79,24 @@ class VARConfig(SFTConfig):
 
     Inherited SFT options that VAR does not honour are refused when set to anything but their [`~trl.SFTConfig`]
     default: `loss_type` (VAR has its own loss), `completion_only_loss=False` (the weights and the loss are over the
-    completion tokens), `packing`, `packing_strategy`, `padding_free`, `eval_packing=True` (one summed log-prob per row
-    is needed), `dataset_text_field` (VAR reads prompt/completion rows), `label_smoothing_factor`, and
+    completion tokens), `packing_strategy` other than `"bfd"` (it would cut rows apart), `dataset_text_field` (VAR
+    reads prompt/completion rows), `label_smoothing_factor`, and
     `router_aux_loss_coef` other than `0.0` (VAR does not add the MoE auxiliary loss). `assistant_only_loss`,
     `max_length`, `truncation_mode`, `use_liger_kernel` (layer kernels only, as in SFT), `activation_offloading`,
     `chat_template_path`, `eos_token`, `pad_token` and the data options work as in SFT.
     `average_tokens_across_devices` has no effect: the loss is a weighted sum over rows, not a token mean.
+
+    `padding_free=True` runs every forward (training, evaluation and the reference pre-pass) on one row holding the
+    micro-batch's sequences back to back, kept apart by `position_ids` (no compute on padding). Unlike SFT it works
+    with `max_length` (rows are truncated when the dataset is prepared) and with any collator that returns padded
+    rows: the rows are concatenated at the forward, so each row's summed log-prob and weight stay its own. It needs
+    an attention implementation that honours packed `position_ids` (`sdpa`, `eager`, `flash_attention_2/3`).
+
+    `packing=True` (strategy `"bfd"`, best-fit decreasing) packs whole rows into rows of at most `max_length` tokens
+    after the reference pre-pass, keeping each row's reward and reference log-prob; `per_device_train_batch_size`
+    then counts packs, and the weights are still normalised over the rows (segments) of the step. Packed batches run
+    padding-free. `eval_packing` (default: as `packing`) does the same for evaluation. Packing needs a map-style
+    dataset and `max_length`.
     """
 
     _VALID_Z_SCOPES = VAR_Z_SCOPES
@@ -132,6 +140,11 @@ class VARConfig(SFTConfig):
             )
         if self.z_scope not in self._VALID_Z_SCOPES:
             raise ValueError(f"VARConfig.z_scope must be one of {self._VALID_Z_SCOPES}, got {self.z_scope!r}.")
+        if (self.packing or self.eval_packing) and self.max_length is None:
+            raise ValueError(
+                "VARConfig.packing / eval_packing need `max_length`: it is the size of the packs. Set `max_length`, "
+                "or use `padding_free=True` without packing."
+            )
         for name, why in _UNSUPPORTED_SFT_FIELDS.items():
             value, default = getattr(self, name), _sft_default(name)
             if value != default and value not in _ALLOWED_NON_DEFAULT.get(name, ()):

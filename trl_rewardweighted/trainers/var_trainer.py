@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
-from trl import SFTTrainer
+from trl import SFTTrainer, pack_dataset
 from trl.models.utils import prepare_deepspeed
 
 from ..data.utils import check_float_column, check_prompt_and_completion, first_row, to_float
@@ -29,12 +29,14 @@ from ..model_utils import (
     adapters_disabled,
     compute_rowwise_distributed,
     ensure_fused_lm_head,
+    hidden_from_base_init,
     resolve_reference_model,
     sequence_logps,
+    warn_if_padding_free_attention_is_dense,
 )
 from .var_config import VARConfig
 
-__all__ = ["VARTrainer", "DataCollatorForVAR", "even_batches_repeats"]
+__all__ = ["VARTrainer", "DataCollatorForVAR", "even_batches_repeats", "unpack_examples"]
 
 REF_LOGPS_COLUMN = "ref_logps"
 # Cumulative counters saved next to each checkpoint (`trainer_state.json` has no room for them) and restored on resume.
@@ -47,12 +49,44 @@ def _listed(rows: list[int]) -> str:
     return f"{rows[:_MAX_LISTED_ROWS]}{more}"
 
 
+def _check_one_row_per_example(batch: dict, num_examples: int) -> None:
+    """Refuse a collated batch that is not one padded row (with its `attention_mask`) per example."""
+    if "input_ids" not in batch:
+        return
+    if batch["input_ids"].shape[0] != num_examples or "attention_mask" not in batch:
+        raise ValueError(
+            f"The data collator returned `input_ids` of shape {tuple(batch['input_ids'].shape)} "
+            f"{'without an `attention_mask` ' if 'attention_mask' not in batch else ''}for {num_examples} "
+            "examples: VAR needs one padded row per example, with its `attention_mask`, to give each row its own "
+            "weight (a padding-free collator that concatenates the rows loses them). Use a padded collator and set "
+            "`padding_free=True` in VARConfig: VAR then concatenates the rows at the forward and keeps them apart."
+        )
+
+
+def unpack_examples(packs: list[dict[str, Any]], row_columns: list[str]) -> tuple[list[dict[str, Any]], list[int]]:
+    """Split packed examples (`input_ids`/`labels` of several rows back to back, their `seq_lengths`, and a list with
+    one value per row in each of `row_columns`) into one example per row; also returns each row's pack position."""
+    rows, pack_ids = [], []
+    for p, pack in enumerate(packs):
+        start = 0
+        for j, length in enumerate(pack["seq_lengths"]):
+            row = {key: pack[key][start : start + length] for key in ("input_ids", "labels")}
+            row.update({column: pack[column][j] for column in row_columns if column in pack})
+            rows.append(row)
+            pack_ids.append(p)
+            start += length
+    return rows, pack_ids
+
+
 class DataCollatorForVAR:
     """Wraps a language-modeling collator and adds the `rewards` (and `ref_logps`) tensors of the batch.
 
     They are float64 (`dtype`), so that the trainer computes the weights from the rewards as given: float32 would round
     `1e4 + 1e-3` to `1e4 + 9.8e-4`, which `beta=1e-3` turns into a wrong weight. A missing/None value becomes NaN (the
     trainer skips and counts such rows); booleans and strings are refused.
+
+    Packed examples (a `seq_lengths` list, and one reward per segment, see `VARTrainer._pack`) are split back into
+    their rows first; the batch then also holds `pack_ids` (the position in the batch of each row's pack).
 
     Args:
         base_collator (`Callable`):
@@ -82,7 +116,13 @@ class DataCollatorForVAR:
                 f"A training example has no `{self.reward_column}` field (keys: {sorted(examples[0])}). Add a float "
                 f"reward column or set `reward_column` in VARConfig."
             )
+        pack_ids = None
+        if "seq_lengths" in examples[0]:
+            examples, pack_ids = unpack_examples(examples, [self.reward_column, REF_LOGPS_COLUMN])
         batch = self.base_collator(examples)
+        _check_one_row_per_example(batch, len(examples))
+        if pack_ids is not None:
+            batch["pack_ids"] = torch.tensor(pack_ids, dtype=torch.long)
         batch["rewards"] = self._floats([ex[self.reward_column] for ex in examples], self.reward_column, "reward")
         if REF_LOGPS_COLUMN in examples[0]:
             batch[REF_LOGPS_COLUMN] = self._floats(
@@ -255,19 +295,27 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         self.dropped_rows: dict[str, int] = {}
         self.dropped_row_indices: dict[str, list[int]] = {}
 
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-        )
+        # Padding-free forwards are run here (`sequence_logps(padding_free=True)`), on SFT's padded collator, and
+        # packing is done here (after the reference pre-pass, keeping each row's reward): SFT must do neither.
+        hidden = dict(padding_free=False, packing=False, eval_packing=False)
+        with hidden_from_base_init(args, **hidden):
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+        # Packed rows are unpacked by the collator and always run padding-free (one row per pack), as in SFT.
+        self.padding_free = args.padding_free or args.packing
+        if self.padding_free:
+            warn_if_padding_free_attention_is_dense(self.model)
         if self._is_vision_dataset:
             raise ValueError(
                 "VARTrainer does not support vision datasets (`image`/`images` columns): the reference pre-pass and "
@@ -282,7 +330,8 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         if not isinstance(self.data_collator, DataCollatorForVAR):
             dtype = torch.float32 if self.args.device.type == "mps" else torch.float64
             self.data_collator = DataCollatorForVAR(self.data_collator, args.reward_column, dtype)
-        self._warn_single_row_normaliser()
+        if not args.packing:  # packs hold a varying number of rows
+            self._warn_single_row_normaliser()
 
         self._precompute_engine = None
         if args.ref_weighting:
@@ -297,6 +346,13 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             if not self._var_external_ref and is_peft_model(self.model) and isinstance(self.train_dataset, Dataset):
                 self._var_base_is_reference = self._base_matches_policy(self.train_dataset)
         self._release_reference()
+        if args.packing:
+            self.train_dataset = self._pack(self.train_dataset, "train")
+        if self._eval_packing and self.eval_dataset is not None:
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._pack(v, f"eval[{k}]") for k, v in self.eval_dataset.items()}
+            else:
+                self.eval_dataset = self._pack(self.eval_dataset, "eval")
 
     # ------------------------------------------------------------------------------------------------------------------
     # Trainer plumbing
@@ -404,6 +460,7 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        packing = False  # VAR packs after the reference pre-pass, keeping the rewards (`_pack`)
         if self._var_passthrough_prepare or args.max_length is None:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         # Tokenise without truncation (and without shuffling) first, so that the rows SFT's truncation would leave
@@ -498,6 +555,41 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             dataset = dataset.select([i for i in range(len(needed)) if i not in drop])
         return dataset
 
+    @property
+    def _eval_packing(self) -> bool:
+        return self.args.packing if self.args.eval_packing is None else self.args.eval_packing
+
+    def _pack(self, dataset, name: str):
+        """Pack tokenised rows into rows of at most `max_length` tokens (best-fit decreasing, TRL's `pack_dataset`),
+        keeping each row's reward (and reference log-prob) as a list per pack, in segment order.
+
+        No row is cut: rows are truncated to `max_length` when the dataset is prepared, so every row fits a pack
+        whole. The collator ([`DataCollatorForVAR`]) unpacks the segments back into rows, and the forward runs
+        padding-free, so each row keeps its own log-prob and weight.
+        """
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                f"VAR packing (`packing=True`) needs a map-style Dataset, but the {name} dataset is an "
+                "IterableDataset (the packs are built from the whole dataset before training). Use a map-style "
+                "Dataset, or `padding_free=True` without packing: it saves the same padding compute."
+            )
+        columns = [c for c in (self.args.reward_column, REF_LOGPS_COLUMN) if c in dataset.column_names]
+        values = {c: dataset[c] for c in columns}
+        # A per-token row index rides along with the tokens, so that each segment of a pack names its row.
+        rows = dataset.select_columns(["input_ids", "labels"]).map(
+            lambda example, index: {"_row": [index] * len(example["input_ids"])},
+            with_indices=True,
+            desc=f"Indexing {name} rows for packing",
+        )
+        packed = pack_dataset(rows, self.args.max_length, "bfd", {"desc": f"Packing {name} dataset"})
+
+        def attach(example):
+            starts = np.cumsum([0, *example["seq_lengths"][:-1]])
+            index = [example["_row"][int(start)] for start in starts]
+            return {column: [column_values[i] for i in index] for column, column_values in values.items()}
+
+        return packed.map(attach, remove_columns=["_row"], desc=f"Attaching rewards to {name} packs")
+
     # ------------------------------------------------------------------------------------------------------------------
     # Reference log-probs (computed once, before training)
     # ------------------------------------------------------------------------------------------------------------------
@@ -548,9 +640,16 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
 
         def compute(indices):
             batch = collate([columns[int(i)] for i in indices])
+            _check_one_row_per_example(batch, len(indices))
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             with adapters_disabled(self.model) if disable_adapters else contextlib.nullcontext():
-                logps, _ = sequence_logps(ref, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+                logps, _ = sequence_logps(
+                    ref,
+                    batch["input_ids"],
+                    batch.get("attention_mask"),
+                    batch["labels"],
+                    padding_free=self.padding_free,
+                )
             return logps
 
         return compute
@@ -621,6 +720,8 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                             "or add a `ref_logps` column."
                         )
                     ds = self._maybe_add_ref_logps(ds, key)
+                if self._eval_packing and "seq_lengths" not in ds.column_names:
+                    ds = self._pack(ds, key)
                 prepared[key] = ds
             eval_dataset = prepared if isinstance(eval_dataset, dict) else prepared["eval"]
         # SFT's evaluate prepares the (already prepared) datasets again: do not count their rows a second time.
@@ -691,9 +792,13 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         acc = self.accelerator
         tables = []
         for i, batch in enumerate(batch_samples):
-            n = batch["rewards"].shape[0]
-            # Only the last micro-batch of an epoch can hold rows repeated by `even_batches`.
+            # Only the last micro-batch of an epoch can hold rows repeated by `even_batches`. Accelerate repeats
+            # dataset examples: with packing, whole packs, so every row of a repeated pack is a repeat.
+            pack_ids = batch.get("pack_ids")
+            n = batch["rewards"].shape[0] if pack_ids is None else int(pack_ids.max()) + 1
             repeats = self._even_batches_repeats(n) if i == len(batch_samples) - 1 else None
+            if repeats is not None and pack_ids is not None:
+                repeats = repeats[pack_ids.to(repeats.device)]
             tables.append(self._row_table(batch, repeats).to(acc.device))
         sizes = [t.shape[0] for t in tables]
         if self.args.z_scope == "step":
@@ -789,9 +894,16 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             weights = self._micro_batch_weights(inputs, mode)
         inputs.pop("rewards")
         inputs.pop(REF_LOGPS_COLUMN, None)
+        inputs.pop("pack_ids", None)
         labels = inputs["labels"]
         logps, num_tokens, outputs = sequence_logps(
-            model, inputs["input_ids"], inputs.get("attention_mask"), labels, self.args.length_normalize, True
+            model,
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            labels,
+            self.args.length_normalize,
+            return_outputs=True,
+            padding_free=self.padding_free,
         )
         loss = weighted_nll(logps, weights.to(logps.device))
         if mode == "train" and self.args.z_scope == "step":

@@ -37,9 +37,11 @@ from ..model_utils import (
     KeepFloat32InputsMixin,
     adapters_disabled,
     compute_rowwise_distributed,
+    hidden_from_base_init,
     resolve_reference_model,
     sequence_logps,
     tokenize_prompt_completions,
+    warn_if_padding_free_attention_is_dense,
 )
 from .vcb_config import VCBConfig
 
@@ -342,21 +344,28 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
         # and the pad token and builds its own pair collator; the VCB one replaces it below, and is built by
         # `_vcb_collator` when the reference log-probs are precomputed inside `DPOTrainer.__init__`.
         self._user_collator = data_collator
+        # Padding-free forwards are run here (`sequence_logps(padding_free=True)`), also by the precompute that
+        # `DPOTrainer.__init__` triggers; DPO 1.16 itself ignores the flag (with a warning) and pads.
+        self.padding_free = args.padding_free
 
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=None,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        with hidden_from_base_init(args, padding_free=False):
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=None,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self.padding_free = args.padding_free
+        if self.padding_free:
+            warn_if_padding_free_attention_is_dense(self.model)
         self.data_collator = self._vcb_collator()
 
         if self.aux_loss_enabled:
@@ -534,7 +543,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._reference_context(),
         ):
-            logps, _ = sequence_logps(model, input_ids, attention_mask, labels)
+            logps, _ = sequence_logps(model, input_ids, attention_mask, labels, padding_free=self.padding_free)
         return logps.float()
 
     def _reference_grid(self, inputs, flat=None) -> torch.Tensor:
@@ -656,7 +665,8 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
         flat = flatten_groups(inputs)  # (N, T) input_ids, attention_mask, labels
         input_ids, attention_mask, labels = flat
 
-        values, _ = sequence_logps(model, input_ids, attention_mask, labels)  # (N,) float32, graph
+        # (N,) float32, with a graph
+        values, _ = sequence_logps(model, input_ids, attention_mask, labels, padding_free=self.padding_free)
         policy = values.new_zeros(group_mask.shape).masked_scatter(group_mask, values)  # (G, n_max)
         ref = self._reference_grid(inputs, flat).to(policy.device)
         rewards = inputs["rewards"].float()
