@@ -44,9 +44,9 @@ def make_grad_capture():
 _GLOO_ABORT = "terminate called without an active exception"
 
 
-def run_launcher(cmd, extra_env=None, timeout=300):
+def run_launcher(cmd, extra_env=None, timeout=300, cwd=None):
     """Run a multi-process launch command (`accelerate launch`, `torchrun`, or a plain script) offline on CPU, assert it
-    exits 0, and return its stdout followed by its stderr.
+    exits 0, and return its stdout followed by its stderr. `cwd`: the working folder (default: the current one).
 
     The launcher and its ranks run in their own process group: on timeout the whole group is killed (no rank is left
     behind) and the test fails, saying a rank hung.
@@ -71,7 +71,7 @@ def run_launcher(cmd, extra_env=None, timeout=300):
     cmd = [str(a) for a in cmd]
     for attempt in range(2):
         proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd
         )
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -92,7 +92,7 @@ def run_launcher(cmd, extra_env=None, timeout=300):
     return out + err
 
 
-def accelerate_two_processes(*script_and_args, timeout=300):
+def accelerate_two_processes(*script_and_args, timeout=300, cwd=None):
     """Run `script_and_args` (a script path or `-m module`, then its arguments) under `accelerate launch` with 2 real
     CPU processes (gloo DDP); see `run_launcher`."""
     import sys
@@ -101,13 +101,13 @@ def accelerate_two_processes(*script_and_args, timeout=300):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script_and_args,
     ]  # fmt: skip
-    return run_launcher(cmd, {"ACCELERATE_USE_CPU": "1"}, timeout)
+    return run_launcher(cmd, {"ACCELERATE_USE_CPU": "1"}, timeout, cwd)
 
 
-def torchrun_deepspeed(*script_and_args, nproc=1, timeout=300):
+def torchrun_deepspeed(*script_and_args, nproc=1, timeout=300, cwd=None):
     """Run `script_and_args` under `torchrun --standalone` with `nproc` ranks and DeepSpeed on CPU
     (`DS_ACCELERATOR=cpu`; the script sets up gloo itself, see docs/contributing.md); see `run_launcher`."""
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc, *script_and_args]
-    return run_launcher(cmd, {"DS_ACCELERATOR": "cpu"}, timeout)
+    return run_launcher(cmd, {"DS_ACCELERATOR": "cpu"}, timeout, cwd)

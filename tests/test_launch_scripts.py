@@ -1,11 +1,20 @@
 """The launch entry points (`python -m trl_rewardweighted.scripts.<method>`) under `accelerate launch` with 2 CPU
-processes: both processes exit 0 within a timeout (no rank left hanging at exit) and the saved model loads.
+processes: both processes exit 0 within a timeout (no rank left hanging at exit) and the saved model loads and differs
+from the initial one.
+
+The quickstart recipes run as a user runs them, from the repository root (their `dataset_name` is a relative path to
+their own data in recipes/quickstart/data/), with only the model and the output folder replaced:
 
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-        --dynamo_backend no -m trl_rewardweighted.scripts.var --config recipes/var/smollm2-135m/config_full.yaml \
-        --model_name_or_path TINY --dataset_name rows.jsonl ...
+        --dynamo_backend no -m trl_rewardweighted.scripts.var --config recipes/quickstart/var.yaml \
+        --model_name_or_path TINY --output_dir OUT
+
+The smollm2-135m recipes (marked slow) run on synthetic rows with their own `save_strategy: steps`, so the run ends
+with a checkpoint save (collectives at exit).
 """
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,9 +31,17 @@ RECIPES = {
     "vcb": ("recipes/vcb/smollm2-135m/config_full.yaml", VCB_ROWS),
     "ra_dpo": ("recipes/reward_augmented_dpo/smollm2-135m/config_full.yaml", RA_DPO_ROWS),
 }
-# The recipe's own `save_strategy: steps` stays: the run ends with a checkpoint save (collectives at exit).
+QUICKSTART = {
+    "var": "recipes/quickstart/var.yaml",
+    "vcb": "recipes/quickstart/vcb.yaml",
+    "ra_dpo": "recipes/quickstart/reward_augmented_dpo.yaml",
+}
+# The recipe's own `save_strategy` stays (steps in the smollm2-135m recipes: the run ends with a checkpoint save, with
+# collectives at exit; "no" in the quickstart ones: the final `save_model` alone must write the model).
 SKIP = ("disable_tqdm", "dataloader_num_workers", "save_strategy")
 CPU_FLAGS = [f"--{k}={v}" for k, v in cpu_args().items() if k not in SKIP]
+# The quickstart recipes also keep their own seed.
+QUICKSTART_FLAGS = [f"--{k}={v}" for k, v in cpu_args().items() if k not in (*SKIP, "seed")]
 
 
 def launch_script(method, model_path, tmp_path, extra=()):
@@ -46,7 +63,9 @@ def launch_script(method, model_path, tmp_path, extra=()):
 def check_saved_model(out, model_path):
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    saved, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    # Every weight comes from the file (none left at a fresh random init, which would "differ" trivially).
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
     initial = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     changed = [
         name
@@ -56,17 +75,49 @@ def check_saved_model(out, model_path):
     assert changed, "the saved model equals the initial one: nothing was trained or saved"
 
 
+def logged_losses(log):
+    """The `loss` of every training log line (`{'loss': ...}` printed by rank 0 with `disable_tqdm`)."""
+    losses = []
+    for line in log.splitlines():
+        line = line.strip()
+        if line.startswith("{") and "'loss'" in line:
+            losses.append(float(line.split("'loss': ")[1].split(",")[0].strip("'")))
+    return losses
+
+
+def quickstart_rows(method):
+    path = ROOT / "recipes" / "quickstart" / "data" / {"var": "rows", "vcb": "groups", "ra_dpo": "pairs"}[method]
+    return [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
+
+
 @pytest.mark.distributed
-def test_var_script_two_processes_exit_and_save(tiny_model_path, tmp_path):
-    out, log = launch_script("var", tiny_model_path, tmp_path)
+@pytest.mark.parametrize("method", ["var", "vcb", "ra_dpo"])
+def test_quickstart_recipe_two_processes(tiny_model_path, tmp_path, method):
+    """The quickstart recipe as it is (its own data, epochs, batch size, `save_strategy: "no"`), on the tiny model."""
+    out = tmp_path / "out"
+    log = accelerate_two_processes(
+        "-m", f"trl_rewardweighted.scripts.{method}", "--config", QUICKSTART[method],
+        "--model_name_or_path", tiny_model_path, "--output_dir", out, "--disable_tqdm", "true", *QUICKSTART_FLAGS,
+        timeout=TIMEOUT, cwd=ROOT,
+    )  # fmt: skip
     assert f"Model saved to {out}" in log
+    # save_strategy "no": no checkpoint folder, the final `trainer.save_model` wrote the model.
+    assert not list(out.glob("checkpoint-*"))
+    assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
     check_saved_model(out, tiny_model_path)
+    # One epoch of the recipe's own data over 2 processes: ceil(rows / (2 x per-device batch)) logged steps (VCB: 1
+    # prompt a process; RA-DPO `augment_mode: both`: 2 rows a pair).
+    rows = len(quickstart_rows(method)) * (2 if method == "ra_dpo" else 1)
+    batch = 1 if method == "vcb" else 2
+    losses = logged_losses(log)
+    assert len(losses) == math.ceil(rows / (2 * batch)), losses
+    assert all(map(math.isfinite, losses)), losses
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["vcb", "ra_dpo"])
-def test_dpo_scripts_two_processes_exit_and_save(tiny_model_path, tmp_path, method):
+@pytest.mark.parametrize("method", ["var", "vcb", "ra_dpo"])
+def test_smollm2_recipe_two_processes_exit_and_save(tiny_model_path, tmp_path, method):
     out, log = launch_script(method, tiny_model_path, tmp_path)
     assert f"Model saved to {out}" in log
     check_saved_model(out, tiny_model_path)
