@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_ATTRIBUTE_NAME",
     "GOAL_SEPARATOR",
     "AUGMENTED_MARKER_COLUMN",
+    "twin_units",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1265,3 +1266,45 @@ def condition_dataset_on_goal(
     if names is not None and len(names) > 1:
         return out.add_column("goal_scores", [values] * len(out))
     return out.add_column("goal_score", [values[0]] * len(out))
+
+
+def twin_units(chosen: Sequence, rejected: Sequence, goal_sides: Sequence[str] | None = None) -> list[tuple[int, ...]]:
+    """Group the rows of a reward-augmented dataset into twin pairs: `(i, i + 1)` when rows `i` and `i + 1` hold the
+    same two responses swapped (and, when `goal_sides` is given, row `i` is the chosen-goal copy and row `i + 1` the
+    rejected-goal one), `(i,)` for a row left alone (its twin was dropped, e.g. by truncation).
+
+    [`reward_augment_dataset`] writes the twins of a pair next to each other, and tokenisation and filtering keep
+    the order, so adjacency plus the swapped responses identifies them (DPO's tokenised datasets keep only
+    `prompt_ids`, `chosen_ids` and `rejected_ids`).
+
+    Args:
+        chosen (`Sequence`), rejected (`Sequence`):
+            The chosen and rejected responses of each row (texts, messages or token ids: compared for equality).
+        goal_sides (`Sequence[str]`, *optional*):
+            The `goal_side` column, when still available.
+
+    Returns:
+        `list[tuple[int, ...]]`: every row index exactly once, in dataset order.
+
+    Example:
+
+    ```python
+    >>> twin_units(["a", "b", "c"], ["b", "a", "d"])
+    [(0, 1), (2,)]
+    ```
+    """
+    units: list[tuple[int, ...]] = []
+    i, n = 0, len(chosen)
+    while i < n:
+        if (
+            i + 1 < n
+            and chosen[i] == rejected[i + 1]
+            and rejected[i] == chosen[i + 1]
+            and (goal_sides is None or (goal_sides[i], goal_sides[i + 1]) == ("chosen", "rejected"))
+        ):
+            units.append((i, i + 1))
+            i += 2
+        else:
+            units.append((i,))
+            i += 1
+    return units

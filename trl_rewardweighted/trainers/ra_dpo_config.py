@@ -74,6 +74,16 @@ class RewardAugmentedDPOConfig(DPOConfig):
         eval_goal_score (`float` or `None`, *optional*, defaults to `None`):
             When evaluation data is not augmented, condition every evaluation prompt on this goal (e.g. `10`, the
             inference goal) without doubling or swapping. `None` leaves evaluation prompts untouched.
+        keep_twins_together (`bool`, *optional*, defaults to `False`):
+            Beyond the paper. With `augment_mode="both"` each pair becomes two twins that differ only in the goal and
+            have opposite labels. `False` (the paper's code and TRL): rows are shuffled independently, so twins land
+            in different steps, and each step learns a goal-independent preference that the twin's step undoes.
+            `True`: pairs are shuffled (anew every epoch, seeded by `data_seed` or `seed`) but the twins of a pair stay
+            adjacent, so every micro-batch (on every process, for any gradient accumulation) holds whole pairs and
+            their goal-independent gradients cancel. Needs an even `per_device_train_batch_size`. Rows whose twin
+            was dropped (e.g. by `max_length`) are shuffled and placed after all pairs of the epoch; with an odd row
+            count, accelerate completes the last batch with rows from the start of the epoch, which may split one
+            pair there. See `docs/reward_augmented_dpo.md`.
     """
 
     augment_mode: str = field(
@@ -130,8 +140,28 @@ class RewardAugmentedDPOConfig(DPOConfig):
         metadata={"help": "Condition un-augmented evaluation prompts on this goal (e.g. 10); None leaves them as is."},
     )
 
+    keep_twins_together: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each pair's two goal-conditioned twins in the same micro-batch (pairs still shuffled)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.keep_twins_together:
+            if self.augment_mode != "both":
+                raise ValueError(
+                    f"keep_twins_together=True needs augment_mode='both' (got {self.augment_mode!r}): only then does "
+                    "each pair have two twins to keep together."
+                )
+            if self.per_device_train_batch_size % 2:
+                raise ValueError(
+                    f"keep_twins_together=True needs an even per_device_train_batch_size (got "
+                    f"{self.per_device_train_batch_size}): the two twins of a pair take two rows of the same "
+                    "micro-batch. Use e.g. per_device_train_batch_size="
+                    f"{max(2, self.per_device_train_batch_size - 1)} or {self.per_device_train_batch_size + 1}."
+                )
         if (
             isinstance(self.beta, bool)
             or not isinstance(self.beta, (int, float))

@@ -28,12 +28,13 @@ from ..data.relabel import (
     condition_dataset_on_goal,
     reward_augment_dataset,
     to_explicit_prompt,
+    twin_units,
 )
 from ..data.utils import first_row
 from ..model_utils import CheckpointedCountersMixin, compute_rowwise_distributed, resolve_reference_model
 from .ra_dpo_config import RewardAugmentedDPOConfig
 
-__all__ = ["RewardAugmentedDPOTrainer"]
+__all__ = ["RewardAugmentedDPOTrainer", "TwinPairSampler"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,42 @@ def _dataset_label(dataset_name: str, is_train: bool) -> str:
 
 def _check_not_empty(dataset, label: str) -> None:
     first_row(dataset, label, "Pass a dataset with preference pairs.")
+
+
+class TwinPairSampler(torch.utils.data.Sampler):
+    """Sampler that shuffles units of rows (twin pairs, or single rows) and yields each unit's rows consecutively.
+
+    Pairs come first, in a random order, then the single rows, in a random order; so with an even batch size every
+    batch cut from the sequence (per device, per accumulation step, per process: accelerate gives each process whole
+    consecutive batches) holds whole pairs. The order changes every epoch (`set_epoch`, called by the Trainer) and is
+    the same on every process for a given seed and epoch.
+
+    Args:
+        units (`list[tuple[int, ...]]`):
+            The row indices of each unit, see [`~data.relabel.twin_units`].
+        seed (`int`):
+            Base seed; epoch `e` uses `seed + e`.
+    """
+
+    def __init__(self, units: list[tuple[int, ...]], seed: int):
+        self.pairs = [u for u in units if len(u) == 2]
+        self.singles = [u for u in units if len(u) != 2]
+        self.seed = seed
+        self.epoch = 0
+        self._num_rows = sum(len(u) for u in units)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        for group in (self.pairs, self.singles):
+            for k in torch.randperm(len(group), generator=generator).tolist():
+                yield from group[k]
 
 
 class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, DPOTrainer):
@@ -293,6 +330,25 @@ class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, DPOTrainer):
                 if key in stats
             }
         return dataset
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.args.keep_twins_together:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        columns = dataset.with_format(None).select_columns(["chosen_ids", "rejected_ids"])[:]
+        units = twin_units(columns["chosen_ids"], columns["rejected_ids"])
+        singles = sum(len(u) == 1 for u in units)
+        self.augmentation_stats.setdefault("train", {})["twin_pairs"] = len(units) - singles
+        if singles:
+            logger.warning(
+                "keep_twins_together: %d of %d training rows have no twin (it was dropped, e.g. by max_length); they "
+                "are shuffled and placed after the %d pairs of each epoch.",
+                singles,
+                len(dataset),
+                len(units) - singles,
+            )
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return TwinPairSampler(units, seed)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """Add the `ref_chosen_logps` / `ref_rejected_logps` columns, computed on every process.
