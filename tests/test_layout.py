@@ -22,13 +22,16 @@ RANKS = {
     "testing": 0,
     "offline": 0,
     "rewards": 0,
+    "metrics": 0,
     "model_utils": 1,
     "trainers": 2,
     "sampling": 2,
     "ira": 2,
+    "evaluation": 3,
     "quickstart": 3,
     "scripts": 3,
-    "cli": 4,
+    "compare": 4,
+    "cli": 5,
 }
 
 
