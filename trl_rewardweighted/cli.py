@@ -7,6 +7,9 @@ trl-rw convert  --input scored.jsonl --to pairs --strategy best_worst --output p
 trl-rw sample   --model M --prompts prompts.txt --scorer SPEC --output-groups g.jsonl --output-pairs p.jsonl
 trl-rw train    var --config recipes/var/smollm2-135m/config_full.yaml --dataset_name rows.jsonl
 trl-rw check-recipe recipes/   # every recipe parses strictly; no model or data is loaded
+trl-rw eval     --model var=out/var --goal-model ra=out/ra --reference M --prompts test.jsonl --reward SPEC \
+                --output-dir eval/
+trl-rw compare  --output-dir compare/   # SFT, DPO, VAR, VCB, reward-augmented DPO side by side (quickstart setup)
 ```
 
 Adding a subcommand: write `_add_<name>_parser(subparsers)` that registers it with `set_defaults(func=_cmd_<name>)`
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(subparsers)
     _add_train_parser(subparsers)
     _add_check_recipe_parser(subparsers)
+    _add_eval_parser(subparsers)
+    _add_compare_parser(subparsers)
     return parser
 
 
@@ -236,6 +241,133 @@ def _cmd_check_recipe(args) -> None:
 
     if check_recipes(args.paths, args.method):
         raise SystemExit(1)
+
+
+def _add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate trained models against a reference: reward, win rate, KL, length, diversity",
+        description="Generate (sampled and greedy) replies of each model and of the reference on a prompt set, score "
+        "them, and report mean reward with 95 %% bootstrap intervals, the paired difference and win / tie / loss "
+        "rate against the reference, KL to the reference on the model's own samples, reward per nat, length, "
+        "distinct-1/2, self-BLEU and the misalignment rate. Writes eval.json, eval.md and PNG plots. "
+        "See docs/evaluation.md.",
+    )
+    p.add_argument(
+        "--model", action="append", default=[], metavar="[NAME=]PATH", help="a model to evaluate (repeatable)"
+    )
+    p.add_argument(
+        "--goal-model",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="a reward-augmented DPO model: it answers goal-conditioned prompts, and the reference is also evaluated "
+        "under the same goal prompt (repeatable)",
+    )
+    p.add_argument("--reference", required=True, help="the reference model (usually the starting model)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file (.txt, one per line) or dataset file / folder with a `prompt` column (strings or chat)",
+    )
+    p.add_argument("--reward", required=True, help="reward model path / Hub id, or `module:function`")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument(
+        "--reference-column",
+        default=None,
+        help="a column of the prompt dataset with one reference response per prompt (e.g. `chosen`): adds a win rate "
+        "against it",
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N prompts only")
+    p.add_argument("--num-samples", type=int, default=4, help="sampled replies per prompt (default: 4)")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy replies")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    p.add_argument("--goal-score", type=float, default=10.0, help="goal of --goal-model models (default: 10)")
+    p.add_argument("--goal-template", default=None, help="goal text template used at training")
+    p.add_argument("--tie-tolerance", type=float, default=0.0)
+    _add_progress_arg(p)
+    _add_overwrite_arg(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _named_models(values: list[str], option: str) -> list[tuple[str, str]]:
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value.rstrip("/")).name or value, value
+        if not name or not path:
+            raise ValueError(f"{option} {value!r}: give NAME=PATH or PATH.")
+        out.append((name, path))
+    return out
+
+
+def _cmd_eval(args) -> None:
+    from trl_rewardweighted.data.utils import completion_text
+    from trl_rewardweighted.evaluation import EvalConfig, ModelSpec, evaluate_models, summary_line, write_report
+
+    specs = [ModelSpec(n, p) for n, p in _named_models(args.model, "--model")]
+    specs += [ModelSpec(n, p, goal_conditioned=True) for n, p in _named_models(args.goal_model, "--goal-model")]
+    if not specs:
+        raise ValueError("Give at least one --model or --goal-model to evaluate.")
+    out = Path(args.output_dir)
+    if (out / "eval.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{out / 'eval.json'} exists; pass --overwrite to replace it.")
+    ds = _read_prompts(args.prompts)
+    if args.limit is not None:
+        ds = ds.select(range(min(args.limit, len(ds))))
+    references = None
+    if args.reference_column:
+        if args.reference_column not in ds.column_names:
+            raise ValueError(
+                f"--reference-column {args.reference_column!r} is not a column of {args.prompts} "
+                f"(columns: {ds.column_names})."
+            )
+        references = [completion_text(r) for r in ds[args.reference_column]]
+    config = EvalConfig(
+        num_samples=args.num_samples,
+        greedy=not args.no_greedy,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        goal_score=args.goal_score,
+        goal_template=args.goal_template,
+        tie_tolerance=args.tie_tolerance,
+        progress=not args.no_progress,
+    )
+    results = evaluate_models(
+        specs, args.reference, list(ds["prompt"]), args.reward, config, reference_responses=references
+    )
+    paths = write_report(results, out)
+    print((out / "eval.md").read_text())
+    print(summary_line(results))
+    print("written: " + ", ".join(paths.values()))
+
+
+def _add_compare_parser(subparsers) -> None:
+    from trl_rewardweighted.compare import add_arguments
+
+    p = subparsers.add_parser(
+        "compare",
+        help="train SFT, DPO, VAR, VCB and reward-augmented DPO on the same data and compare them",
+        description="Sample and score replies from a starting model, train every selected method on the same data "
+        "with matched budgets, evaluate each (trl-rw eval) on held-out prompts and write one table and plot. "
+        "The default runs offline on CPU (SmolLM2-135M-Instruct, VADER reward). See docs/compare.md.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> None:
+    from trl_rewardweighted.compare import run_compare
+
+    run_compare(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,327 @@
+"""`trl-rw compare`: train SFT, DPO, VAR, VCB and reward-augmented DPO from the same starting model on the same
+sampled-and-scored data, with matched budgets, evaluate each on held-out prompts and write one comparison.
+
+1. Sample `--candidates` replies per training prompt from the starting model and score them (the quickstart setup by
+   default: SmolLM2-135M-Instruct, VADER positivity, the packaged prompts; fully offline).
+2. Build each method's data from the same groups: SFT on the best reply per prompt; DPO on best vs worst; VAR on every
+   reply with its reward (`ref_weighting=False`: the replies were sampled from the reference); VCB on the groups;
+   reward-augmented DPO on best vs worst with the rewards mapped to the 1-10 goal scale (with and without
+   `keep_twins_together` when `ra_dpo_twins` is selected).
+3. Train each for the same number of optimizer steps, each step seeing the same number of sequences (a DPO pair
+   counts 2, a VCB group `n`); learning rate, seed and schedule are shared.
+4. Evaluate every model and the reference with [`~evaluation.evaluate_models`] (same prompts, same sampling seed:
+   paired), and write `compare.md` (the table, the budgets, the pairwise paired differences), `compare.json`, and
+   the plots of `trl-rw eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .evaluation import REFERENCE, EvalConfig, ModelSpec, evaluate_models, markdown_table, write_report
+from .metrics import paired_bootstrap_diff
+
+__all__ = ["METHODS", "add_arguments", "run_compare", "build_method_data", "pairwise_table"]
+
+METHODS = ("sft", "dpo", "var", "vcb", "ra_dpo", "ra_dpo_twins")
+DEFAULT_METHODS = "sft,dpo,var,vcb,ra_dpo,ra_dpo_twins"
+DEFAULT_REWARD = "trl_rewardweighted.rewards:vader_positivity"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2' (default, offline), 'tiny', or a model path")
+    p.add_argument("--reward", default=DEFAULT_REWARD, help="reward model path or `module:function` (default: VADER)")
+    p.add_argument(
+        "--reward-range",
+        default="-1,1",
+        help="the reward's range 'lo,hi', mapped to the 1-10 goal scale of reward-augmented DPO (default: -1,1, "
+        "VADER); 'auto' uses the training data's min and max",
+    )
+    p.add_argument("--prompts", default=None, help="prompt file (default: the packaged quickstart prompts)")
+    p.add_argument("--output-dir", default="compare_output")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--num-train-prompts", type=int, default=24)
+    p.add_argument("--num-eval-prompts", type=int, default=16)
+    p.add_argument("--candidates", type=int, default=4, help="sampled replies per training prompt (default: 4)")
+    p.add_argument("--eval-samples", type=int, default=4, help="sampled replies per held-out prompt (default: 4)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--gen-batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per method (default: 24)")
+    p.add_argument(
+        "--sequences-per-step",
+        type=int,
+        default=8,
+        help="completions seen per optimizer step by every method (a multiple of 4 and of --candidates; default 8)",
+    )
+    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--beta-var", type=float, default=0.2, help="VAR temperature (VADER rewards lie in [-1, 1])")
+    p.add_argument("--beta-dpo", type=float, default=0.1, help="DPO and reward-augmented DPO beta")
+    p.add_argument("--gamma", type=float, default=0.05, help="VCB gamma")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing comparison in --output-dir")
+
+
+def _groups(model, tokenizer, prompts, opts, scorer):
+    from .sampling import generate_completions, score_completions
+
+    ds = generate_completions(
+        model,
+        prompts,
+        n=opts.candidates,
+        tokenizer=tokenizer,
+        max_new_tokens=opts.max_new_tokens,
+        seed=opts.seed,
+        batch_size=opts.gen_batch_size,
+        progress=not opts.no_progress,
+    )
+    return score_completions(ds, scorer, progress=not opts.no_progress)
+
+
+def build_method_data(groups, reward_range: str = "-1,1") -> dict:
+    """Each method's training dataset from one scored groups dataset (`prompt`, `completions`, `rewards`)."""
+    from datasets import Dataset
+
+    from .data.convert import groups_to_pairs, groups_to_rows
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text}]
+
+    prompts, completions, rewards = groups["prompt"], groups["completions"], groups["rewards"]
+    best = [max(range(len(r)), key=lambda j, r=r: r[j]) for r in rewards]
+    sft = Dataset.from_dict(
+        {"prompt": list(prompts), "completion": [assistant(c[b]) for c, b in zip(completions, best)]}
+    )
+    pairs = groups_to_pairs(groups, strategy="best_worst", ties="drop")
+    dpo = pairs.select_columns(["prompt", "chosen", "rejected"])
+    ra = pairs.select_columns(["prompt", "chosen", "rejected", "score_chosen", "score_rejected"])
+    return {
+        "sft": sft,
+        "dpo": dpo,
+        "var": groups_to_rows(groups),
+        "vcb": groups.select_columns(["prompt", "completions", "rewards"]),
+        "ra_dpo": ra,
+        "ra_dpo_twins": ra,
+        "_reward_range": reward_range,
+    }
+
+
+def _batch_sizes(sequences: int, candidates: int) -> dict[str, int]:
+    if sequences % 4 or sequences % candidates:
+        raise ValueError(
+            f"--sequences-per-step {sequences} must be a multiple of 4 (a reward-augmented DPO step holds whole twin "
+            f"pairs of 2 sequences each) and of --candidates {candidates} (a VCB group)."
+        )
+    return {
+        "sft": sequences,
+        "var": sequences,
+        "dpo": sequences // 2,
+        "ra_dpo": sequences // 2,
+        "ra_dpo_twins": sequences // 2,
+        "vcb": sequences // candidates,
+    }
+
+
+def _train(method, model_path, tokenizer, data, batch_size, opts, out: Path, reward_range):
+    import torch
+
+    common = dict(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=opts.steps,
+        learning_rate=opts.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        seed=opts.seed,
+        disable_tqdm=opts.no_progress,
+    )
+    if method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(
+            model=model_path, args=SFTConfig(max_length=256, **common), train_dataset=data, processing_class=tokenizer
+        )
+    elif method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(beta=opts.beta_dpo, max_length=256, **common)
+        trainer = DPOTrainer(model=model_path, args=args, train_dataset=data, processing_class=tokenizer)
+    elif method == "var":
+        from .trainers.var_config import VARConfig
+        from .trainers.var_trainer import VARTrainer
+
+        args = VARConfig(beta=opts.beta_var, ref_weighting=False, max_length=256, **common)
+        trainer = VARTrainer(model=model_path, args=args, train_dataset=data, processing_class=tokenizer)
+    elif method == "vcb":
+        from .trainers.vcb_config import VCBConfig
+        from .trainers.vcb_trainer import VCBTrainer
+
+        args = VCBConfig(gamma=opts.gamma, max_length=256, precompute_ref_log_probs=True, **common)
+        trainer = VCBTrainer(model=model_path, args=args, train_dataset=data, processing_class=tokenizer)
+    else:
+        from .trainers.ra_dpo_config import RewardAugmentedDPOConfig
+        from .trainers.ra_dpo_trainer import RewardAugmentedDPOTrainer
+
+        args = RewardAugmentedDPOConfig(
+            beta=opts.beta_dpo,
+            max_length=None,
+            score_range=reward_range,
+            keep_twins_together=method == "ra_dpo_twins",
+            **common,
+        )
+        trainer = RewardAugmentedDPOTrainer(
+            model=model_path, args=args, train_dataset=data, processing_class=tokenizer
+        )
+    start = time.time()
+    trainer.train()
+    seconds = time.time() - start
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "steps": trainer.state.global_step,
+        "batch_size": batch_size,
+        "train_rows": len(data),
+        "seconds": round(seconds, 1),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+def pairwise_table(results: dict, names: list[str], n_resamples: int = 2000) -> str:
+    """Paired differences of mean reward between every two models (row minus column), over the same prompts and
+    sampling seed, with 95 % paired-bootstrap intervals. "≈" when the interval contains 0: not distinguishable."""
+    import numpy as np
+
+    per_prompt = {
+        n: np.asarray([float(np.mean(g)) for g in results["models"][n]["samples"]["rewards"]]) for n in names
+    }
+    lines = ["| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            if a == b:
+                cells.append("–")
+                continue
+            d = paired_bootstrap_diff(per_prompt[a], per_prompt[b], n_resamples=n_resamples)
+            mark = "+" if d.low > 0 else ("−" if d.high < 0 else "≈")
+            cells.append(f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}] {mark}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(opts) -> dict:
+    """Run the comparison described in the module docstring with the parsed `opts`; returns the summary dict."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .quickstart import PROMPTS_FILE, read_prompts, resolve_model
+
+    methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {unknown or methods}; choose from {', '.join(METHODS)}.")
+    sizes = _batch_sizes(opts.sequences_per_step, opts.candidates)
+    out = Path(opts.output_dir)
+    if (out / "compare.json").exists() and not opts.overwrite:
+        raise FileExistsError(f"{out / 'compare.json'} exists; pass --overwrite to replace it.")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+
+    prompts = read_prompts(Path(opts.prompts) if opts.prompts else PROMPTS_FILE)
+    need = opts.num_train_prompts + opts.num_eval_prompts
+    if need > len(prompts):
+        raise ValueError(f"Only {len(prompts)} prompts; --num-train-prompts + --num-eval-prompts = {need}.")
+    chat = [[{"role": "user", "content": p}] for p in prompts[:need]]
+    train_prompts, eval_prompts = chat[: opts.num_train_prompts], chat[opts.num_train_prompts :]
+
+    model_path = resolve_model(opts.model, out)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    from .sampling import load_scorer
+
+    scorer = load_scorer(opts.reward)
+    print(f"[compare] 1/3 sampling {opts.candidates} replies for {len(train_prompts)} training prompts and scoring")
+    start = time.time()
+    groups = _groups(model, tokenizer, train_prompts, opts, scorer)
+    timings["sample_and_score"] = round(time.time() - start, 1)
+    groups.to_json(out / "train_groups.jsonl")
+    del model
+    data = build_method_data(groups, opts.reward_range)
+
+    print(f"[compare] 2/3 training {', '.join(methods)}: {opts.steps} steps x {opts.sequences_per_step} sequences")
+    trained, budgets = [], {}
+    for method in methods:
+        method_dir = out / "models" / method
+        budgets[method] = _train(
+            method, model_path, tokenizer, data[method], sizes[method], opts, method_dir, data["_reward_range"]
+        )
+        timings[f"train_{method}"] = budgets[method]["seconds"]
+        trained.append(ModelSpec(method, str(method_dir), goal_conditioned=method.startswith("ra_dpo")))
+        print(f"[compare]     {method}: {budgets[method]}")
+
+    print(f"[compare] 3/3 evaluating on {len(eval_prompts)} held-out prompts x {opts.eval_samples} samples")
+    start = time.time()
+    config = EvalConfig(
+        num_samples=opts.eval_samples,
+        max_new_tokens=opts.max_new_tokens,
+        seed=opts.seed + 1000,
+        batch_size=opts.gen_batch_size,
+        progress=not opts.no_progress,
+    )
+    results = evaluate_models(trained, model_path, eval_prompts, scorer, config, tokenizer=tokenizer)
+    timings["evaluate"] = round(time.time() - start, 1)
+    timings["total"] = round(time.time() - t0, 1)
+    paths = write_report(results, out / "eval")
+
+    plain = [REFERENCE] + [m for m in methods if not m.startswith("ra_dpo")]
+    text = [
+        "# Comparison\n",
+        f"Starting model `{opts.model}`, reward `{opts.reward}`, {len(train_prompts)} training prompts x "
+        f"{opts.candidates} sampled replies, {len(eval_prompts)} held-out prompts x {opts.eval_samples} samples "
+        f"(seed {config.seed}, the same for every model) + 1 greedy reply.\n",
+        "Budgets matched: every method ran the same number of optimizer steps, each seeing the same number of "
+        f"sequences ({opts.sequences_per_step}: a DPO pair counts 2, a VCB group {opts.candidates}); learning rate "
+        f"{opts.learning_rate}, constant schedule, seed {opts.seed}.\n",
+        "| method | steps | batch (rows) | sequences / step | training rows | seconds | first → last loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, b in budgets.items():
+        per_row = {"dpo": 2, "ra_dpo": 2, "ra_dpo_twins": 2, "vcb": opts.candidates}.get(method, 1)
+        loss = f"{b['first_loss']:.3f} → {b['last_loss']:.3f}" if b["first_loss"] is not None else "–"
+        text.append(
+            f"| {method} | {b['steps']} | {b['batch_size']} | {b['batch_size'] * per_row} | {b['train_rows']} | "
+            f"{b['seconds']} | {loss} |"
+        )
+    text += [
+        "\n## Held-out evaluation\n",
+        "Each row against its baseline (`vs`): the reference, or for reward-augmented models the reference under the "
+        "same goal prompt. Verdict `+`/`−` only when the whole 95 % paired interval is above/below 0; `≈` otherwise "
+        "(not distinguishable at this size).\n",
+        markdown_table(results),
+        "\n## Pairwise (row − column), mean reward, paired over prompts\n",
+        pairwise_table(results, plain),
+    ]
+    ra = [m for m in methods if m.startswith("ra_dpo")]
+    if ra:
+        text += [
+            "\nReward-augmented models under the goal prompt:\n",
+            pairwise_table(results, [REFERENCE + " + goal", *ra]),
+        ]
+    text.append(f"\nTimings (s): {json.dumps(timings)}\n")
+    (out / "compare.md").write_text("\n".join(text))
+    summary = {"budgets": budgets, "timings": timings, "files": paths, "methods": methods}
+    summary["models"] = {n: e["summary"] for n, e in results["models"].items()}
+    (out / "compare.json").write_text(json.dumps(summary, indent=1, default=float))
+    print((out / "compare.md").read_text())
+    return summary
