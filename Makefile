@@ -51,6 +51,7 @@ bench: install-dev
 	$(PYTHON) benchmarks/bench_var.py
 	$(PYTHON) benchmarks/bench_vcb.py
 	$(PYTHON) benchmarks/bench_ra_dpo.py
+	$(PYTHON) benchmarks/bench_padding_free.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache quickstart_output
