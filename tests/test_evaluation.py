@@ -99,12 +99,13 @@ def test_compare_end_to_end(tiny_model_path, tmp_path):
         assert (out / "eval" / name).exists(), name
 
 
-def test_compare_refuses_bad_budgets_and_methods(tmp_path):
+def test_compare_refuses_bad_budgets_and_methods(tmp_path, capsys):
     base = ["compare", "--model", "tiny", "--output-dir", str(tmp_path / "c")]
     for extra, message in (
-        (["--methods", "sft,ppo"], "unknown"),
-        (["--sequences-per-step", "6"], "must be a multiple of 4"),
+        (["--methods", "sft,ppo"], "trl-rw compare: error: --methods: unknown ['ppo']; choose from sft, dpo"),
+        (["--sequences-per-step", "6"], "--sequences-per-step 6 must be a multiple of 4"),
     ):
         with pytest.raises(SystemExit) as err:
             cli_main(base + extra)
-        assert err.value.code == 2, message
+        assert err.value.code == 2
+        assert message in capsys.readouterr().err

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=4, help="sampled replies per held-out prompt (default: 4)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--gen-batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps per method (default: 24)")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per method (default: 12)")
     p.add_argument(
         "--sequences-per-step",
         type=int,
@@ -293,7 +293,7 @@ def run_compare(opts) -> dict:
         "Budgets matched: every method ran the same number of optimizer steps, each seeing the same number of "
         f"sequences ({opts.sequences_per_step}: a DPO pair counts 2, a VCB group {opts.candidates}); learning rate "
         f"{opts.learning_rate}, constant schedule, seed {opts.seed}.\n",
-        "| method | steps | batch (rows) | sequences / step | training rows | seconds | first → last loss |",
+        "| method | steps | batch (rows) | sequences / step | training examples | seconds | first → last loss |",
         "|---|---|---|---|---|---|---|",
     ]
     for method, b in budgets.items():
