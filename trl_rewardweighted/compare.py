@@ -126,22 +126,15 @@ def _batch_sizes(sequences: int, candidates: int) -> dict[str, int]:
 
 
 def _train(method, model_path, tokenizer, data, batch_size, opts, out: Path, reward_range):
-    import torch
+    from .quickstart import demo_training_args
 
-    common = dict(
-        output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=batch_size,
+    common = demo_training_args(
+        out / "checkpoints",
+        opts.learning_rate,
+        batch_size,
+        opts.seed,
         gradient_accumulation_steps=1,
         max_steps=opts.steps,
-        learning_rate=opts.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
-        seed=opts.seed,
         disable_tqdm=opts.no_progress,
     )
     if method == "sft":
