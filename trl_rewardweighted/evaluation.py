@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,6 @@ class ModelSpec:
     name: str
     model: Any
     goal_conditioned: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _load(model, dtype=None):
