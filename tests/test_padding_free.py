@@ -116,8 +116,9 @@ def run_var(model_path, out, padding_free, **kw):
     capture = make_grad_capture()
     ds = Dataset.from_dict(VAR_ROWS)
     trainer = VARTrainer(model=model_path, args=args, train_dataset=ds, eval_dataset=ds, callbacks=[capture])
-    ref = torch.tensor(trainer.train_dataset["ref_logps"])
-    prompts = list(trainer.train_dataset["prompt"])
+    packed = "seq_lengths" in trainer.train_dataset.column_names  # packs hold lists of rows: no per-row columns
+    ref = None if packed else torch.tensor(trainer.train_dataset["ref_logps"])
+    prompts = None if packed else list(trainer.train_dataset["prompt"])
     trainer.train()
     return trainer, capture.grad, ref, prompts
 
@@ -251,27 +252,13 @@ def test_var_packed_step_equals_padded_step(tiny_model_path, tmp_path):
     """One step over the whole dataset: the same rows, the same normaliser, so the same update as padded rows."""
     kw = dict(length_normalize=True, max_length=64)
     padded, grad_padded, _, _ = run_var(tiny_model_path, tmp_path / "a", False, **kw)
-    args = VARConfig(
-        **cpu_args(
-            output_dir=str(tmp_path / "b"),
-            per_device_train_batch_size=4,  # packs: more than there are, so that one step holds every row
-            max_steps=1,
-            learning_rate=1e-3,
-            max_grad_norm=0.0,
-            beta=0.7,
-            packing=True,
-            **kw,
-        )
-    )
-    capture = make_grad_capture()
-    ds = Dataset.from_dict(VAR_ROWS)
-    packed = VARTrainer(model=tiny_model_path, args=args, train_dataset=ds, eval_dataset=ds, callbacks=[capture])
+    # per_device_train_batch_size=4 packs: more than there are, so that one step holds every row.
+    packed, grad_packed, _, _ = run_var(tiny_model_path, tmp_path / "b", False, packing=True, **kw)
     assert len(packed.train_dataset) < 4
-    packed.train()
     log_padded, log_packed = padded.state.log_history[0], packed.state.log_history[0]
     for key in ("var/ess", "var/max_weight", "var/weighted_reward", "loss", "num_tokens"):
         assert log_packed[key] == pytest.approx(log_padded[key], rel=1e-5), key
-    assert rel_diff(capture.grad, grad_padded) < 1e-5
+    assert rel_diff(grad_packed, grad_padded) < 1e-5
     # Evaluation on packs: the same rows, so the same weighted loss as padded evaluation of one batch of 4 rows.
     assert packed.evaluate()["eval_loss"] == pytest.approx(padded.evaluate()["eval_loss"], rel=1e-5)
 
