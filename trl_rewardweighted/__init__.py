@@ -2,6 +2,8 @@
 
 - `VARTrainer` / `VARConfig`: reward-weighted SFT from the variational view of RLHF (arXiv 2502.11026).
 - `VCBTrainer` / `VCBConfig`: value-based calibration over n scored responses per prompt (arXiv 2402.16030).
+- `OnlineVARTrainer` / `OnlineVARConfig`: VAR on completions sampled from the current policy during training, with
+  the normaliser estimated per prompt (built on TRL's `GRPOTrainer`).
 - `RewardAugmentedDPOTrainer` / `RewardAugmentedDPOConfig` and `reward_augment_dataset`: reward-conditioned
   relabeling of preference pairs, then DPO (arXiv 2410.08067).
 
@@ -20,6 +22,8 @@ _LAZY = {
     "VARTrainer": "trl_rewardweighted.trainers.var_trainer",
     "VCBConfig": "trl_rewardweighted.trainers.vcb_config",
     "VCBTrainer": "trl_rewardweighted.trainers.vcb_trainer",
+    "OnlineVARConfig": "trl_rewardweighted.trainers.online_var_config",
+    "OnlineVARTrainer": "trl_rewardweighted.trainers.online_var_trainer",
     "RewardAugmentedDPOConfig": "trl_rewardweighted.trainers.ra_dpo_config",
     "RewardAugmentedDPOTrainer": "trl_rewardweighted.trainers.ra_dpo_trainer",
     "reward_augment_dataset": "trl_rewardweighted.data.relabel",
@@ -33,11 +37,14 @@ _LAZY = {
     "groups_to_pairs": "trl_rewardweighted.data.convert",
     "var_weights": "trl_rewardweighted.losses",
     "var_loss": "trl_rewardweighted.losses",
+    "online_var_weights": "trl_rewardweighted.losses",
     "vcb_loss": "trl_rewardweighted.losses",
 }
 
 __all__ = [
     "AugmentOptions",
+    "OnlineVARConfig",
+    "OnlineVARTrainer",
     "RewardAugmentedDPOConfig",
     "RewardAugmentedDPOTrainer",
     "VARConfig",
@@ -51,6 +58,7 @@ __all__ = [
     "groups_to_pairs",
     "groups_to_rows",
     "implicit_reward_relabel",
+    "online_var_weights",
     "reward_augment_dataset",
     "score_completions",
     "var_loss",
@@ -77,8 +85,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data.convert import groups_to_pairs, groups_to_rows
     from .data.relabel import AugmentOptions, build_goal_prompt, reward_augment_dataset
     from .ira import implicit_reward_relabel
-    from .losses import var_loss, var_weights, vcb_loss
+    from .losses import online_var_weights, var_loss, var_weights, vcb_loss
     from .sampling import generate_completions, generate_with_goal, score_completions
+    from .trainers.online_var_config import OnlineVARConfig
+    from .trainers.online_var_trainer import OnlineVARTrainer
     from .trainers.ra_dpo_config import RewardAugmentedDPOConfig
     from .trainers.ra_dpo_trainer import RewardAugmentedDPOTrainer
     from .trainers.var_config import VARConfig

@@ -15,6 +15,7 @@ __all__ = [
     "var_log_weights",
     "var_weights",
     "var_loss",
+    "online_var_weights",
     "vcb_loss",
     "vcb_pair_stats",
     "VCB_PAIR_MODES",
@@ -141,6 +142,74 @@ def var_weights(
             "completion is empty). Drop such rows from the dataset or fix the reward column."
         )
     return torch.softmax(log_e, dim=0)
+
+
+def online_var_weights(
+    rewards: torch.Tensor,
+    beta: float,
+    ref_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online VAR weights: for each prompt, `softmax_i(r_i / beta + log pi_ref(y_i|x) - log q(y_i|x))` over its own
+    completions (see `docs/online_var.md`).
+
+    The completions `y_1..y_G` of a prompt were drawn from the sampling policy `q`; the weights are the
+    self-normalised importance weights from `q` to the target `pi_ref(y|x) exp(r(x, y) / beta) / Z(x)`, with `Z(x)`
+    estimated per prompt. A completion whose reward or log-probs are not finite, or where `mask` is `False`, gets
+    weight exactly 0 and the others of its prompt still sum to 1; a prompt with no valid completion gets all-zero
+    weights (`valid.any(dim=1)` is `False` for it). The arithmetic runs in float64, dividing `r - max(r)` (per
+    prompt) rather than `r` by `beta`, so `exp(r / beta)` is never formed.
+
+    Args:
+        rewards (`torch.Tensor`):
+            Rewards of shape `(P, G)`: `P` prompts, `G` completions each.
+        beta (`float`):
+            KL coefficient `> 0` of the target.
+        ref_logps (`torch.Tensor`):
+            Summed completion log-probs under the reference model, shape `(P, G)`.
+        sampling_logps (`torch.Tensor`):
+            Summed completion log-probs under the distribution they were sampled from, shape `(P, G)`.
+        mask (`torch.Tensor` or `None`, *optional*):
+            Boolean `(P, G)`; `False` completions are left out.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the float32 weights `(P, G)` (no gradient; the weights of a prompt with a
+        valid completion sum to 1) and the boolean `(P, G)` mask of the valid completions.
+
+    Example:
+
+    ```python
+    >>> w, valid = online_var_weights(
+    ...     torch.tensor([[1.0, 0.0]]), beta=1.0, ref_logps=torch.zeros(1, 2), sampling_logps=torch.zeros(1, 2)
+    ... )
+    >>> w  # softmax([1, 0])
+    tensor([[0.7311, 0.2689]])
+    ```
+    """
+    if not beta > 0:  # also catches NaN
+        raise ValueError(f"`beta` must be > 0, got {beta}. It is the KL coefficient of the online VAR target.")
+    if rewards.dim() != 2:
+        raise ValueError(f"`rewards` must be a (prompts, completions) tensor, got shape {tuple(rewards.shape)}.")
+    for name, t in (("ref_logps", ref_logps), ("sampling_logps", sampling_logps), ("mask", mask)):
+        if t is not None and t.shape != rewards.shape:
+            raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(rewards.shape)} like `rewards`.")
+    r = rewards.detach().to(torch.float64)
+    ref = ref_logps.detach().to(device=r.device, dtype=torch.float64)
+    q = sampling_logps.detach().to(device=r.device, dtype=torch.float64)
+    valid = torch.isfinite(r) & torch.isfinite(ref) & torch.isfinite(q)
+    if mask is not None:
+        valid &= mask.to(device=r.device, dtype=torch.bool)
+    kept = valid.any(dim=1)
+    zeros = torch.zeros_like(r)
+    r_max = torch.where(valid, r, torch.full_like(r, float("-inf"))).amax(dim=1, keepdim=True)
+    r_max = torch.where(kept.unsqueeze(1), r_max, torch.zeros_like(r_max))
+    x = (torch.where(valid, r, zeros) - r_max) / float(beta) + torch.where(valid, ref - q, zeros)
+    x = torch.where(valid, x, torch.full_like(x, float("-inf")))
+    log_z = torch.logsumexp(x, dim=1, keepdim=True)
+    log_z = torch.where(kept.unsqueeze(1), log_z, torch.zeros_like(log_z))
+    w = torch.where(valid, torch.exp(x - log_z), zeros)
+    return w.to(torch.float32), valid
 
 
 def var_loss(

@@ -301,7 +301,7 @@ def resolve_reference_model(model, ref_model, args, peft_config=None, quantizati
         and not isinstance(model, str)
         and peft_config is None
         and not is_peft_model(model)
-        and not args.precompute_ref_log_probs
+        and not getattr(args, "precompute_ref_log_probs", False)
         and not is_deepspeed_zero3_enabled()
     ):
         return frozen_copy(model)
