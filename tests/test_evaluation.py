@@ -82,11 +82,12 @@ def test_compare_end_to_end(tiny_model_path, tmp_path):
     argv = ["compare", "--model", tiny_model_path, "--reward", "tests.test_evaluation:word_reward"]
     argv += ["--reward-range", "0,2", "--num-train-prompts", "4", "--num-eval-prompts", "2", "--steps", "2"]
     argv += ["--eval-samples", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress"]
-    assert cli_main(argv) == 0
+    methods = ["sft", "dpo", "var", "vcb", "ra_dpo", "ra_dpo_twins", "online_var", "grpo"]
+    assert cli_main(argv + ["--methods", ",".join(methods)]) == 0
     summary = json.loads((out / "compare.json").read_text())
-    methods = ["sft", "dpo", "var", "vcb", "ra_dpo", "ra_dpo_twins"]
     assert summary["methods"] == methods
-    # Matched budgets: the same optimizer steps, the same sequences per step (pairs count 2, VCB groups 4).
+    # Matched budgets: the same optimizer steps, the same sequences per step (pairs count 2, VCB groups 4; the online
+    # methods sample 2 prompts x 4 replies per step).
     per_row = {"dpo": 2, "ra_dpo": 2, "ra_dpo_twins": 2, "vcb": 4}
     for method in methods:
         budget = summary["budgets"][method]

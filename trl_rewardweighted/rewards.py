@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-__all__ = ["vader_positivity"]
+__all__ = ["vader_positivity", "as_reward_func"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,3 +36,19 @@ def vader_positivity(prompts: Sequence, completions: Sequence[str]) -> list[floa
     """
     analyzer = _vader_analyzer()
     return [float(analyzer.polarity_scores(text)["compound"]) for text in completions]
+
+
+def as_reward_func(scorer, name: str | None = None):
+    """A scorer `f(prompts, completions) -> list[float]` as a reward function for TRL's online trainers
+    ([`~trl.GRPOTrainer`], [`OnlineVARTrainer`]), which call `reward_func(prompts=..., completions=..., **columns)`
+    with conversational completions as assistant message lists: the scorer receives their text.
+
+    `name` (default: the scorer's `__name__`) is the name the trainer logs the reward under (`rewards/<name>/mean`).
+    """
+    from .data.utils import completion_text
+
+    def reward(prompts, completions, **kwargs):
+        return scorer(list(prompts), [completion_text(c) for c in completions])
+
+    reward.__name__ = name or getattr(scorer, "__name__", None) or type(scorer).__name__
+    return reward
