@@ -21,16 +21,18 @@ RANKS = {
     "losses": 0,
     "testing": 0,
     "offline": 0,
-    "rewards": 0,
+    "rewards": 1,
     "metrics": 0,
     "model_utils": 1,
     "trainers": 2,
     "sampling": 2,
+    "shards": 2,
     "ira": 2,
     "evaluation": 3,
     "quickstart": 3,
     "scripts": 3,
     "compare": 4,
+    "iterate": 4,
     "cli": 5,
 }
 
@@ -98,7 +100,7 @@ def test_losses_imports_only_torch():
 
 def test_one_file_pair_per_method():
     trainers = PACKAGE / "trainers"
-    for method in ("var", "vcb", "ra_dpo"):
+    for method in ("var", "vcb", "ra_dpo", "online_var"):
         assert (trainers / f"{method}_config.py").is_file()
         assert (trainers / f"{method}_trainer.py").is_file()
         config_src = (trainers / f"{method}_config.py").read_text()

@@ -9,7 +9,7 @@ from tests._helpers import cpu_args
 from trl_rewardweighted.scripts.train import main, make_parser
 
 ROOT = Path(__file__).parent.parent
-FOLDER_TO_METHOD = {"var": "var", "vcb": "vcb", "reward_augmented_dpo": "ra_dpo"}
+FOLDER_TO_METHOD = {"var": "var", "vcb": "vcb", "reward_augmented_dpo": "ra_dpo", "online_var": "online_var"}
 RECIPES = sorted(
     p for p in (ROOT / "recipes").rglob("*.yaml") if p.relative_to(ROOT / "recipes").parts[0] in FOLDER_TO_METHOD
 )
@@ -72,3 +72,33 @@ def test_cli_train_subcommand(tiny_model_path, tmp_path):
     argv += ["--output_dir", str(out), "--max_steps", "1", *CPU_FLAGS]
     assert cli_main(argv) == 0
     assert (out / "model.safetensors").exists()
+
+
+def test_online_var_script_trains_from_quickstart_recipe(tiny_model_path, tmp_path):
+    """The online recipe's `reward_funcs` (a `module:function` scorer) reaches the trainer; the prompts of the rows
+    file are sampled from, and the other columns are ignored."""
+    trainer = main(
+        "online_var",
+        [
+            "--config", str(ROOT / "recipes/quickstart/online_var.yaml"),
+            "--model_name_or_path", tiny_model_path, "--dataset_name", str(ROOT / "recipes/quickstart/data/rows.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--max_completion_length", "4",
+            *CPU_FLAGS,
+        ],
+    )  # fmt: skip
+    assert trainer.state.global_step == 1
+    assert trainer.reward_func_names == ["vader_positivity"]
+    assert "online_var/ess" in trainer.state.log_history[0]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_reward_funcs_belong_to_online_methods(tmp_path):
+    text = (ROOT / "recipes/quickstart/online_var.yaml").read_text()
+    recipe = tmp_path / "no_reward.yaml"
+    recipe.write_text(text.replace("reward_funcs:\n  - trl_rewardweighted.rewards:vader_positivity\n", ""))
+    with pytest.raises(ValueError, match=r"online_var samples completions during training and needs `reward_funcs`"):
+        main("online_var", ["--config", str(recipe), "--output_dir", str(tmp_path), *CPU_FLAGS])
+    var = str(ROOT / "recipes/quickstart/var.yaml")
+    spec = "trl_rewardweighted.rewards:vader_positivity"
+    with pytest.raises(ValueError, match=r"`reward_funcs` is used by the online methods \(online_var\) only"):
+        main("var", ["--config", var, "--reward_funcs", spec, "--output_dir", str(tmp_path), *CPU_FLAGS])

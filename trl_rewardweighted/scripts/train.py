@@ -1,4 +1,4 @@
-"""Shared launch logic for the three methods (Alignment-Handbook style recipes).
+"""Shared launch logic for the methods (Alignment-Handbook style recipes).
 
     accelerate launch --config_file accelerate_configs/zero3.yaml -m trl_rewardweighted.scripts.var \
         --config recipes/var/smollm2-135m/config_full.yaml
@@ -18,7 +18,10 @@ METHODS = {
     "var": ("VARConfig", "VARTrainer"),
     "vcb": ("VCBConfig", "VCBTrainer"),
     "ra_dpo": ("RewardAugmentedDPOConfig", "RewardAugmentedDPOTrainer"),
+    "online_var": ("OnlineVARConfig", "OnlineVARTrainer"),
 }
+# Methods that sample during training and score with `reward_funcs` (their dataset holds prompts only).
+ONLINE_METHODS = ("online_var",)
 
 
 def _classes(method: str):
@@ -58,6 +61,14 @@ def script_arguments_class():
             )
             dataset_adapter_kwargs: dict | str | None = field(
                 default=None, metadata={"help": "Options of `dataset_adapter`: a mapping, or a JSON object string."}
+            )
+            reward_funcs: list[str] | None = field(
+                default=None,
+                metadata={
+                    "help": "Online methods only: the rewards of the sampled completions, each a "
+                    "`module:function` scorer `f(prompts, completions) -> list[float]` (e.g. "
+                    "`trl_rewardweighted.rewards:vader_positivity`) or a reward model id / path (loaded by GRPO)."
+                },
             )
             dataset_mixture: dict | str | None = field(
                 default=None,
@@ -151,6 +162,25 @@ _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0", "none", "")
 
 
+def reward_functions(specs: list[str]) -> list:
+    """`reward_funcs` of a recipe for TRL's online trainers: a `module:function` scorer `f(prompts, completions)` is
+    imported and adapted ([`~trl_rewardweighted.rewards.as_reward_func`]); anything else is a reward model id or path,
+    passed as is (the trainer loads it)."""
+    from trl_rewardweighted.rewards import as_reward_func
+    from trl_rewardweighted.sampling import _CALLABLE_SPEC, _import_callable
+
+    funcs = []
+    for spec in specs:
+        if _CALLABLE_SPEC.match(spec) and not Path(spec).exists():
+            fn = _import_callable(spec)
+            if fn is None:
+                raise ValueError(f"reward_funcs: cannot import {spec!r} (expected `package.module:function`).")
+            funcs.append(as_reward_func(fn, spec.rsplit(":", 1)[-1]))
+        else:
+            funcs.append(spec)
+    return funcs
+
+
 def resolve_resume_checkpoint(value, output_dir: str) -> str | None:
     """The checkpoint folder to resume from, given `resume_from_checkpoint` as a recipe or the command line sets it.
 
@@ -224,6 +254,17 @@ def main(method: str, argv: list[str] | None = None):
         )
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
+    online = method in ONLINE_METHODS
+    if online and not script_args.reward_funcs:
+        raise ValueError(
+            f"{method} samples completions during training and needs `reward_funcs` (a list of `module:function` "
+            "scorers or reward model ids), e.g. `reward_funcs: [trl_rewardweighted.rewards:vader_positivity]`."
+        )
+    if not online and script_args.reward_funcs:
+        raise ValueError(
+            f"`reward_funcs` is used by the online methods ({', '.join(ONLINE_METHODS)}) only; {method} reads the "
+            "rewards from its dataset. Remove `reward_funcs` from the recipe."
+        )
     train_dataset, eval_dataset = load_splits(script_args, mixture_args)
     if training_args.eval_strategy == "no":
         eval_dataset = None
@@ -234,6 +275,8 @@ def main(method: str, argv: list[str] | None = None):
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
+    if online:
+        kwargs["reward_funcs"] = reward_functions(script_args.reward_funcs)
     trainer = trainer_cls(
         **{k: v for k, v in kwargs.items() if k in inspect.signature(trainer_cls.__init__).parameters}
     )
