@@ -5,11 +5,13 @@ trl-rw generate --model M --prompts prompts.txt --n 4 --output groups.jsonl
 trl-rw score    --input groups.jsonl --scorer trl_rewardweighted.rewards:vader_positivity --output scored.jsonl
 trl-rw convert  --input scored.jsonl --to pairs --strategy best_worst --output pairs.jsonl
 trl-rw sample   --model M --prompts prompts.txt --scorer SPEC --output-groups g.jsonl --output-pairs p.jsonl
+accelerate launch --num_processes 8 -m trl_rewardweighted.cli sample ...   # chunks split over 8 processes
 trl-rw train    var --config recipes/var/smollm2-135m/config_full.yaml --dataset_name rows.jsonl
 trl-rw check-recipe recipes/   # every recipe parses strictly; no model or data is loaded
 trl-rw eval     --model var=out/var --goal-model ra=out/ra --reference M --prompts test.jsonl --reward SPEC \
                 --output-dir eval/
 trl-rw compare  --output-dir compare/   # SFT, DPO, VAR, VCB, reward-augmented DPO side by side (quickstart setup)
+trl-rw iterate  --method var --rounds 3   # sample -> score -> train, in rounds (resumable)
 ```
 
 Adding a subcommand: write `_add_<name>_parser(subparsers)` that registers it with `set_defaults(func=_cmd_<name>)`
@@ -98,6 +100,54 @@ def _add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_args(parser: argparse.ArgumentParser, vllm: bool = True) -> None:
+    """Chunked, resumable, multi-process runs (`generate`, `score`, `sample`; see trl_rewardweighted.shards)."""
+    group = parser.add_argument_group("chunks, resuming, several processes")
+    group.add_argument(
+        "--chunk-size",
+        type=int,
+        default=256,
+        help="rows per chunk: the unit of work that is written to disk, split across processes and resumed "
+        "(default: 256). The samples depend on it (not on the number of processes)",
+    )
+    group.add_argument(
+        "--work-dir",
+        default=None,
+        help="folder for the finished chunks and the manifest (default: the first output + '.parts'); must be "
+        "shared by all nodes. Removed once the outputs are written",
+    )
+    group.add_argument(
+        "--restart", action="store_true", help="discard an unfinished run in the work folder instead of resuming it"
+    )
+    if vllm:
+        group.add_argument(
+            "--tensor-parallel-size",
+            type=int,
+            default=1,
+            help="vLLM: GPUs per engine. Under `accelerate launch` every this many consecutive processes share one "
+            "engine (default: 1: one engine per process)",
+        )
+        group.add_argument(
+            "--vllm-kwargs", default=None, help="extra vllm.LLM arguments as JSON, e.g. '{\"max_model_len\": 4096}'"
+        )
+
+
+def _add_scorer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scorer",
+        action="append",
+        required=True,
+        metavar="[NAME=]SPEC",
+        help="reward model folder / Hub id, or 'module:function' (e.g. trl_rewardweighted.rewards:vader_positivity). "
+        "Repeat for several judges: each gets a column rewards_NAME and `rewards` combines them (--combine)",
+    )
+    parser.add_argument(
+        "--combine",
+        default="mean",
+        help="several judges: `rewards` is their mean (default) or the scores of the judge named here",
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,6 +161,7 @@ def _add_generate_parser(subparsers) -> None:
     )
     _add_generation_args(parser)
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder (save_to_disk)")
+    _add_run_args(parser)
     _add_overwrite_arg(parser)
     _add_progress_arg(parser)
     parser.set_defaults(func=_cmd_generate)
@@ -123,14 +174,11 @@ def _add_score_parser(subparsers) -> None:
         description="Add a `rewards` column (one float per completion) to a groups dataset.",
     )
     parser.add_argument("--input", required=True, help="groups dataset (prompt, completions)")
-    parser.add_argument(
-        "--scorer",
-        required=True,
-        help="reward model folder / Hub id, or 'module:function' (e.g. trl_rewardweighted.rewards:vader_positivity)",
-    )
+    _add_scorer_args(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="completions per scorer call (default: 16)")
     parser.add_argument("--max-length", type=int, default=None, help="truncate reward-model inputs (default: none)")
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
+    _add_run_args(parser, vllm=False)
     _add_overwrite_arg(parser)
     _add_progress_arg(parser)
     parser.set_defaults(func=_cmd_score)
@@ -171,12 +219,14 @@ def _add_sample_parser(subparsers) -> None:
         description="Sample n completions per prompt, score them, and write one or more dataset shapes.",
     )
     _add_generation_args(parser)
-    parser.add_argument("--scorer", required=True, help="reward model folder / Hub id, or 'module:function'")
+    _add_scorer_args(parser)
     parser.add_argument("--score-batch-size", type=int, default=None, help="default: --batch-size")
+    parser.add_argument("--max-length", type=int, default=None, help="truncate reward-model inputs (default: none)")
     _add_pair_args(parser)
     parser.add_argument("--output-groups", default=None, help="write prompt, completions, rewards here")
     parser.add_argument("--output-rows", default=None, help="write prompt, completion, reward here")
     parser.add_argument("--output-pairs", default=None, help="write prompt, chosen, rejected, score_* here")
+    _add_run_args(parser)
     _add_overwrite_arg(parser)
     _add_progress_arg(parser)
     parser.set_defaults(func=_cmd_sample)
@@ -200,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_recipe_parser(subparsers)
     _add_eval_parser(subparsers)
     _add_compare_parser(subparsers)
+    _add_iterate_parser(subparsers)
     return parser
 
 
@@ -370,6 +421,27 @@ def _cmd_compare(args) -> None:
     run_compare(args)
 
 
+def _add_iterate_parser(subparsers) -> None:
+    from trl_rewardweighted.iterate import add_arguments
+
+    p = subparsers.add_parser(
+        "iterate",
+        help="rounds of sample -> score -> train (VAR, VCB, reward-augmented DPO, DPO, SFT), resumable",
+        description="R rounds: sample n replies per prompt from the current policy, score them, train one offline "
+        "trainer on them, and start the next round from the trained model. The reference stays the starting model "
+        "unless --update-reference. Rerunning resumes after the last finished round. Options can come from a YAML "
+        "recipe (--config; flags override). See docs/iterate.md.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_iterate)
+
+
+def _cmd_iterate(args) -> None:
+    from trl_rewardweighted.iterate import run_iterate
+
+    run_iterate(args)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Implementations
 # ----------------------------------------------------------------------------------------------------------------------
@@ -430,10 +502,8 @@ def _goal_prompts(ds, args, tokenizer):
     return ds.add_column("generation_prompt", goal)
 
 
-def _generate(args):
-    """Run generation for `generate` / `sample`; returns the groups dataset."""
-    from trl_rewardweighted.sampling import generate_completions
-
+def _prepare_prompts(args):
+    """The prompts of `generate` / `sample`: `(dataset, tokenizer or None, column to generate from)`."""
     if args.goal_template is not None and args.goal_score is None:
         raise ValueError("--goal-template needs --goal-score.")
     ds = _read_prompts(args.prompts)
@@ -444,6 +514,14 @@ def _generate(args):
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         ds = _goal_prompts(ds, args, tokenizer)
         prompt_column = "generation_prompt"
+    return ds, tokenizer, prompt_column
+
+
+def _generate(args):
+    """Run generation for `generate` / `sample` in one call (one process, no chunks); returns the groups dataset."""
+    from trl_rewardweighted.sampling import generate_completions
+
+    ds, tokenizer, prompt_column = _prepare_prompts(args)
     return generate_completions(
         args.model,
         ds,
@@ -469,25 +547,286 @@ def _reward_summary(ds, column: str = "rewards") -> str:
     return f"mean reward {mean} over {len(values)} completions" + (f" ({nan} NaN)" if nan else "")
 
 
+# `generate`, `score` and `sample` run in chunks (trl_rewardweighted.shards): resumable, and split across the
+# processes of `accelerate launch -m trl_rewardweighted.cli ...`; the main process merges and writes the outputs.
+
+
+def _vllm_kwargs(args) -> dict:
+    import json
+
+    if not getattr(args, "vllm_kwargs", None):
+        return {}
+    try:
+        value = json.loads(args.vllm_kwargs)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--vllm-kwargs is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--vllm-kwargs must be a JSON object, got {args.vllm_kwargs!r}.")
+    return value
+
+
+def _work_dir(args, outputs: list[str | None]) -> Path:
+    if args.work_dir:
+        return Path(args.work_dir)
+    first = Path(next(o for o in outputs if o))
+    return first.with_name(first.name + ".parts")
+
+
+def _use_device():
+    """Make this process's accelerator device (its local rank's GPU) the default one for model loading."""
+    import torch
+
+    from trl_rewardweighted.shards import local_device
+
+    device = local_device()
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def _generation_manifest(args, backend: str) -> tuple[dict, dict]:
+    from trl_rewardweighted.shards import content_fingerprint, model_fingerprint
+
+    settings = {
+        "--model": args.model,
+        "--n": args.n,
+        "--temperature": args.temperature,
+        "--top-p": args.top_p,
+        "--max-new-tokens": args.max_new_tokens,
+        "--seed": args.seed,
+        "--batch-size": args.batch_size,
+        "--backend": backend,
+        "--system-prompt": args.system_prompt,
+        "--goal-score": args.goal_score,
+        "--goal-template": args.goal_template,
+        "--vllm-kwargs": _vllm_kwargs(args),
+        "--chunk-size": args.chunk_size,
+    }
+    inputs = {
+        "--prompts": {"path": str(args.prompts), "fingerprint": content_fingerprint(args.prompts)},
+        "--model": {"path": args.model, "fingerprint": model_fingerprint(args.model)},
+    }
+    return settings, inputs
+
+
+def _generation_stage(args, ds, tokenizer, prompt_column: str, backend: str):
+    """The `generate` stage: the policy (or one vLLM engine) is loaded once per process, then each chunk is sampled.
+
+    transformers: chunk k is seeded with `chunk_seed(seed, k)`; vLLM: prompt i with `seed + i` (global index)."""
+    from trl_rewardweighted.sampling import (
+        _load_causal_lm,
+        _load_tokenizer,
+        free_model,
+        generate_completions,
+        make_vllm_engine,
+    )
+    from trl_rewardweighted.shards import Stage, chunk_seed, launched_processes
+
+    common = dict(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        system_prompt=args.system_prompt,
+        prompt_column=prompt_column,
+        progress=False,
+    )
+    several = launched_processes() > 1
+    vllm_kwargs = _vllm_kwargs(args)
+
+    def setup():
+        _use_device()
+        if backend == "vllm":
+            engine = make_vllm_engine(
+                args.model,
+                seed=args.seed,
+                tensor_parallel_size=args.tensor_parallel_size,
+                external_launcher=several,
+                vllm_kwargs=vllm_kwargs,
+            )
+            return {"engine": engine, "tokenizer": tokenizer or _load_tokenizer(args.model)}
+        return {"model": _load_causal_lm(args.model, None), "tokenizer": tokenizer or _load_tokenizer(args.model)}
+
+    def run(context, k, start, end):
+        chunk = ds.select(range(start, end))
+        if backend == "vllm":
+            return generate_completions(
+                args.model,
+                chunk,
+                tokenizer=context["tokenizer"],
+                backend="vllm",
+                seed=args.seed,
+                prompt_offset=start,
+                vllm_engine=context["engine"],
+                vllm_kwargs=vllm_kwargs,
+                **common,
+            )
+        return generate_completions(
+            context["model"],
+            chunk,
+            tokenizer=context["tokenizer"],
+            backend="transformers",
+            seed=chunk_seed(args.seed, k),
+            **common,
+        )
+
+    def teardown(context):
+        free_model(context.pop("engine", None) or context.pop("model", None))
+
+    vllm = backend == "vllm"
+    return Stage("generate", setup, run, teardown, collective_setup=vllm and several, whole_group=vllm)
+
+
+def _judges(args) -> list[tuple[str, str]]:
+    from trl_rewardweighted.sampling import name_judges
+
+    judges = name_judges(args.scorer)
+    names = [name for name, _ in judges]
+    if len(judges) > 1 and args.combine != "mean" and args.combine not in names:
+        raise ValueError(f"--combine must be 'mean' or one of the judges {names}, got {args.combine!r}.")
+    return judges
+
+
+def _judge_column(judges, name: str) -> str:
+    return "rewards" if len(judges) == 1 else f"rewards_{name}"
+
+
+def _scoring_manifest(args, judges, batch_size: int) -> tuple[dict, dict]:
+    from trl_rewardweighted.shards import model_fingerprint
+
+    settings = {
+        "--scorer": [f"{name}={spec}" for name, spec in judges],
+        "--score-batch-size": batch_size,
+        "--max-length": args.max_length,
+        "--chunk-size": args.chunk_size,
+    }
+    inputs = {f"--scorer {name}": {"path": spec, "fingerprint": model_fingerprint(spec)} for name, spec in judges}
+    return settings, inputs
+
+
+def _scoring_stages(args, judges, source, batch_size: int) -> list:
+    """One stage per judge (one model in memory at a time); `source(k, start, end)` gives the groups of a chunk."""
+    from trl_rewardweighted.sampling import free_model, load_scorer, score_completions
+    from trl_rewardweighted.shards import Stage
+
+    def stage(name, spec):
+        column = _judge_column(judges, name)
+
+        def setup():
+            _use_device()
+            return {"scorer": load_scorer(spec, max_length=args.max_length)}
+
+        def run(context, k, start, end):
+            scored = score_completions(
+                source(k, start, end), context["scorer"], batch_size=batch_size, progress=False, reward_column=column
+            )
+            return scored.select_columns([column])
+
+        def teardown(context):
+            free_model(context.pop("scorer"))
+
+        return Stage(f"score-{name}", setup, run, teardown)
+
+    return [stage(name, spec) for name, spec in judges]
+
+
+def _add_judge_columns(ds, chunks: dict, judges, combine: str):
+    """Merge the judges' reward columns (chunk order) into `ds`; several judges also get the combined `rewards`."""
+    from datasets import concatenate_datasets
+
+    from trl_rewardweighted.sampling import combine_rewards
+
+    columns = {}
+    for name, _ in judges:
+        column = _judge_column(judges, name)
+        columns[name] = concatenate_datasets(chunks[f"score-{name}"])[column]
+        if column in ds.column_names:
+            ds = ds.remove_columns(column)
+        ds = ds.add_column(column, columns[name])
+    if len(judges) > 1:
+        if "rewards" in ds.column_names:
+            ds = ds.remove_columns("rewards")
+        ds = ds.add_column("rewards", combine_rewards(columns, combine))
+    return ds
+
+
+def _run_chunks(args, command: str, settings: dict, inputs: dict, num_rows: int, stages, outputs, group_size=1):
+    from trl_rewardweighted.shards import run_chunks
+
+    work_dir = _work_dir(args, outputs)
+    manifest = {"command": command, "settings": settings, "inputs": inputs}
+    log = lambda line: print(f"trl-rw {command}: {line}", file=sys.stderr)  # noqa: E731
+    chunks = run_chunks(
+        work_dir,
+        manifest,
+        num_rows,
+        args.chunk_size,
+        stages,
+        restart=args.restart,
+        group_size=group_size,
+        progress=not args.no_progress,
+        log=log,
+    )
+    return chunks, work_dir
+
+
+def _generation_plan(args):
+    """Everything `generate` and `sample` need before the chunks run."""
+    from trl_rewardweighted.sampling import _resolve_backend
+    from trl_rewardweighted.shards import launched_processes
+
+    ds, tokenizer, prompt_column = _prepare_prompts(args)
+    backend = _resolve_backend(args.backend, args.model)
+    if backend != "vllm" and args.tensor_parallel_size != 1:
+        raise ValueError("--tensor-parallel-size is for --backend vllm (transformers runs one model per process).")
+    for option, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}.")
+    # One process: the vLLM engine spreads over --tensor-parallel-size GPUs by itself. Several: every that many
+    # processes share one engine (vLLM's external launcher).
+    several = launched_processes() > 1
+    group_size = args.tensor_parallel_size if backend == "vllm" and several else 1
+    return ds, _generation_stage(args, ds, tokenizer, prompt_column, backend), backend, group_size
+
+
 def _cmd_generate(args) -> None:
+    from datasets import concatenate_datasets
+
     from trl_rewardweighted.data.convert import save_dataset
+    from trl_rewardweighted.shards import remove_work_dir
 
     _check_outputs(args, {"--output": args.output})
-    ds = _generate(args)
-    path = save_dataset(ds, args.output, overwrite=args.overwrite)
-    print(f"generate: wrote {len(ds)} prompts x {args.n} completions to {path}")
+    ds, stage, backend, group_size = _generation_plan(args)
+    settings, inputs = _generation_manifest(args, backend)
+    chunks, work_dir = _run_chunks(args, "generate", settings, inputs, len(ds), [stage], [args.output], group_size)
+    if chunks is None:  # not the main process
+        return
+    groups = concatenate_datasets(chunks["generate"])
+    path = save_dataset(groups, args.output, overwrite=args.overwrite)
+    remove_work_dir(work_dir)
+    print(f"generate: wrote {len(groups)} prompts x {args.n} completions to {path}")
 
 
 def _cmd_score(args) -> None:
     from trl_rewardweighted.data.convert import load_dataset_any, save_dataset
-    from trl_rewardweighted.sampling import score_completions
+    from trl_rewardweighted.sampling import _group_completions
+    from trl_rewardweighted.shards import content_fingerprint, remove_work_dir
 
     _check_outputs(args, {"--output": args.output})
+    judges = _judges(args)
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise ValueError(f"--batch-size and --chunk-size must be >= 1, got {args.batch_size} and {args.chunk_size}.")
     ds = load_dataset_any(args.input)
-    ds = score_completions(
-        ds, args.scorer, batch_size=args.batch_size, progress=not args.no_progress, max_length=args.max_length
-    )
+    _group_completions(ds)  # the columns are checked before any model loads
+    settings, inputs = _scoring_manifest(args, judges, args.batch_size)
+    inputs["--input"] = {"path": str(args.input), "fingerprint": content_fingerprint(args.input)}
+    stages = _scoring_stages(args, judges, lambda k, start, end: ds.select(range(start, end)), args.batch_size)
+    chunks, work_dir = _run_chunks(args, "score", settings, inputs, len(ds), stages, [args.output])
+    if chunks is None:
+        return
+    ds = _add_judge_columns(ds, chunks, judges, args.combine)
     path = save_dataset(ds, args.output, overwrite=args.overwrite)
+    remove_work_dir(work_dir)
     print(f"score: wrote {len(ds)} rows to {path}; {_reward_summary(ds)}")
 
 
@@ -545,25 +884,54 @@ def _cmd_convert(args) -> None:
     print(f"convert: wrote {len(out)} {what} to {path} (from {len(ds)} rows)")
 
 
+def _rows_with_judges(groups, judges):
+    """Rows (one per completion) with the combined `reward`, plus `reward_<name>` per judge when there are several."""
+    from trl_rewardweighted.data.convert import groups_to_rows
+
+    columns = [f"rewards_{name}" for name, _ in judges] if len(judges) > 1 else []
+    rows = groups_to_rows(groups.remove_columns(columns))
+    for name, _ in judges if columns else []:
+        rows = rows.add_column(f"reward_{name}", [r for group in groups[f"rewards_{name}"] for r in group])
+    return rows
+
+
 def _cmd_sample(args) -> None:
-    from trl_rewardweighted.data.convert import groups_to_pairs, groups_to_rows, save_datasets
-    from trl_rewardweighted.sampling import score_completions
+    from datasets import concatenate_datasets
+
+    from trl_rewardweighted.data.convert import groups_to_pairs, save_datasets
+    from trl_rewardweighted.shards import chunk_path, read_chunk, remove_work_dir
 
     outputs = {"groups": args.output_groups, "rows": args.output_rows, "pairs": args.output_pairs}
     if not any(outputs.values()):
         raise ValueError("Give at least one of --output-groups, --output-rows, --output-pairs.")
     _check_outputs(args, {f"--output-{shape}": path for shape, path in outputs.items()})
-    groups = _generate(args)
-    groups = score_completions(
-        groups, args.scorer, batch_size=args.score_batch_size or args.batch_size, progress=not args.no_progress
+    judges = _judges(args)
+    ds, generation, backend, group_size = _generation_plan(args)
+    batch_size = args.score_batch_size or args.batch_size
+    settings, inputs = _generation_manifest(args, backend)
+    score_settings, score_inputs = _scoring_manifest(args, judges, batch_size)
+    settings.update(score_settings)
+    inputs.update(score_inputs)
+    work_dir = _work_dir(args, list(outputs.values()))
+    source = lambda k, start, end: read_chunk(chunk_path(work_dir, "generate", k))  # noqa: E731
+    stages = [generation] + _scoring_stages(args, judges, source, batch_size)
+    chunks, work_dir = _run_chunks(
+        args, "sample", settings, inputs, len(ds), stages, list(outputs.values()), group_size
     )
+    if chunks is None:
+        return
+    groups = _add_judge_columns(concatenate_datasets(chunks["generate"]), chunks, judges, args.combine)
+    judge_columns = [f"rewards_{name}" for name, _ in judges] if len(judges) > 1 else []
     builders = {
         "groups": lambda: groups,
-        "rows": lambda: groups_to_rows(groups),
-        "pairs": lambda: groups_to_pairs(groups, strategy=args.strategy, ties=args.ties, seed=args.seed),
+        "rows": lambda: _rows_with_judges(groups, judges),
+        "pairs": lambda: groups_to_pairs(
+            groups.remove_columns(judge_columns), strategy=args.strategy, ties=args.ties, seed=args.seed
+        ),
     }
     built = [(shape, builders[shape](), path) for shape, path in outputs.items() if path]
     paths = save_datasets([(ds, path) for _, ds, path in built], overwrite=args.overwrite)  # all or nothing
+    remove_work_dir(work_dir)
     written = [f"{shape}: {len(ds)} rows -> {path}" for (shape, ds, _), path in zip(built, paths)]
     print(f"sample: {len(groups)} prompts x {args.n} completions, {_reward_summary(groups)}; " + "; ".join(written))
 

@@ -31,7 +31,12 @@ from .data.utils import is_messages as is_conversational_prompt
 __all__ = [
     "generate_completions",
     "score_completions",
+    "score_with_judges",
+    "combine_rewards",
+    "name_judges",
     "load_scorer",
+    "make_vllm_engine",
+    "free_model",
     "RewardModelScorer",
     "is_conversational_prompt",
 ]
@@ -279,6 +284,61 @@ def _generate_transformers(
     return results
 
 
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(
+            "backend='vllm' needs vLLM, which is not installed: `pip install vllm` (Linux with a CUDA GPU). "
+            "Use backend='transformers' (or 'auto') to generate with transformers instead."
+        ) from err
+    return vllm
+
+
+def make_vllm_engine(
+    model_path: str,
+    *,
+    seed: int = 0,
+    tensor_parallel_size: int = 1,
+    external_launcher: bool = False,
+    vllm_kwargs: dict | None = None,
+):
+    """A `vllm.LLM` engine for [`generate_completions`] (`vllm_engine=`), built once and reused across calls.
+
+    Args:
+        model_path: a local folder or Hub id.
+        seed: the engine seed (each request also gets its own seed, see [`generate_completions`]).
+        tensor_parallel_size: GPUs per engine (tensor parallel inside the engine).
+        external_launcher: the process is one of several started by `accelerate launch` / `torchrun`: vLLM then
+            joins the existing process group (`distributed_executor_backend="external_launcher"`, as TRL's colocate
+            mode does); every `tensor_parallel_size` consecutive ranks form one engine and must send it the same
+            prompts in the same order; the world size must be a multiple of `tensor_parallel_size`.
+        vllm_kwargs: extra `vllm.LLM` arguments (e.g. `gpu_memory_utilization`, `max_model_len`).
+    """
+    import os
+
+    vllm = _import_vllm()
+    kwargs = {"model": model_path, "seed": seed}
+    if tensor_parallel_size != 1:
+        kwargs["tensor_parallel_size"] = tensor_parallel_size
+    if external_launcher:
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes % tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size ({tensor_parallel_size}) must divide the number of processes "
+                f"({state.num_processes})."
+            )
+        # vLLM's external launcher reads the torch.distributed rendezvous from the environment.
+        os.environ.setdefault("RANK", str(state.process_index))
+        os.environ.setdefault("LOCAL_RANK", str(state.local_process_index))
+        os.environ.setdefault("WORLD_SIZE", str(state.num_processes))
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    kwargs.update(vllm_kwargs or {})
+    return vllm.LLM(**kwargs)
+
+
 def _generate_vllm(
     model_path: str,
     prompt_ids: list[list[int]],
@@ -290,26 +350,54 @@ def _generate_vllm(
     seed: int,
     progress: bool,
     vllm_kwargs: dict | None,
+    llm=None,
+    first_index: int = 0,
 ) -> list[list[str]]:
     """n completions per prompt with vLLM. The prompts go in as token ids (rendered and tokenized exactly as for the
-    transformers backend, so no BOS is added twice). Prompt `i` is sampled with seed `seed + i`."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as err:
-        raise ImportError(
-            "backend='vllm' needs vLLM, which is not installed: `pip install vllm` (Linux with a CUDA GPU). "
-            "Use backend='transformers' (or 'auto') to generate with transformers instead."
-        ) from err
-    llm = LLM(model=model_path, seed=seed, **(vllm_kwargs or {}))
+    transformers backend, so no BOS is added twice). Prompt `i` is sampled with seed `seed + first_index + i`, so a
+    prompt gets the same seed whichever call (chunk, process) it is part of. `llm`: an engine to reuse (built from
+    `model_path`, `seed` and `vllm_kwargs` when None)."""
+    vllm = _import_vllm()
+    if llm is None:
+        llm = vllm.LLM(model=model_path, seed=seed, **(vllm_kwargs or {}))
     # Greedy decoding gives one answer; some vLLM versions refuse n > 1 with temperature 0, so ask once and repeat.
     n_request = 1 if temperature == 0 else n
     params = [
-        SamplingParams(n=n_request, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + i)
+        vllm.SamplingParams(
+            n=n_request, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + first_index + i
+        )
         for i in range(len(prompt_ids))
     ]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
     texts = [[completion.text for completion in request.outputs] for request in outputs]
     return [group * n if n_request == 1 and n > 1 else group for group in texts]
+
+
+def free_model(obj) -> None:
+    """Release a model or a vLLM engine (best effort) and return its GPU memory to the allocator's pool.
+
+    vLLM keeps its engine (and, in V1, an engine-core process) alive until it is shut down; `free_model` shuts it
+    down when the engine offers a way to, then (with a GPU) collects garbage and empties the CUDA cache. The caller
+    must drop its own references too.
+    """
+    import gc
+
+    import torch
+
+    engine = getattr(obj, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    for target in (core, engine):
+        shutdown = getattr(target, "shutdown", None)
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception as err:  # noqa: BLE001 - best effort: a failed shutdown must not lose finished work
+                warnings.warn(f"Could not shut the vLLM engine down cleanly: {err}")
+            break
+    del obj, engine, core
+    if torch.cuda.is_available():  # a full collection costs ~0.5 s in a big process: only where memory is scarce
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _prompts_dataset(prompts, prompt_column: str):
@@ -350,6 +438,8 @@ def generate_completions(
     prompt_column: str = "prompt",
     model_kwargs: dict | None = None,
     vllm_kwargs: dict | None = None,
+    vllm_engine=None,
+    prompt_offset: int = 0,
 ):
     """Sample `n` completions for every prompt; return a `datasets.Dataset` with `prompt` and `completions`.
 
@@ -375,6 +465,11 @@ def generate_completions(
         model_kwargs: extra `from_pretrained` arguments when `model` is a path (default dtype: bfloat16 on a GPU
             that supports it, float32 on CPU).
         vllm_kwargs: extra arguments for `vllm.LLM` (e.g. `gpu_memory_utilization`, `tensor_parallel_size`).
+        vllm_engine: an engine from [`make_vllm_engine`] to reuse across calls (vLLM backend; `model` must still be
+            the path it was built from, for the tokenizer).
+        prompt_offset: the index of the first prompt in a larger prompt list, for calls on one chunk of it: with
+            vLLM prompt `i` of this call is sampled with seed `seed + prompt_offset + i` (transformers is seeded once
+            per call with `seed`; `prompt_offset` does not change it).
 
     Returns:
         A Dataset with the prompts as given (string prompts stay strings, message lists stay message lists) and
@@ -412,7 +507,15 @@ def generate_completions(
     if chosen_backend == "vllm":
         if not model_is_path:
             raise ValueError("backend='vllm' needs `model` as a path or Hub id; vLLM cannot use a loaded model.")
-        completions = _generate_vllm(model, prompt_ids, progress=progress, vllm_kwargs=vllm_kwargs, **sampling)
+        completions = _generate_vllm(
+            model,
+            prompt_ids,
+            progress=progress,
+            vllm_kwargs=vllm_kwargs,
+            llm=vllm_engine,
+            first_index=prompt_offset,
+            **sampling,
+        )
     else:
         lm = _load_causal_lm(model, model_kwargs) if model_is_path else model
         completions = _generate_transformers(
@@ -432,6 +535,42 @@ def generate_completions(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# Attribute names of the scoring head of sequence classifiers (Llama / Qwen / Mistral / Gemma: `score`; BERT /
+# DeBERTa / RoBERTa: `classifier`; TRL value-head models: `v_head`).
+_HEAD_NAMES = ("score", "classifier", "v_head")
+
+
+def _reward_model_dtype():
+    """The checkpoint's own dtype on a GPU (`"auto"`), float32 on CPU."""
+    import torch
+
+    return "auto" if torch.cuda.is_available() else torch.float32
+
+
+def _float32_head(model) -> str | None:
+    """Run the scoring head of a half-precision reward model in float32: its weights are cast to float32 and its
+    input (the pooled / last hidden state) is cast on the way in. Returns the head's attribute name (None: no known
+    head, or the model is float32 already)."""
+    import torch
+
+    if getattr(model, "dtype", torch.float32) == torch.float32:
+        return None
+    for name in _HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module) and any(True for _ in head.parameters()):
+            break
+    else:
+        return None
+    head.float()
+
+    def to_float32(module, args, kwargs):
+        cast = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        return tuple(cast), kwargs
+
+    head.register_forward_pre_hook(to_float32, with_kwargs=True)
+    return name
+
+
 class RewardModelScorer:
     """Score `(prompt, completion)` pairs with an `AutoModelForSequenceClassification` reward model (1 label).
 
@@ -439,6 +578,8 @@ class RewardModelScorer:
     `prompt messages + [{"role": "assistant", "content": completion}]` when the tokenizer has a chat template (a
     string prompt becomes one user message); otherwise it is the plain concatenation `prompt + completion` (with
     the tokenizer's own special tokens, e.g. BOS). Batches are right padded; the score is `logits[:, 0]`.
+    [`score_batched`] sorts the texts by token length first, so that a batch holds texts of similar length (little
+    padding); [`score_completions`] uses it.
     """
 
     def __init__(self, model, tokenizer, max_length: int | None = None):
@@ -456,14 +597,20 @@ class RewardModelScorer:
 
     @classmethod
     def from_pretrained(cls, path: str, tokenizer=None, model_kwargs: dict | None = None, **kwargs):
-        """Load the reward model (and its tokenizer, unless given) from a folder or Hub id."""
+        """Load the reward model (and its tokenizer, unless given) from a folder or Hub id.
+
+        The model keeps its own dtype (the checkpoint's `dtype` on a GPU; float32 on CPU; `model_kwargs={"dtype":
+        ...}` overrides it); when that is half precision, the scoring head runs in float32 (its weights and its
+        input are cast), so that close rewards are not rounded together.
+        """
         from transformers import AutoModelForSequenceClassification
 
-        load_kwargs = {"dtype": _default_dtype()}
+        load_kwargs = {"dtype": _reward_model_dtype()}
         load_kwargs.update(model_kwargs or {})
         model = AutoModelForSequenceClassification.from_pretrained(path, **load_kwargs)
         if "device_map" not in load_kwargs:
             model.to(_default_device())
+        _float32_head(model)
         return cls(model.eval(), tokenizer if tokenizer is not None else _load_tokenizer(path), **kwargs)
 
     def _ensure_pad_id(self) -> int:
@@ -506,16 +653,38 @@ class RewardModelScorer:
             kwargs.update(truncation=True, max_length=self.max_length)
         return [list(ids) for ids in self.tokenizer(texts, **kwargs)["input_ids"]]
 
-    def __call__(self, prompts: Sequence, completions: Sequence[str]) -> list[float]:
+    def _forward(self, ids: list[list[int]]) -> list[float]:
         import torch
 
-        if len(prompts) == 0:
-            return []
-        input_ids, attention_mask = _pad(self.encode(prompts, completions), self.pad_id, side="right")
+        input_ids, attention_mask = _pad(ids, self.pad_id, side="right")
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         return logits[:, 0].float().cpu().tolist()
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str]) -> list[float]:
+        if len(prompts) == 0:
+            return []
+        return self._forward(self.encode(prompts, completions))
+
+    def score_batched(
+        self, prompts: Sequence, completions: Sequence[str], batch_size: int = 16, progress: bool = False
+    ) -> list[float]:
+        """Scores of all `(prompt, completion)` pairs, in their order, computed in batches of `batch_size` texts of
+        similar token length (longest first, so that running out of memory shows at once)."""
+        from tqdm.auto import tqdm
+
+        if len(prompts) == 0:
+            return []
+        ids = self.encode(prompts, completions)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        scores = [math.nan] * len(ids)
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="Scoring", unit="batch", disable=not progress):
+            batch = order[start : start + batch_size]
+            for i, value in zip(batch, self._forward([ids[i] for i in batch])):
+                scores[i] = value
+        return scores
 
 
 def _import_callable(spec: str) -> Callable | None:
@@ -662,7 +831,8 @@ def score_completions(
             [`generate_completions`].
         scorer: a reward model (path / Hub id / loaded), a callable `f(prompts, completions) -> list[float]`, or a
             `"module:function"` string (see [`load_scorer`]).
-        batch_size: completions per scorer call (per reward-model forward).
+        batch_size: completions per scorer call (per reward-model forward). A reward model's batches group
+            completions of similar token length (the rewards come back in the dataset's order).
         tokenizer: the reward model's tokenizer (required for a loaded reward model).
         progress: show a tqdm progress bar.
         reward_column: name of the added column (replaced if it exists).
@@ -685,11 +855,15 @@ def score_completions(
     flat_completions = [completion_text(c) for group in groups for c in group]
 
     scores: list[float] = []
-    starts = range(0, len(flat_completions), batch_size)
-    for start in tqdm(starts, desc="Scoring", unit="batch", disable=not progress):
-        chunk_prompts = flat_prompts[start : start + batch_size]
-        chunk = fn(chunk_prompts, flat_completions[start : start + batch_size])
-        scores.extend(_validate_scores(chunk, len(chunk_prompts), start))
+    if isinstance(fn, RewardModelScorer):  # batched by token length
+        values = fn.score_batched(flat_prompts, flat_completions, batch_size=batch_size, progress=progress)
+        scores = _validate_scores(values, len(flat_completions), 0)
+    else:  # a function: called on consecutive slices of `batch_size` completions
+        starts = range(0, len(flat_completions), batch_size)
+        for start in tqdm(starts, desc="Scoring", unit="batch", disable=not progress):
+            chunk_prompts = flat_prompts[start : start + batch_size]
+            chunk = fn(chunk_prompts, flat_completions[start : start + batch_size])
+            scores.extend(_validate_scores(chunk, len(chunk_prompts), start))
 
     bad = sum(math.isnan(s) for s in scores)
     if bad:
@@ -704,6 +878,123 @@ def score_completions(
     if reward_column in dataset.column_names:
         dataset = dataset.remove_columns(reward_column)
     return dataset.add_column(reward_column, rewards)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several judges
+# ----------------------------------------------------------------------------------------------------------------------
+
+_JUDGE_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$")
+
+
+def _default_judge_name(spec, index: int) -> str:
+    if isinstance(spec, (str, Path)):
+        text = str(spec)
+        if _CALLABLE_SPEC.match(text) and not Path(text).exists():
+            return text.rpartition(":")[2].rpartition(".")[2]  # the function's name
+        return Path(text.rstrip("/")).name or text  # the reward model's folder / Hub repository name
+    name = getattr(spec, "__name__", None)
+    if name is None and getattr(spec, "config", None) is not None:
+        name = Path(str(getattr(spec.config, "_name_or_path", "") or "").rstrip("/")).name or None
+    return name if name and _JUDGE_NAME.match(name) and name != "<lambda>" else f"judge{index}"
+
+
+def name_judges(judges) -> list[tuple[str, Any]]:
+    """`[(name, spec), ...]` for several scorers (judges).
+
+    `judges` is a dict `{name: spec}`, or a list whose items are specs (see [`load_scorer`]) or strings
+    `"NAME=SPEC"`. Without a name, a judge is named after its function (`module:function`, a callable) or the last
+    part of its reward-model path / Hub id. Names become the columns `rewards_<name>`: letters, digits, `_`, `.`, `-`,
+    unique, and not `mean`.
+    """
+    if isinstance(judges, dict):
+        items = [(str(name), spec) for name, spec in judges.items()]
+    else:
+        if isinstance(judges, (str, Path)) or callable(judges):
+            judges = [judges]
+        items = []
+        for i, spec in enumerate(judges):
+            if isinstance(spec, str):
+                name, sep, rest = spec.partition("=")
+                if sep and rest and _JUDGE_NAME.match(name):
+                    items.append((name, rest))
+                    continue
+            items.append((_default_judge_name(spec, i), spec))
+    if not items:
+        raise ValueError("No scorer given.")
+    seen = set()
+    for name, _ in items:
+        if not _JUDGE_NAME.match(name) or name == "mean":
+            raise ValueError(
+                f"Judge name {name!r} cannot be used: a name holds letters, digits, '_', '.', '-' and is not 'mean'."
+            )
+        if name in seen:
+            raise ValueError(
+                f"Two scorers are named {name!r}; name them apart with NAME=SPEC (e.g. {name}_a=... {name}_b=...)."
+            )
+        seen.add(name)
+    return items
+
+
+def combine_rewards(columns: dict[str, Sequence[Sequence[float]]], combine: str = "mean") -> list[list[float]]:
+    """The combined `rewards` of several judges' reward columns (`{name: rewards per row}`, rows aligned).
+
+    `combine="mean"`: the mean of the judges' scores of each completion (NaN when any judge gave NaN); a judge's
+    name: that judge's scores. The judges' scales are not normalised: use judges on comparable scales for the mean.
+    """
+    if combine != "mean" and combine not in columns:
+        raise ValueError(f"combine must be 'mean' or one of the judges {sorted(columns)}, got {combine!r}.")
+    if combine != "mean":
+        return [list(row) for row in columns[combine]]
+    tables = list(columns.values())
+    combined = []
+    for i, row in enumerate(tables[0]):
+        out = []
+        for j in range(len(row)):
+            values = [float(table[i][j]) for table in tables]
+            out.append(math.nan if any(math.isnan(v) for v in values) else math.fsum(values) / len(values))
+        combined.append(out)
+    return combined
+
+
+def score_with_judges(
+    dataset,
+    judges,
+    *,
+    combine: str = "mean",
+    batch_size: int = 16,
+    progress: bool = True,
+    model_kwargs: dict | None = None,
+    max_length: int | None = None,
+):
+    """Score a groups dataset with several judges, one model in memory at a time.
+
+    Args:
+        dataset: a groups Dataset (`prompt`, `completions`).
+        judges: see [`name_judges`] (a dict `{name: spec}` or a list of specs / `"NAME=SPEC"` strings). Each
+            reward model is loaded with its own tokenizer (and so its own chat template), used, and released before
+            the next one is loaded.
+        combine: how the `rewards` column is made: `"mean"` or one judge's name (see [`combine_rewards`]).
+        batch_size, progress, model_kwargs, max_length: as for [`score_completions`].
+
+    Returns:
+        With one judge, the [`score_completions`] result (`rewards` only). With several, a `rewards_<name>` column
+        per judge and the combined `rewards`.
+    """
+    items = name_judges(judges)
+    kwargs = dict(batch_size=batch_size, progress=progress, model_kwargs=model_kwargs, max_length=max_length)
+    if len(items) == 1:
+        return score_completions(dataset, items[0][1], **kwargs)
+    if combine != "mean" and combine not in dict(items):
+        raise ValueError(f"combine must be 'mean' or one of the judges {[n for n, _ in items]}, got {combine!r}.")
+    dataset = _as_dataset(dataset)
+    for name, spec in items:
+        dataset = score_completions(dataset, spec, reward_column=f"rewards_{name}", **kwargs)
+        free_model(None)  # the scorer was local to score_completions: collect it before the next one loads
+    combined = combine_rewards({name: dataset[f"rewards_{name}"] for name, _ in items}, combine)
+    if "rewards" in dataset.column_names:
+        dataset = dataset.remove_columns("rewards")
+    return dataset.add_column("rewards", combined)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
