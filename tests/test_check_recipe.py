@@ -86,8 +86,8 @@ def test_method_unknown_from_path_is_refused_and_method_option_overrides(tmp_pat
     path.parent.mkdir()
     path.write_text(VAR_BASE.read_text())
     assert _problems(path) == [
-        f"cannot tell the method of {path} from its path: put it under recipes/<var|vcb|reward_augmented_dpo>/ "
-        "or pass --method var|vcb|reward_augmented_dpo"
+        f"cannot tell the method of {path} from its path: put it under "
+        "recipes/<var|vcb|reward_augmented_dpo|online_var>/ or pass --method var|vcb|reward_augmented_dpo|online_var"
     ]
     assert cr.check_recipe(path, "var").ok
     # the wrong method for the file: VAR's keys are not VCB's

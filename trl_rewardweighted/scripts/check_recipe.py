@@ -18,10 +18,11 @@ is checked on its own, with one message per problem:
 - a value of the wrong type names the field and the type it expects (`learning_rate: abc`), including booleans where
   a string is expected (YAML reads an unquoted `no` as `false`) and lists given for single values.
 
-The method comes from `--method` or from the path: `recipes/<var|vcb|reward_augmented_dpo>/...`. Validation runs
-with `use_cpu: true` (and without `tf32`), so a `bf16: true` recipe validates on a machine without a GPU and no GPU
-is touched; whether the launch machine supports bf16 / tf32 is checked when the recipe is launched. The recipe's `env:`
-block is checked but not applied.
+The method comes from `--method` or from the path: `recipes/<var|vcb|reward_augmented_dpo|online_var>/...`.
+Validation runs with `use_cpu: true` (and without `tf32`), so a `bf16: true` recipe validates on a machine without a
+GPU and no GPU is touched; whether the launch machine supports bf16 / tf32 is checked when the recipe is launched. The recipe's `env:`
+block is checked but not applied. Files named `iterate.yaml` / `iterate_*.yaml` are `trl-rw iterate` recipes (no
+trainer config): only their YAML is read here, and `trl-rw iterate --config PATH --check` validates them.
 
 Exit code: 0 when every recipe passes, 1 when any has a problem, 2 for a usage error.
 """
@@ -42,8 +43,14 @@ from typing import Any, NamedTuple
 __all__ = ["RENAMED_KEYS", "RecipeReport", "check_recipe", "check_recipes", "method_from_path", "main"]
 
 # Recipe folder (or --method value) -> launch-script method (`trl_rewardweighted.scripts.train.METHODS`).
-METHOD_ALIASES = {"var": "var", "vcb": "vcb", "reward_augmented_dpo": "ra_dpo", "ra_dpo": "ra_dpo"}
-_FOLDER = {"var": "var", "vcb": "vcb", "ra_dpo": "reward_augmented_dpo"}
+METHOD_ALIASES = {
+    "var": "var",
+    "vcb": "vcb",
+    "reward_augmented_dpo": "ra_dpo",
+    "ra_dpo": "ra_dpo",
+    "online_var": "online_var",
+}
+_FOLDER = {"var": "var", "vcb": "vcb", "ra_dpo": "reward_augmented_dpo", "online_var": "online_var"}
 
 
 class Rename(NamedTuple):
@@ -251,8 +258,8 @@ def method_from_path(path: str | Path) -> str:
         return found.pop()
     named = f" (the path names {sorted(found)})" if found else ""
     raise ValueError(
-        f"cannot tell the method of {path} from its path{named}: put it under recipes/<var|vcb|reward_augmented_dpo>/ "
-        "or pass --method var|vcb|reward_augmented_dpo"
+        f"cannot tell the method of {path} from its path{named}: put it under "
+        "recipes/<var|vcb|reward_augmented_dpo|online_var>/ or pass --method var|vcb|reward_augmented_dpo|online_var"
     )
 
 
@@ -531,6 +538,8 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
     """
     path = Path(path)
     report = RecipeReport(str(path))
+    if method is None and (path.stem == "iterate" or path.stem.startswith("iterate_")):
+        return _iterate_recipe(path, report)
     try:
         report.method = METHOD_ALIASES[method] if method else method_from_path(path)
     except KeyError:
@@ -561,6 +570,20 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
     if report.problems:
         return report  # the dataclasses would fail on the first of these; report them all instead
     _build_configs(report, config)
+    return report
+
+
+def _iterate_recipe(path: Path, report: RecipeReport) -> RecipeReport:
+    """A `trl-rw iterate` recipe (`iterate.yaml`, `iterate_*.yaml`): its options are `trl-rw iterate`'s, not a
+    trainer's; only the YAML is read here (`trl-rw iterate --config PATH --check` validates the options)."""
+    config, error = _load_yaml(path)
+    report.method = "iterate"
+    if error:
+        report.problems.append(error)
+        return report
+    report.model = str(config.get("model") or "smollm2 (the default)")
+    report.dataset = str(config.get("prompts") or "the packaged quickstart prompts")
+    report.notes.append(f"a `trl-rw iterate` recipe: check its options with `trl-rw iterate --config {path} --check`")
     return report
 
 
@@ -602,6 +625,18 @@ def _build_configs(report: RecipeReport, config: dict) -> None:
         )
     report.model = model_args.model_name_or_path
     report.dataset = _dataset_label(parsed)
+    from trl_rewardweighted.scripts.train import ONLINE_METHODS
+
+    if report.method in ONLINE_METHODS and not parsed[0].reward_funcs:
+        report.problems.append(
+            "reward_funcs: missing; an online method scores its own samples: list `module:function` scorers or "
+            "reward model ids, e.g. `reward_funcs: [trl_rewardweighted.rewards:vader_positivity]`"
+        )
+    elif report.method not in ONLINE_METHODS and parsed[0].reward_funcs:
+        report.problems.append(
+            f"reward_funcs: only the online methods ({', '.join(ONLINE_METHODS)}) use it; {report.method} reads the "
+            "rewards from its dataset"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -648,7 +683,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=sorted(METHOD_ALIASES),
         default=None,
-        help="the method of every PATH (default: read from recipes/<var|vcb|reward_augmented_dpo>/...)",
+        help="the method of every PATH (default: read from recipes/<var|vcb|reward_augmented_dpo|online_var>/...)",
     )
 
 

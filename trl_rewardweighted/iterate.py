@@ -1,0 +1,680 @@
+"""`trl-rw iterate`: offline training in rounds. Each round samples `--n` replies per prompt from the current policy,
+scores them, builds the method's data, trains the policy on it with one of the offline trainers, and hands the trained
+model to the next round.
+
+```bash
+trl-rw iterate --method var --rounds 3                       # SmolLM2-135M-Instruct, VADER reward, offline, CPU
+trl-rw iterate --config recipes/quickstart/iterate_var.yaml --rounds 4 --output-dir runs/var
+```
+
+Round `k` (1-based) of `--rounds`:
+
+1. Sample `--n` replies per prompt from the policy of round `k - 1` (round 1: the starting model) with seed
+   `--seed + k - 1`, and score them with `--reward`. Saved as `round_<k>/samples` (a groups dataset).
+2. Build the method's data from the groups: VAR every reply with its reward; VCB the groups; DPO and reward-augmented
+   DPO the best against the worst reply (ties dropped; reward-augmented DPO maps `--reward-range` to its 1-10 goals);
+   SFT the best reply. Saved as `round_<k>/train_data`.
+3. Train the policy of round `k - 1` on it for `--steps` optimizer steps (or `--epochs` epochs) against the
+   reference: the starting model in every round, or with `--update-reference` the policy the round starts from.
+   The model and tokenizer are saved as `round_<k>/model`, then `round_<k>/metrics.json` (reward statistics of the
+   samples, training metrics, timings) is written last: a round with both is finished.
+
+VAR's weight is `softmax(r / beta + log pi_ref(y|x) - log pi_sample(y|x))` over a batch, the paper's target
+`pi_ref exp(r / beta)` reached from replies drawn from the sampling policy `pi_sample`: when the reference is the
+sampler (round 1, or every round with `--update-reference`) the correction is 0 and `ref_weighting=False` is used;
+otherwise the train data holds `ref_logps = reference_logps - sampler_logps` (both saved) and `ref_weighting=True`.
+
+Rerunning the same command resumes: finished rounds are skipped and the next round starts from the last finished
+round's model; samples of an unfinished round are reused. Any changed option other than `--rounds` is refused
+(naming it); `--overwrite` starts over. After the last round the final model is sampled once more with the next
+round's seed (`final_samples`) so that `iterate.json` shows the mean reward of every policy, start to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METHODS", "OPTIONS", "add_arguments", "resolve_options", "run_iterate", "main"]
+
+METHODS = ("var", "vcb", "ra_dpo", "dpo", "sft")
+DEFAULT_REWARD = "trl_rewardweighted.rewards:vader_positivity"
+# Sequences one training row holds, to turn `--batch-size` (completions per optimizer step) into rows per step.
+_SEQUENCES_PER_ROW = {"var": 1, "sft": 1, "dpo": 2, "ra_dpo": 2}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of `trl-rw iterate`: `--name-with-dashes` on the command line, `name_with_underscores` in a recipe."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+def _optional_float(value) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        return None
+    return float(value)
+
+
+OPTIONS = (
+    Option("method", str, None, "the offline trainer run in every round (required)", METHODS),
+    Option("model", str, "smollm2", "starting model: 'smollm2' (offline SmolLM2-135M-Instruct), 'tiny', or a path"),
+    Option("reward", str, DEFAULT_REWARD, "reward model path or `module:function` (default: VADER positivity)"),
+    Option(
+        "prompts",
+        str,
+        None,
+        "prompt file (.txt one per line, '#' lines skipped) or dataset file / folder with a `prompt` column "
+        "(default: the packaged quickstart prompts)",
+    ),
+    Option(
+        "num_prompts",
+        int,
+        None,
+        "use the first N prompts (default: all; with the packaged prompts, their 24 training prompts)",
+    ),
+    Option("rounds", int, 2, "number of rounds (may be raised when resuming)"),
+    Option("n", int, 4, "sampled replies per prompt in each round"),
+    Option("max_new_tokens", int, 40, "longest sampled reply, in tokens"),
+    Option("temperature", float, 1.0, "sampling temperature"),
+    Option("top_p", float, 1.0, "nucleus sampling"),
+    Option("gen_batch_size", int, 8, "prompts per generate call"),
+    Option(
+        "backend",
+        str,
+        "transformers",
+        "generation backend; 'vllm' (or 'auto') runs vLLM in the training process, which must leave room for it",
+        ("transformers", "vllm", "auto"),
+    ),
+    Option(
+        "goal_score",
+        _optional_float,
+        10.0,
+        "ra_dpo only: from round 2 on, sample the trained (goal-conditioned) policy under this goal on the 1-10 "
+        "scale, as at inference; 'none' samples without a goal",
+    ),
+    Option("steps", int, None, "optimizer steps per round (default: --epochs epochs of the round's data)"),
+    Option("epochs", float, 1.0, "epochs per round over the round's data, when --steps is not given"),
+    Option(
+        "batch_size",
+        int,
+        8,
+        "completions per optimizer step: VAR and SFT rows, DPO / reward-augmented DPO pairs count 2, VCB groups --n",
+    ),
+    Option("learning_rate", float, 2e-5, "learning rate (constant schedule)"),
+    Option("max_length", int, 256, "longest training sequence (prompt + reply) for VAR, VCB, DPO and SFT"),
+    Option("beta", float, 0.2, "VAR temperature of the weights (VADER rewards lie in [-1, 1])"),
+    Option("beta_dpo", float, 0.1, "DPO and reward-augmented DPO beta"),
+    Option("gamma", float, 0.05, "VCB gamma"),
+    Option(
+        "reward_range",
+        str,
+        "-1,1",
+        "reward-augmented DPO: the reward's range 'lo,hi' mapped to the 1-10 goal scale, or 'auto' (each round's "
+        "min and max)",
+    ),
+    Option(
+        "update_reference",
+        bool,
+        False,
+        "use the policy each round starts from as its reference (default: the starting model in every round)",
+    ),
+    Option("seed", int, 0, "round k samples with seed + k - 1 and trains with the same seed"),
+    Option("output_dir", str, "iterate_output", "where the rounds, iterate.json and the final samples go"),
+    Option("overwrite", bool, False, "delete the rounds already in --output-dir and start over"),
+    Option("no_progress", bool, False, "hide progress bars"),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+# Options that may differ between a run and its resumption.
+_NOT_FINGERPRINTED = ("rounds", "output_dir", "overwrite", "no_progress")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `trl-rw iterate` options on `parser`. Every default is `None` here: [`resolve_options`] fills in
+    the recipe's value (`--config`), then the default, so that a flag given on the command line always wins."""
+    parser.add_argument("--config", default=None, help="YAML recipe whose keys are these options' names (underscores)")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the options (and the recipe), print them and exit"
+    )
+    for o in OPTIONS:
+        flag = "--" + o.name.replace("_", "-")
+        shown = "" if o.default is None or o.type is bool else f" (default: {o.default})"
+        if o.type is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=o.help)
+        else:
+            parser.add_argument(flag, type=o.type, default=None, choices=o.choices, help=o.help + shown)
+
+
+def _recipe_value(option: Option, value, path: str):
+    where = f"{path}: `{option.name}`"
+    if value is None:
+        if option.default is not None and option.type is not _optional_float:
+            raise ValueError(f"{where} is empty; give a value or remove the key.")
+        return None
+    if option.type is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if isinstance(value, (bool, list, dict)):
+        raise ValueError(f"{where} must be a single {option.type.__name__}, got {value!r}.")
+    if option.type is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{where} must be an integer, got {value!r}.")
+    try:
+        value = option.type(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a {getattr(option.type, '__name__', 'value')}, got {value!r}.") from None
+    if option.choices and value not in option.choices:
+        raise ValueError(f"{where} must be one of {', '.join(option.choices)}, got {value!r}.")
+    return value
+
+
+def load_recipe(path: str | Path) -> dict:
+    """The options of an `iterate` recipe (YAML mapping of option names, underscores), checked and converted."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping of `option: value`, got {type(data).__name__}.")
+    out = {}
+    for key, value in data.items():
+        if key not in _BY_NAME:
+            close = difflib.get_close_matches(str(key), list(_BY_NAME), n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise ValueError(
+                f"{path}: unknown key `{key}`: not an option of `trl-rw iterate`.{hint} The keys are the options' "
+                "names with underscores (see `trl-rw iterate --help`)."
+            )
+        out[key] = _recipe_value(_BY_NAME[key], value, str(path))
+    return out
+
+
+def resolve_options(opts: argparse.Namespace) -> argparse.Namespace:
+    """The effective options: a command-line flag, else the recipe's value (`opts.config`), else the default.
+    Checks the values (positive counts, a known method, a usable budget)."""
+    recipe = load_recipe(opts.config) if getattr(opts, "config", None) else {}
+    values = {}
+    for o in OPTIONS:
+        given = getattr(opts, o.name, None)
+        values[o.name] = given if given is not None else recipe.get(o.name, o.default)
+    out = argparse.Namespace(**values, config=getattr(opts, "config", None), check=bool(getattr(opts, "check", 0)))
+    if out.method is None:
+        raise ValueError(f"Give --method (or `method:` in the recipe): one of {', '.join(METHODS)}.")
+    for name in ("rounds", "n", "max_new_tokens", "gen_batch_size", "batch_size", "max_length"):
+        if getattr(out, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(out, name)}.")
+    if out.steps is not None and out.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {out.steps}.")
+    if out.steps is None and not out.epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {out.epochs}.")
+    if out.num_prompts is not None and out.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {out.num_prompts}.")
+    for name in ("learning_rate", "beta", "beta_dpo", "gamma"):
+        value = getattr(out, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}.")
+    if out.method == "vcb" and out.n < 2:
+        raise ValueError("--method vcb needs --n >= 2: VCB calibrates the replies of a prompt against each other.")
+    if out.method in ("dpo", "ra_dpo") and out.n < 2:
+        raise ValueError(f"--method {out.method} needs --n >= 2 to build best-against-worst pairs.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write `data` as JSON atomically (a temporary in the same folder, renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _round_dir(out: Path, k: int) -> Path:
+    return out / f"round_{k}"
+
+
+def _finished(out: Path, k: int) -> bool:
+    d = _round_dir(out, k)
+    return (d / "metrics.json").is_file() and (d / "model").is_dir()
+
+
+def _fingerprint(opts) -> dict:
+    return {o.name: getattr(opts, o.name) for o in OPTIONS if o.name not in _NOT_FINGERPRINTED}
+
+
+def _load_prompts(opts, tokenizer) -> list:
+    """The prompts, as message lists when the tokenizer has a chat template (so the trainers template them as the
+    sampler did), else as strings."""
+    from .data.convert import load_dataset_any
+    from .data.utils import is_messages
+    from .quickstart import PROMPTS_FILE, read_prompts
+
+    path = Path(opts.prompts) if opts.prompts else PROMPTS_FILE
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise FileNotFoundError(f"Prompt file not found: {path}")
+        prompts: list = read_prompts(path)
+    else:
+        ds = load_dataset_any(path)
+        if "prompt" not in ds.column_names:
+            raise ValueError(f"{path} has no `prompt` column; columns found: {ds.column_names}.")
+        prompts = list(ds["prompt"])
+    limit = opts.num_prompts if opts.num_prompts is not None else (24 if not opts.prompts else None)
+    prompts = prompts[:limit] if limit is not None else prompts
+    if not prompts:
+        raise ValueError(f"{path}: no prompts.")
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [p if is_messages(p) else [{"role": "user", "content": p}] for p in prompts]
+    return prompts
+
+
+def _prepare_output(out: Path, opts, prompts_hash: str) -> dict:
+    """Create or resume `out`: returns the `iterate.json` state. A changed option is refused, naming it."""
+    state_path = out / "iterate.json"
+    rounds = sorted(out.glob("round_*")) if out.is_dir() else []
+    if opts.overwrite:
+        for path in [*rounds, out / "final_samples", state_path]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    elif state_path.exists():
+        state = json.loads(state_path.read_text())
+        before = state.get("args", {})
+        now = _fingerprint(opts)
+        for name, value in now.items():
+            if name in before and before[name] != value:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} is {value!r} but the run in {out} used {before[name]!r}: a resumed run "
+                    "must keep its options (only --rounds may change). Pass --overwrite to start over, or use "
+                    "another --output-dir."
+                )
+        if state.get("prompts_sha256") not in (None, prompts_hash):
+            raise ValueError(
+                f"--prompts: the prompts differ from those of the run in {out} (same option, other content). Pass "
+                "--overwrite to start over, or use another --output-dir."
+            )
+        return state
+    elif rounds:
+        raise FileExistsError(f"{out} holds {rounds[0].name} but no iterate.json; pass --overwrite to start over.")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"args": _fingerprint(opts), "prompts_sha256": prompts_hash, "rounds": []}
+    _write_json(state_path, state)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One round
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _reward_stats(groups) -> dict:
+    values = [float(r) for group in groups["rewards"] for r in group if r is not None]
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return {"reward_mean": None, "reward_std": None, "num_completions": len(values), "num_nan": len(values)}
+    return {
+        "reward_mean": statistics.fmean(finite),
+        "reward_std": statistics.pstdev(finite),
+        "reward_min": min(finite),
+        "reward_max": max(finite),
+        "num_completions": len(values),
+        "num_nan": len(values) - len(finite),
+    }
+
+
+def _sample(policy: str, prompts: list, opts, scorer, seed: int, goal: bool):
+    """Sample and score `--n` replies per prompt from `policy` (under the goal prompt when `goal`)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from .sampling import generate_completions, score_completions
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    data, column = Dataset.from_dict({"prompt": prompts}), "prompt"
+    if goal:
+        from .data.relabel import build_goal_prompt
+
+        goals = [build_goal_prompt(p, score=opts.goal_score, tokenizer=tokenizer, system_role="auto") for p in prompts]
+        data, column = data.add_column("generation_prompt", goals), "generation_prompt"
+    groups = generate_completions(
+        policy,
+        data,
+        n=opts.n,
+        tokenizer=tokenizer,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        max_new_tokens=opts.max_new_tokens,
+        seed=seed,
+        batch_size=opts.gen_batch_size,
+        progress=not opts.no_progress,
+        prompt_column=column,
+        backend=opts.backend,
+    )
+    return score_completions(groups, scorer, batch_size=16, progress=not opts.no_progress)
+
+
+def _completion_logps(model_path: str, groups) -> list[list[float]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import completion_logps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    values = completion_logps(model, tokenizer, list(groups["prompt"]), list(groups["completions"]))
+    del model
+    return values
+
+
+def build_train_data(method: str, groups, sampler: str, reference: str):
+    """The method's training dataset from one round's scored groups (`prompt`, `completions`, `rewards`).
+
+    VAR rows get `reference_logps` and `sampler_logps` (summed reply log-probs under the reference and the sampling
+    policy) and `ref_logps`, their difference, when the two models differ; see the module docstring.
+    """
+    from datasets import Dataset
+
+    from .data.convert import groups_to_pairs, groups_to_rows
+    from .data.utils import is_messages
+
+    groups = groups.select_columns(["prompt", "completions", "rewards"])
+    if method == "vcb":
+        return groups
+    if method == "var":
+        rows = groups_to_rows(groups)
+        if reference != sampler:
+            ref = [v for group in _completion_logps(reference, groups) for v in group]
+            own = [v for group in _completion_logps(sampler, groups) for v in group]
+            rows = rows.add_column("reference_logps", ref).add_column("sampler_logps", own)
+            rows = rows.add_column("ref_logps", [a - b for a, b in zip(ref, own)])
+        return rows
+    if method == "sft":
+        chat = is_messages(groups["prompt"][0])
+        completions = []
+        for replies, rewards in zip(groups["completions"], groups["rewards"]):
+            best = max(range(len(rewards)), key=lambda j: rewards[j] if math.isfinite(rewards[j]) else -math.inf)
+            completions.append([{"role": "assistant", "content": replies[best]}] if chat else replies[best])
+        return Dataset.from_dict({"prompt": list(groups["prompt"]), "completion": completions})
+    pairs = groups_to_pairs(groups, strategy="best_worst", ties="drop")
+    if len(pairs) == 0:
+        raise ValueError(
+            "Every prompt's replies got equal rewards this round: no best-against-worst pair to train on. Raise --n "
+            "or --temperature, or use a finer-grained reward."
+        )
+    keep = ["prompt", "chosen", "rejected"] + (["score_chosen", "score_rejected"] if method == "ra_dpo" else [])
+    return pairs.select_columns(keep)
+
+
+def _train(method: str, policy: str, reference: str, data, opts, seed: int, out: Path) -> dict:
+    """Train `policy` on `data` against `reference`; save the model and tokenizer to `out / "model"` (atomically)."""
+    from transformers import AutoTokenizer
+
+    from .quickstart import demo_training_args
+
+    per_row = opts.n if method == "vcb" else _SEQUENCES_PER_ROW[method]
+    batch_size = max(1, opts.batch_size // per_row)
+    budget = {"max_steps": opts.steps} if opts.steps is not None else {"num_train_epochs": opts.epochs}
+    common = demo_training_args(
+        out / "trainer_output",
+        opts.learning_rate,
+        batch_size,
+        seed,
+        gradient_accumulation_steps=1,
+        disable_tqdm=opts.no_progress,
+        **budget,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    same = reference == policy
+    if method == "var":
+        from .trainers.var_config import VARConfig
+        from .trainers.var_trainer import VARTrainer
+
+        columns = ["prompt", "completion", "reward"] + ([] if same else ["ref_logps"])
+        args = VARConfig(beta=opts.beta, ref_weighting=not same, max_length=opts.max_length, **common)
+        trainer = VARTrainer(
+            model=policy, args=args, train_dataset=data.select_columns(columns), processing_class=tokenizer
+        )
+    elif method == "vcb":
+        from .trainers.vcb_config import VCBConfig
+        from .trainers.vcb_trainer import VCBTrainer
+
+        args = VCBConfig(gamma=opts.gamma, max_length=opts.max_length, precompute_ref_log_probs=True, **common)
+        trainer = VCBTrainer(
+            model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer
+        )
+    elif method == "ra_dpo":
+        from .trainers.ra_dpo_config import RewardAugmentedDPOConfig
+        from .trainers.ra_dpo_trainer import RewardAugmentedDPOTrainer
+
+        args = RewardAugmentedDPOConfig(beta=opts.beta_dpo, max_length=None, score_range=opts.reward_range, **common)
+        trainer = RewardAugmentedDPOTrainer(
+            model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer
+        )
+    elif method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        from .model_utils import resolve_reference_model
+
+        args = DPOConfig(beta=opts.beta_dpo, max_length=opts.max_length, **common)
+        ref_model = resolve_reference_model(policy, reference, args)  # DPOTrainer takes a model object only
+        trainer = DPOTrainer(
+            model=policy, ref_model=ref_model, args=args, train_dataset=data, processing_class=tokenizer
+        )
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(max_length=opts.max_length, **common)
+        trainer = SFTTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer)
+    start = time.time()
+    result = trainer.train()
+    seconds = time.time() - start
+    final, tmp = out / "model", out / ".model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    os.replace(tmp, final)
+    shutil.rmtree(out / "trainer_output", ignore_errors=True)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    metrics = {
+        "steps": trainer.state.global_step,
+        "batch_size": batch_size,
+        "train_rows": len(data),
+        "seconds": round(seconds, 1),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_metrics": dict(result.metrics),
+        "log_history": trainer.state.log_history,
+    }
+    if method == "var":
+        metrics["ref_weighting"] = not same
+    del trainer
+    gc.collect()
+    return metrics
+
+
+def _run_round(k: int, policy: str, initial: str, prompts: list, opts, scorer, out: Path) -> dict:
+    """Round `k`: sample from `policy`, score, build the data, train; returns the round's metrics."""
+    from .data.convert import load_dataset_any, save_dataset
+
+    d = _round_dir(out, k)
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in ("model", "train_data", "metrics.json", ".model.tmp", "trainer_output"):
+        path = d / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    t0, seed = time.time(), opts.seed + k - 1
+    reference = policy if opts.update_reference else initial
+    timings = {}
+    if (d / "samples").is_dir():
+        print(f"[iterate] round {k}: reusing the samples saved by an interrupted run ({d / 'samples'})")
+        groups = load_dataset_any(d / "samples")
+    else:
+        goal = opts.method == "ra_dpo" and k > 1 and opts.goal_score is not None
+        print(
+            f"[iterate] round {k}: sampling {opts.n} replies x {len(prompts)} prompts from {policy} (seed {seed}"
+            + (f", goal {opts.goal_score}" if goal else "")
+            + ") and scoring"
+        )
+        groups = _sample(policy, prompts, opts, scorer, seed, goal)
+        save_dataset(groups, d / "samples")
+    timings["sample_and_score"] = round(time.time() - t0, 1)
+    stats = _reward_stats(groups)
+    print(f"[iterate] round {k}: mean reward {_fmt(stats['reward_mean'])} (std {_fmt(stats['reward_std'])})")
+
+    start = time.time()
+    data = build_train_data(opts.method, groups, policy, reference)
+    save_dataset(data, d / "train_data")
+    timings["build_data"] = round(time.time() - start, 1)
+    print(f"[iterate] round {k}: training {opts.method} on {len(data)} rows (reference: {reference})")
+    train = _train(opts.method, policy, reference, data, opts, seed, d)
+    timings["train"] = train["seconds"]
+    timings["total"] = round(time.time() - t0, 1)
+    metrics = {
+        "round": k,
+        "method": opts.method,
+        "policy": policy,
+        "reference": reference,
+        "sample_seed": seed,
+        **stats,
+        "num_prompts": len(groups),
+        "train": train,
+        "seconds": timings,
+    }
+    if opts.method == "var" and "ref_logps" in data.column_names:
+        ratios = [float(v) for v in data["ref_logps"]]
+        metrics["var_log_ratio"] = {"mean": statistics.fmean(ratios), "max_abs": max(abs(v) for v in ratios)}
+    _write_json(d / "metrics.json", metrics)  # last: the round is finished
+    return metrics
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
+
+
+def _summary_row(metrics: dict) -> dict:
+    train = metrics.get("train", {})
+    return {
+        "round": metrics["round"],
+        "reward_mean": metrics.get("reward_mean"),
+        "reward_std": metrics.get("reward_std"),
+        "steps": train.get("steps"),
+        "first_loss": train.get("first_loss"),
+        "last_loss": train.get("last_loss"),
+        "seconds": metrics.get("seconds", {}).get("total"),
+    }
+
+
+def run_iterate(opts) -> dict:
+    """Run the rounds described in the module docstring with the parsed `opts` (see [`add_arguments`]); returns the
+    `iterate.json` summary."""
+    from transformers import AutoTokenizer
+
+    from .data.convert import save_dataset
+    from .quickstart import resolve_model
+    from .sampling import load_scorer
+
+    opts = resolve_options(opts)
+    if opts.check:
+        print(json.dumps({o.name: getattr(opts, o.name) for o in OPTIONS}, indent=1))
+        return {"args": _fingerprint(opts)}
+    out = Path(opts.output_dir)
+    initial = resolve_model(opts.model, out)
+    prompts = _load_prompts(opts, AutoTokenizer.from_pretrained(initial))
+    prompts_hash = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+    state = _prepare_output(out, opts, prompts_hash)
+    scorer = load_scorer(opts.reward)
+    t0 = time.time()
+    policy, rows = initial, []
+    for k in range(1, opts.rounds + 1):
+        d = _round_dir(out, k)
+        if _finished(out, k):
+            metrics = json.loads((d / "metrics.json").read_text())
+            print(f"[iterate] round {k}/{opts.rounds}: finished in an earlier run, skipped ({d / 'model'})")
+        else:
+            print(f"[iterate] round {k}/{opts.rounds}")
+            metrics = _run_round(k, policy, initial, prompts, opts, scorer, out)
+        policy = str(d / "model")
+        rows.append({**_summary_row(metrics), "model": policy})
+        state["rounds"] = rows
+        _write_json(out / "iterate.json", state)
+
+    seed = opts.seed + opts.rounds
+    done = state.get("final", {})
+    if done.get("model") == policy and (out / "final_samples").is_dir():
+        print(f"[iterate] final samples of {policy}: done in an earlier run, skipped")
+    else:
+        goal = opts.method == "ra_dpo" and opts.goal_score is not None
+        print(
+            f"[iterate] sampling the final model {policy} (seed {seed}"
+            + (f", goal {opts.goal_score})" if goal else ")")
+        )
+        start = time.time()
+        final = _sample(policy, prompts, opts, scorer, seed, goal)
+        save_dataset(final, out / "final_samples")
+        state["final"] = {
+            "after_round": opts.rounds,
+            "model": policy,
+            "sample_seed": seed,
+            **_reward_stats(final),
+            "seconds": round(time.time() - start, 1),
+        }
+    state["seconds_this_run"] = round(time.time() - t0, 1)
+    _write_json(out / "iterate.json", state)
+
+    print("\n| policy | sampled in | mean reward | std | train steps | last loss | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for i, row in enumerate(rows):
+        source = "start" if i == 0 else f"after round {i}"
+        loss = "–" if row["last_loss"] is None else f"{row['last_loss']:.4f}"
+        print(
+            f"| {source} | round {row['round']} | {_fmt(row['reward_mean'])} | {_fmt(row['reward_std'])} | "
+            f"{row['steps']} | {loss} | {row['seconds']} |"
+        )
+    f = state["final"]
+    print(
+        f"| after round {opts.rounds} | final_samples | {_fmt(f['reward_mean'])} | {_fmt(f['reward_std'])} | – | – "
+        f"| {f['seconds']} |"
+    )
+    print(f"\n[iterate] {out / 'iterate.json'} ({state['seconds_this_run']} s this run)")
+    return state
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m trl_rewardweighted.iterate ...` (the same options as `trl-rw iterate`)."""
+    parser = argparse.ArgumentParser(prog="trl-rw iterate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_iterate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
