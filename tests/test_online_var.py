@@ -245,7 +245,10 @@ def test_two_processes_match_single_process(tiny_model_path, tmp_path):
 def test_unscorable_and_truncated_completions_get_zero_weight(tiny_model_path, tmp_path):
     def reward_some_none(completion_ids, prompts, **kwargs):
         # Every completion of "The cat" is unscorable; one other completion per batch too.
-        return [None if p == "The cat" or i == 5 else float(len(c)) for i, (p, c) in enumerate(zip(prompts, completion_ids))]
+        return [
+            None if p == "The cat" or i == 5 else float(len(c))
+            for i, (p, c) in enumerate(zip(prompts, completion_ids))
+        ]
 
     args = OnlineVARConfig(
         str(tmp_path),
@@ -400,7 +403,9 @@ def test_model_object_explicit_reference_and_peft(tiny_model_path, tmp_path):
     trainer.train()
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = OnlineVARTrainer(tiny_model_path, reward_fn, args=args("peft"), train_dataset=ds, peft_config=peft_config)
+    trainer = OnlineVARTrainer(
+        tiny_model_path, reward_fn, args=args("peft"), train_dataset=ds, peft_config=peft_config
+    )
     assert trainer.ref_model is None  # the reference is the base model with the adapter disabled (as in GRPO)
     trainer._generate_single_turn = fixed_generations.__get__(trainer)
     trainer.train()
