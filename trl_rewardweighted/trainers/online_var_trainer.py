@@ -7,6 +7,7 @@ from __future__ import annotations
 import textwrap
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
@@ -55,7 +56,8 @@ class OnlineVARTrainer(GRPOTrainer):
     of `log q - log pi_ref` over the sampled completions: an estimate of KL(q || pi_ref)), `online_var/skipped_groups`
     (prompts of the generation batch whose completions all had a non-finite reward or log-prob, or were masked; they
     get zero weight) and `online_var/skipped_completions`. The totals since the start are in `skipped_groups` and
-    `skipped_completions`.
+    `skipped_completions`. With `log_completions=True`, the completions table has each completion's weight in a
+    `var_weight` column (GRPO's `advantage` column is logged too, but the loss does not use it).
 
     Example:
 
@@ -121,6 +123,15 @@ class OnlineVARTrainer(GRPOTrainer):
                 "OnlineVARTrainer needs `reward_funcs`: the weights are softmax(r / beta + log pi_ref - log q) of the "
                 "rewards of the sampled completions. Pass a reward function, a reward model (id or object) or a list."
             )
+        if args.sync_ref_model and ref_model is not None and (peft_config is not None or is_peft_model(model)):
+            # GRPO refuses a PEFT policy with `sync_ref_model` when it keeps no reference model; with an explicit
+            # `ref_model` the adapter-wrapped policy would be mixed into it parameter by parameter and fail at the
+            # first synchronisation.
+            raise NotImplementedError(
+                "You passed `sync_ref_model=True` while using a PEFT model (and a `ref_model`): the reference is "
+                "synchronised by mixing the policy's parameters into it, and an adapter-wrapped policy does not have "
+                "the reference's parameters. Use `sync_ref_model=False`, or train the full model."
+            )
         ref_model = resolve_reference_model(model, ref_model, args, peft_config, quantization_config)
         self.skipped_groups = 0
         self.skipped_completions = 0
@@ -167,6 +178,8 @@ class OnlineVARTrainer(GRPOTrainer):
         self._check_sampler()
 
     def _install_reference(self, ref_model, args):
+        if args.sync_ref_model:
+            self._check_sync_shapes(ref_model)
         if args.disable_dropout:
             disable_dropout_in_model(ref_model)
         add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
@@ -179,6 +192,23 @@ class OnlineVARTrainer(GRPOTrainer):
         if args.sync_ref_model:
             self.add_callback(SyncRefModelCallback(ref_model=ref_model, accelerator=self.accelerator))
         return ref_model
+
+    def _check_sync_shapes(self, ref_model):
+        """`sync_ref_model` mixes the policy into the reference parameter by parameter: refuse a reference whose
+        parameters do not match the policy's (at the constructor, not at the first synchronisation)."""
+
+        def shapes(model):  # ZeRO-3 partitioned parameters keep their full shape in `ds_shape`
+            return [tuple(getattr(p, "ds_shape", p.shape)) for p in model.parameters()]
+
+        policy = self.accelerator.unwrap_model(self.model)
+        if shapes(policy) != shapes(ref_model):
+            raise ValueError(
+                "`sync_ref_model=True` needs a `ref_model` with the policy's architecture: the reference is updated "
+                "as `(1 - ref_model_mixup_alpha) * ref + ref_model_mixup_alpha * policy`, parameter by parameter, but "
+                f"the given `ref_model` ({type(ref_model).__name__}, {sum(1 for _ in ref_model.parameters())} "
+                f"parameter tensors) does not have the parameter shapes of the policy ({type(policy).__name__}). Use "
+                "`sync_ref_model=False`, or a reference of the same architecture."
+            )
 
     def _check_sampler(self):
         """Refuse a model `generation_config` that makes transformers' `generate` sample from something other than
@@ -289,6 +319,9 @@ class OnlineVARTrainer(GRPOTrainer):
             metrics["online_var/kl"].append(log_ratio.double().mean().item())
         metrics["online_var/skipped_groups"].append(float(n_skipped_groups))
         metrics["online_var/skipped_completions"].append(float(n_skipped))
+        # `log_completions`: each completion's weight beside GRPO's advantage (which the loss does not use). The
+        # weights are in the global order of GRPO's gathered prompts and completions.
+        self._logs["extra"]["var_weight"].extend(weights.reshape(-1).tolist())
         return output
 
     # ------------------------------------------------------------------------------------------------------------------
