@@ -16,6 +16,20 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _frozen_heap():
+    """Every `Trainer.train()` starts with a full `gc.collect()` (accelerate's `free_memory`), which walks every live
+    object: freezing what exists when a test module starts (torch, transformers, session fixtures) leaves it only the
+    module's own objects to walk. Garbage created before the freeze is collected first; the heap is unfrozen after the
+    module."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """Folder with the tiny Qwen2ForCausalLM + ~1k-vocab ChatML tokenizer."""

@@ -355,18 +355,6 @@ def step_generations(self, prompt_ids, images, multimodal_fields, num_generation
     return out, None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _frozen_heap():
-    """Each `train()` starts with a full `gc.collect()` (accelerate's `free_memory`), which walks every live object:
-    freezing what exists before this module runs (torch, transformers, the fixtures) halves the time of a 1-step run."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
 @pytest.fixture(scope="module")
 def baseline(tiny_model_path, tmp_path_factory):
     """The default run (model id, one recorded reward function, string prompts, one step), recorded: (trainer,
