@@ -47,11 +47,10 @@ lint: install-dev
 	$(PYTHON) -m ruff check trl_rewardweighted tests benchmarks
 	$(PYTHON) -m ruff format --check trl_rewardweighted tests benchmarks
 
-bench: install-dev
-	$(PYTHON) benchmarks/bench_var.py
-	$(PYTHON) benchmarks/bench_vcb.py
-	$(PYTHON) benchmarks/bench_ra_dpo.py
-	$(PYTHON) benchmarks/bench_padding_free.py
+# Every benchmark + a reduced `trl-rw compare` (SmolLM2, hence install-demo), then rewrite benchmarks/RESULTS.md.
+# BENCH_ARGS="--quick" for a smoke check (written under the temp dir); see `python benchmarks/run_all.py --help`.
+bench: install-dev install-demo
+	$(PYTHON) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache quickstart_output

@@ -9,11 +9,30 @@ from transformers import TrainerCallback
 
 
 class StepTimer(TrainerCallback):
-    """Records the wall time of every optimizer step (CUDA-synchronised on GPU)."""
+    """Records the wall time of every optimizer step (CUDA-synchronised on GPU), and after [`~StepTimer.count_tokens`]
+    the real (non-padding) tokens of every training micro-batch."""
 
     def __init__(self):
         self.times: list[float] = []
+        self.tokens: list[int] = []
         self._t0 = None
+
+    def count_tokens(self, trainer):
+        """Wrap `trainer.training_step` to append the real tokens of each micro-batch to `self.tokens` (the sum of its
+        `attention_mask`, or the size of `input_ids` without one: a padding-free row). Not cleared between rounds."""
+        original = trainer.training_step
+
+        def training_step(model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")
+            self.tokens.append(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
+        return trainer
+
+    def tokens_per_second(self, median_step_s: float) -> float | None:
+        """Mean real tokens per micro-batch over the median step time (one micro-batch per step), or `None`."""
+        return sum(self.tokens) / len(self.tokens) / median_step_s if self.tokens else None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -81,6 +100,28 @@ def train_peak_memory(trainer) -> dict[str, float]:
     sampler.join()
     peak[0] = max(peak[0], rss_mib())
     return {"peak_mib": peak[0], "train_mib": peak[0] - before}
+
+
+def device_name() -> str:
+    """The GPU's name, or `CPU (N threads)`."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def write_json(path: str | None, results: dict) -> None:
+    """Write a benchmark's `results` to `path` (the `--json` option; nothing when `None`).
+
+    The schema `benchmarks/run_all.py` reads: `benchmark` (the script's name), `goal` (text), `settings` (a flat dict),
+    `rows` (one dict per trainer: `name`, `group` (one table per group), `baseline` (the `name` of the row it is
+    compared with, `None` for a baseline) and measured fields among `median_step_ms`, `time_ratio`, `matched_ratio`,
+    `tokens_per_s`, `tokens_per_s_gain`, `peak_mib`, `mem_ratio`, `train_mib`, `train_mib_ratio`, `padding`), and
+    `goals` (`{group: {"time_ratio": max, "mem_ratio": max}}`); any other key is shown as a key/value table.
+    """
+    if not path:
+        return
+    import json
+
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=float)
 
 
 def bench_args(**overrides) -> dict:

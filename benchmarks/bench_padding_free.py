@@ -51,7 +51,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import StepTimer, bench_args, interleaved_step_medians  # noqa: E402
+from _common import StepTimer, bench_args, device_name, interleaved_step_medians, write_json  # noqa: E402
 from bench_vcb import model_path  # noqa: E402  (the tiny test tokenizer with a 4-layer x 256 Qwen2)
 from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -229,6 +229,7 @@ def main(argv=None):
     parser.add_argument("--parts", default="1,2,3", help="comparisons to run, e.g. '1' or '2,3' (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--json", help="also write the measured numbers here (read by benchmarks/run_all.py)")
     opts = parser.parse_args(argv)
     parts = sorted({int(p) for p in opts.parts.split(",")})
     if not set(parts) <= set(COMPARISONS):
@@ -247,7 +248,8 @@ def main(argv=None):
             make_rows(tokenizer, opts.groups * steps, opts.n, opts.length_scale, opts.max_length, opts.seed + 1)
         ),
     }
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
+    data_lengths = {}
     print(
         f"model={opts.model} device={device} bf16={opts.bf16} rounds={opts.sft_rounds} (comparison 1) / "
         f"{opts.rounds} (2, 3) x {steps} steps (the first dropped)\n"
@@ -263,13 +265,14 @@ def main(argv=None):
         if key == "var" and parts == [3] or key == "vcb" and 3 not in parts:
             continue
         completions = list(data[key]["completion"]) if key == "var" else sum(data[key]["completions"], [])
-        print(
-            f"{name} data ({per_step}): completion tokens {length_summary(tokenizer, completions)}; prompt tokens "
+        data_lengths[f"{name} data ({per_step})"] = (
+            f"completion tokens {length_summary(tokenizer, completions)}; prompt tokens "
             f"{length_summary(tokenizer, list(data[key]['prompt']))}"
         )
+        print(f"{name} data ({per_step}): {data_lengths[f'{name} data ({per_step})']}")
 
     header = f"{'trainer':<40}{'step (s)':>10}{'ratio':>9}{'matched':>9}{'tokens/s':>10}{'gain':>9}{'padded':>8}"
-    trainers, timers = {}, {}
+    trainers, timers, rows, goals = {}, {}, [], {}
     for part in parts:
         title, kinds = COMPARISONS[part]
         # Each comparison is its own set of interleaved rounds, so that the trainers it compares run close in time.
@@ -283,6 +286,9 @@ def main(argv=None):
         base = kinds[0]
         same = all(timers[k].all_tokens == timers[base].all_tokens for k in kinds)
         print(f"\n{part}. {title} [{'same tokens' if same else 'DIFFERENT TOKENS: check the data'}]")
+        group = f"{part}. {title.split(' (goal')[0]}" + ("" if same else " (DIFFERENT TOKENS: check the data)")
+        if part == 1:
+            goals[group] = {"time_ratio": 1.05}
         print(header)
         for kind in kinds:
             rate, padding = throughput(timers[kind])
@@ -295,6 +301,19 @@ def main(argv=None):
                 f"{LABELS[kind]:<40}{medians[kind]:>10.4f}{ratio:>8.3f}x{matched:>8.3f}x{rate:>10.0f}{gain:>8.3f}x"
                 f"{padded:>8}"
             )
+            rows.append(
+                {
+                    "name": LABELS[kind],
+                    "group": group,
+                    "baseline": None if kind == base else LABELS[base],
+                    "median_step_ms": round(medians[kind] * 1e3, 2),
+                    "time_ratio": round(ratio, 4),
+                    "matched_ratio": round(matched, 4),
+                    "tokens_per_s": round(rate),
+                    "tokens_per_s_gain": round(gain, 4),
+                    "padding": None if kind == "sft_free" else round(padding, 4),
+                }
+            )
         for kind in [k for k in trainers if all(k not in COMPARISONS[p][1] for p in parts if p > part)]:
             del trainers[kind]  # not needed by a later comparison: free its model and optimizer
         gc.collect()
@@ -302,6 +321,20 @@ def main(argv=None):
         "step = median step time; ratio = step / the first row's; matched = median over kept steps of the step-time "
         "ratio to the first row on the same batch in the same round; tokens/s = real (non-padding) tokens per second "
         "over all kept steps; gain = tokens/s / the first row's; padded = padding fraction of the collated batches"
+    )
+    settings = {k: v for k, v in vars(opts).items() if k != "json"}
+    settings.update(device=device, torch_threads=torch.get_num_threads())
+    write_json(
+        opts.json,
+        {
+            "benchmark": "bench_padding_free",
+            "goal": "1: VAR padding-free <= 1.05x SFTTrainer padding-free's step time; 2, 3: the padding-free gain in "
+            "real tokens/s (no goal; bounded by 1 / (1 - padding))",
+            "goals": goals,
+            "settings": settings,
+            "data_lengths": data_lengths,
+            "rows": rows,
+        },
     )
 
 

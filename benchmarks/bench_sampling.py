@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from _common import write_json  # noqa: E402
 
 TOPICS = ["the sea", "a red bicycle", "Mondays", "an old library", "the first snow", "a lost key", "tea", "trains"]
 ASKS = ["Write a short poem about {}.", "Describe {} in two sentences.", "What do you like about {}?",
@@ -162,6 +163,22 @@ def part_loop_vs_sample(path, prompts, prompts_file, folder, args):
         print(f"{name:16s} {seconds:8.2f} {rates[name][0]:14.1f} {rates[name][1]:14.1f} {tokens:7d}")
     ratio = [rates["trl-rw sample"][i] / rates["plain loop"][i] for i in range(2)]
     print(f"{'ratio':16s} {'':8s} {ratio[0]:14.2f} {ratio[1]:14.2f}   (sample / loop; tokens differ: own RNG streams)")
+    return [
+        {
+            "name": name,
+            "group": "trl-rw sample vs a plain model.generate loop",
+            "baseline": None if name == "plain loop" else "plain loop",
+            "median_step_ms": 1000 * statistics.median(times[name]),
+            "time_ratio": (
+                None
+                if name == "plain loop"
+                else statistics.median(times[name]) / statistics.median(times["plain loop"])
+            ),
+            "tokens_per_s": rates[name][1],
+            "completions_per_s": rates[name][0],
+        }
+        for name in runners
+    ]
 
 
 def part_processes(path, prompts_file, folder, args):
@@ -188,6 +205,12 @@ def part_processes(path, prompts_file, folder, args):
     print(f"speed-up 1 -> 2 processes: {seconds[1] / seconds[2]:.2f}x; outputs identical: {same}")
     if not same:
         raise SystemExit("The 1- and 2-process outputs differ.")
+    return {
+        "seconds_1_process": round(seconds[1], 1),
+        "seconds_2_processes": round(seconds[2], 1),
+        "speedup_1_to_2_processes": round(seconds[1] / seconds[2], 3),
+        "outputs_identical": same,
+    }
 
 
 def main():
@@ -201,6 +224,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--parts", default="1,2", help="which comparisons to run (default: 1,2)")
+    parser.add_argument("--json", help="write the results here (the format benchmarks/run_all.py reads)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).parent))  # `bench_sampling:length_score` for the in-process scorer
@@ -215,10 +239,19 @@ def main():
             f"new tokens, batch {args.batch_size} prompts, chunks of {args.chunk_size}, torch threads 1"
         )
         parts = set(args.parts.split(","))
+        results = {
+            "benchmark": "bench_sampling",
+            "goal": "trl-rw sample at least as fast as a plain model.generate loop (time ratio <= 1.05x); the "
+            "speed-up from 1 to 2 CPU processes, with identical outputs",
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "rows": [],
+            "goals": {"trl-rw sample vs a plain model.generate loop": {"time_ratio": 1.05}},
+        }
         if "1" in parts:
-            part_loop_vs_sample(path, prompts, prompts_file, folder, args)
+            results["rows"] = part_loop_vs_sample(path, prompts, prompts_file, folder, args)
         if "2" in parts:
-            part_processes(path, prompts_file, folder, args)
+            results["processes"] = part_processes(path, prompts_file, folder, args)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import StepTimer, bench_args, interleaved_step_medians, train_peak_memory  # noqa: E402
+from _common import (  # noqa: E402
+    StepTimer,
+    bench_args,
+    device_name,
+    interleaved_step_medians,
+    train_peak_memory,
+    write_json,
+)
 from datasets import Dataset  # noqa: E402
 
 KINDS = ("sft", "var_ref", "var_noref")
+LABELS = {
+    "sft": "SFTTrainer (TRL)",
+    "var_ref": "VAR, precomputed reference",
+    "var_noref": "VAR, ref_weighting=False",
+}
+GOAL = "VAR <= 1.10x SFTTrainer's step time and <= 1.05x its peak memory"
 
 
 def model_path(name: str) -> str:
@@ -79,13 +92,15 @@ def build_trainer(kind: str, path: str, dataset: Dataset, args_kw: dict, timer: 
     return VARTrainer(model=path, args=cfg, train_dataset=dataset, callbacks=[timer])
 
 
-def run_timing(opts) -> dict:
+def run_timing(opts) -> tuple[dict, dict]:
+    """Median step time (s) and real tokens per second of every trainer."""
     path = model_path(opts.model)
     dataset = make_dataset(opts.rows, opts.words)
     kw = dict(batch_size=opts.batch_size, steps=opts.steps_per_round, max_length=opts.max_length, bf16=opts.bf16)
     timers = {k: StepTimer() for k in KINDS}
-    trainers = {k: build_trainer(k, path, dataset, kw, timers[k]) for k in KINDS}
-    return interleaved_step_medians(trainers, timers, opts.rounds)
+    trainers = {k: timers[k].count_tokens(build_trainer(k, path, dataset, kw, timers[k])) for k in KINDS}
+    medians = interleaved_step_medians(trainers, timers, opts.rounds)
+    return medians, {k: timers[k].tokens_per_second(medians[k]) for k in KINDS}
 
 
 def run_memory_child(opts, kind: str) -> float:
@@ -110,6 +125,7 @@ def main(argv=None):
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", help="also write the measured numbers here (read by benchmarks/run_all.py)")
     parser.add_argument("--_memory_child", choices=KINDS, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -118,9 +134,9 @@ def main(argv=None):
         print(json.dumps({"peak_mib": run_memory_child(opts, opts._memory_child)}))
         return
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
     print(f"model={opts.model} device={device} batch={opts.batch_size} max_length={opts.max_length} bf16={opts.bf16}")
-    times = run_timing(opts)
+    times, tokens_per_s = run_timing(opts)
     memory = {}
     if not opts.no_memory:
         for kind in KINDS:
@@ -130,18 +146,43 @@ def main(argv=None):
             )
             memory[kind] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
     print(f"{'trainer':<28}{'median step (s)':>16}{'time ratio':>12}{'peak MiB':>12}{'mem ratio':>11}")
-    labels = {
-        "sft": "SFTTrainer (TRL)",
-        "var_ref": "VAR, precomputed reference",
-        "var_noref": "VAR, ref_weighting=False",
-    }
     for kind in KINDS:
         t_ratio = times[kind] / times["sft"]
         mem = memory.get(kind)
         m_ratio = f"{mem / memory['sft']:.3f}x" if mem else "-"
         mem_s = f"{mem:.0f}" if mem else "-"
-        print(f"{labels[kind]:<28}{times[kind]:>16.4f}{t_ratio:>11.3f}x{mem_s:>12}{m_ratio:>11}")
-    print("memory: " + ("CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS during train()"))
+        print(f"{LABELS[kind]:<28}{times[kind]:>16.4f}{t_ratio:>11.3f}x{mem_s:>12}{m_ratio:>11}")
+    memory_kind = "CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS during train()"
+    print("memory: " + memory_kind)
+    rows = []
+    for kind in KINDS:
+        mem = memory.get(kind)
+        rows.append(
+            {
+                "name": LABELS[kind],
+                "group": "VAR vs SFTTrainer",
+                "baseline": None if kind == "sft" else LABELS["sft"],
+                "median_step_ms": round(times[kind] * 1e3, 2),
+                "time_ratio": round(times[kind] / times["sft"], 4),
+                "tokens_per_s": round(tokens_per_s[kind]) if tokens_per_s[kind] else None,
+                "peak_mib": round(mem, 1) if mem else None,
+                "mem_ratio": round(mem / memory["sft"], 4) if mem else None,
+            }
+        )
+    settings = {k: v for k, v in vars(opts).items() if not k.startswith("_") and k != "json"}
+    settings.update(
+        device=device, torch_threads=torch.get_num_threads(), memory=None if opts.no_memory else memory_kind
+    )
+    write_json(
+        opts.json,
+        {
+            "benchmark": "bench_var",
+            "goal": GOAL,
+            "goals": {"VAR vs SFTTrainer": {"time_ratio": 1.10, "mem_ratio": 1.05}},
+            "settings": settings,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import StepTimer, bench_args, interleaved_step_medians, train_peak_memory  # noqa: E402
+from _common import (  # noqa: E402
+    StepTimer,
+    bench_args,
+    device_name,
+    interleaved_step_medians,
+    train_peak_memory,
+    write_json,
+)
 from datasets import Dataset  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
@@ -135,12 +142,16 @@ def build_trainer(kind: str, path: str, opts, timer: StepTimer, steps: int):
     return trainer
 
 
-def run_timing(opts) -> dict:
+def run_timing(opts) -> tuple[dict, dict]:
+    """Median step time (s) and real tokens per second (policy forward) of every trainer."""
     path = model_path(opts.model)
     kinds = opts.kinds
     timers = {k: StepTimer() for k in kinds}
-    trainers = {k: build_trainer(k, path, opts, timers[k], opts.steps_per_round) for k in kinds}
-    return interleaved_step_medians(trainers, timers, opts.rounds)
+    trainers = {
+        k: timers[k].count_tokens(build_trainer(k, path, opts, timers[k], opts.steps_per_round)) for k in kinds
+    }
+    medians = interleaved_step_medians(trainers, timers, opts.rounds)
+    return medians, {k: timers[k].tokens_per_second(medians[k]) for k in kinds}
 
 
 def _peak_rss_mib() -> float:
@@ -184,6 +195,7 @@ def main(argv=None):
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", help="also write the measured numbers here (read by benchmarks/run_all.py)")
     parser.add_argument("--_memory_child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument(
         "--ref", choices=("both", "live", "pre"), default="both", help="reference set-ups to time (default: both)"
@@ -198,14 +210,14 @@ def main(argv=None):
         print(json.dumps(run_memory_child(opts, opts._memory_child)))
         return
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
     seqs = opts.groups * opts.n
     print(
         f"model={opts.model} device={device} n={opts.n} VCB groups/batch={opts.groups} DPO pairs/batch="
         f"{opts.groups * opts.n // 2} -> {seqs} sequences per step, words/completion={opts.words} "
         f"max_length={opts.max_length} bf16={opts.bf16}"
     )
-    times = run_timing(opts)
+    times, tokens_per_s = run_timing(opts)
     memory = {}
     if not opts.no_memory:
         for kind in opts.kinds:
@@ -230,14 +242,56 @@ def main(argv=None):
                 line += f"{mem['train_mib']:>12.0f}{mem['train_mib'] / max(base['train_mib'], 1e-9):>7.2f}x"
         print(line)
     print("cost ratio = (VCB s/completion) / (DPO s/completion), same sequences and reference set-up.")
-    if not memory:
-        return
-    print(
-        "memory: CUDA max_memory_allocated"
+    memory_kind = (
+        "CUDA max_memory_allocated"
         if cuda
         else "memory (CPU): peak MiB = peak RSS of a fresh process per trainer (VmHWM, includes the runtime and "
         "model); train +MiB = peak RSS increase during train() over the RSS before it (sampled every 2 ms)"
     )
+    if memory:
+        print(memory_kind)
+    write_json(opts.json, json_results(opts, device, times, tokens_per_s, memory, memory_kind if memory else None))
+
+
+def json_results(opts, device: str, times: dict, tokens_per_s: dict, memory: dict, memory_kind: str | None) -> dict:
+    """The measured numbers in the schema of `_common.write_json`."""
+    rows = []
+    for kind in opts.kinds:
+        baseline = "dpo_live" if kind.endswith("_live") else "dpo_pre"
+        group = "live reference" if kind.endswith("_live") else "precomputed reference"
+        mem, base = memory.get(kind, {}), memory.get(baseline, {})
+        row = {
+            "name": LABELS[kind],
+            "group": group,
+            "baseline": None if kind == baseline else LABELS[baseline],
+            "median_step_ms": round(times[kind] * 1e3, 2),
+            "time_ratio": round(times[kind] / times[baseline], 4),
+            "tokens_per_s": round(tokens_per_s[kind]) if tokens_per_s[kind] else None,
+        }
+        if mem:
+            row.update(peak_mib=round(mem["peak_mib"], 1), mem_ratio=round(mem["peak_mib"] / base["peak_mib"], 4))
+            if mem.get("train_mib") is not None:
+                row.update(
+                    train_mib=round(mem["train_mib"], 1),
+                    train_mib_ratio=round(mem["train_mib"] / max(base["train_mib"], 1e-9), 4),
+                )
+        rows.append(row)
+    settings = {k: v for k, v in vars(opts).items() if not k.startswith("_") and k not in ("json", "kinds")}
+    settings.update(
+        device=device,
+        torch_threads=torch.get_num_threads(),
+        sequences_per_step=opts.groups * opts.n,
+        memory=memory_kind,
+    )
+    goal = {"time_ratio": 1.10}
+    return {
+        "benchmark": "bench_vcb",
+        "goal": "VCB cost per completion <= 1.10x DPOTrainer's (same sequences per step; time ratio = cost ratio), "
+        "live and precomputed reference",
+        "goals": {"live reference": goal, "precomputed reference": goal},
+        "settings": settings,
+        "rows": rows,
+    }
 
 
 if __name__ == "__main__":

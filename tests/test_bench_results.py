@@ -1,0 +1,167 @@
+"""`benchmarks/run_all.py`'s RESULTS.md writer on canned results: no benchmark runs here."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import run_all  # noqa: E402
+
+
+def _var_json():
+    return {
+        "benchmark": "bench_var",
+        "goal": "VAR <= 1.10x SFTTrainer's step time and <= 1.05x its peak memory",
+        "goals": {"VAR vs SFTTrainer": {"time_ratio": 1.10, "mem_ratio": 1.05}},
+        "settings": {"model": "tiny", "batch_size": 8, "bf16": False},
+        "rows": [
+            {"name": "SFTTrainer (TRL)", "group": "VAR vs SFTTrainer", "baseline": None, "median_step_ms": 50.33,
+             "time_ratio": 1.0, "tokens_per_s": 15133, "peak_mib": 580.5, "mem_ratio": 1.0},
+            {"name": "VAR, precomputed reference", "group": "VAR vs SFTTrainer", "baseline": "SFTTrainer (TRL)",
+             "median_step_ms": 50.28, "time_ratio": 0.99904, "tokens_per_s": 15147, "peak_mib": 579.7,
+             "mem_ratio": 0.9984},
+            {"name": "VAR, ref_weighting=False", "group": "VAR vs SFTTrainer", "baseline": "SFTTrainer (TRL)",
+             "median_step_ms": 62.39, "time_ratio": 1.2396, "tokens_per_s": 12207, "peak_mib": 582.1,
+             "mem_ratio": 1.0027},
+        ],
+    }  # fmt: skip
+
+
+def _run(load_mean=1.1):
+    return {
+        "date": "2026-01-02 03:04 UTC",
+        "command": "python benchmarks/run_all.py",
+        "machine": {
+            "cpu": "Test CPU 9000",
+            "cores": 2,
+            "usable_cores": 2,
+            "ram_gib": 7.8,
+            "gpu": None,
+            "os": "Linux-test",
+            "omp_num_threads": "1",
+            "load": {"mean": load_mean, "max": 2.5, "interval_s": 5.0},
+        },
+        "versions": {"python": "3.11.7", "torch": "2.13.0", "trl": "1.16.0", "deepspeed": "0.19.8"},
+        "git": "abc1234 (2026-01-01) a commit",
+        "wall_s": 754.0,
+        "benchmarks": {
+            "bench_var": {"command": "python benchmarks/bench_var.py --rounds 10", "returncode": 0, "wall_s": 61.0,
+                          "load": {"mean": 1.0, "max": 1.2, "interval_s": 5.0}, "json": _var_json()},
+            "bench_vcb": {"command": "python benchmarks/bench_vcb.py", "returncode": 1, "wall_s": 3.0, "json": None,
+                          "error": "exit code 1, no readable JSON (FileNotFoundError)",
+                          "tail": ["Traceback (most recent call last):", "RuntimeError: boom"]},
+            "bench_sampling": None,
+            "bench_new": {"command": "python benchmarks/bench_new.py", "returncode": 0, "wall_s": 5.0,
+                          "json": {"throughput": {"prompts_per_s": 12.5, "ok": True}, "label": "a|b"}},
+        },
+        "compare": {
+            "source": "run",
+            "command": "trl-rw compare --steps 3 --no-progress",
+            "returncode": 0,
+            "wall_s": 240.0,
+            "timings": {"sample_and_score": 20.0, "train_sft": 30.0, "train_dpo": 36.0, "evaluate": 50.0,
+                        "total": 150.0},
+            "budgets": {"sft": {"steps": 3, "batch_size": 8}, "dpo": {"steps": 3, "batch_size": 4}},
+        },
+    }  # fmt: skip
+
+
+def _table_row(text: str, first_cell: str) -> list[str]:
+    rows = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert rows, f"no table row starting with {first_cell!r}"
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_results_header_and_benchmark_tables():
+    text = run_all.render_results(_run())
+    assert text.startswith("# Benchmark results\n")
+    # Machine header: CPU, cores, RAM, versions, commit, the command and how it was produced.
+    assert "| CPU | Test CPU 9000, 2 cores (2 usable), 7.8 GiB RAM |" in text
+    assert "| GPU | none |" in text
+    assert "python 3.11.7, torch 2.13.0, trl 1.16.0, deepspeed 0.19.8" in text
+    assert "| git commit | abc1234 (2026-01-01) a commit |" in text
+    assert "| wall time | 12 min 34 s |" in text
+    assert "[HISTORY.md](HISTORY.md)" in text and "±10 %" in text and "make bench" in text
+    assert "The host was busy" not in text
+    # VAR table: ratios formatted, ms / MiB / tokens/s, and the goal verdict per row.
+    row = _table_row(text, "VAR, precomputed reference")
+    assert row == ["VAR, precomputed reference", "SFTTrainer (TRL)", "50.3", "0.999×", "15,147", "580", "0.998×",
+                   "time ≤ 1.10×: yes; memory ≤ 1.05×: yes"]  # fmt: skip
+    assert _table_row(text, "VAR, ref_weighting=False")[-1] == "time ≤ 1.10×: no; memory ≤ 1.05×: yes"
+    assert _table_row(text, "SFTTrainer (TRL)")[1:4] == ["baseline", "50.3", "1.000×"]
+    header = _table_row(text, "trainer")
+    assert header[:4] == ["trainer", "vs", "step (ms)", "step-time ratio"] and "padded" not in header
+    assert "Command: `python benchmarks/bench_var.py --rounds 10` (plus `--json PATH`), wall time 1 min 01 s" in text
+    # Summary: one line per compared trainer, the failed benchmark and the absent one.
+    assert "| `bench_var` | VAR, ref_weighting=False | SFTTrainer (TRL) | 1.240× | 1.003× |" in text
+    assert "| `bench_vcb` | not measured |" in text
+    assert "| `bench_sampling` | not run |" in text
+
+
+def test_results_missing_failed_and_unknown_benchmarks():
+    text = run_all.render_results(_run())
+    # Absent script: said so, not an error.
+    assert "Not run: `benchmarks/bench_sampling.py` was not present" in text
+    # Failed run: marked, with the end of its output.
+    vcb = text[text.index("`benchmarks/bench_vcb.py`") :]
+    assert "**Not measured**: exit code 1, no readable JSON" in vcb
+    assert "RuntimeError: boom" in vcb.split("## ")[0]
+    # Unknown JSON: a key/value table, nested keys dotted, pipes escaped.
+    assert "| `throughput.prompts_per_s` | 12.5 |" in text
+    assert "| `throughput.ok` | yes |" in text
+    assert "| `label` | a\\|b |" in text
+    assert "No GPU was available for this run" in text
+    # A script without `--json` is not run, and said so.
+    run = _run()
+    run["benchmarks"]["bench_sampling"] = {"command": "python benchmarks/bench_sampling.py", "json": None,
+                                           "error": "not run: the script has no `--json PATH` option yet"}  # fmt: skip
+    text = run_all.render_results(run)
+    assert "**Not measured**: not run: the script has no `--json PATH` option yet." in text
+    assert "| `bench_sampling` | not measured |" in text
+
+
+def test_results_compare_phases_and_busy_host():
+    text = run_all.render_results(_run(load_mean=2.4))
+    assert "The host was busy" in text and "mean load 2.4 on 2 cores" in text
+    compare = text[text.index("## `trl-rw compare` phase times") :]
+    assert "Command: `trl-rw compare --steps 3 --no-progress`" in compare
+    assert _table_row(compare, "sampling + scoring")[1] == "20.0"
+    assert _table_row(compare, "training: sft")[1:4] == ["30.0", "3", "10.0"]
+    assert _table_row(compare, "training: dpo")[1:5] == ["36.0", "3", "12.0", "4 pairs"]
+    assert _table_row(compare, "training, all methods")[1] == "66.0"
+    assert _table_row(compare, "evaluation (every model and the reference)")[1] == "50.0"
+    assert _table_row(compare, "total (also model loading and saving)")[1] == "150.0"
+
+    run = _run()
+    run["compare"] = {"source": "skipped"}
+    assert "Skipped (`--skip-compare`)." in run_all.render_results(run)
+    run["compare"] = {"source": "run", "command": "trl-rw compare", "returncode": 2, "tail": ["no model"]}
+    assert "**Not measured**: exit code 2, no compare.json" in run_all.render_results(run)
+
+
+def test_run_all_renders_a_saved_run(tmp_path):
+    raw, out = tmp_path / "raw.json", tmp_path / "RESULTS.md"
+    raw.write_text(json.dumps(_run()))
+    assert run_all.main(["--from-raw", str(raw), "--output", str(out)]) == 0
+    assert out.read_text() == run_all.render_results(_run())
+    with pytest.raises(SystemExit, match="unknown"):
+        run_all.benchmark_names("bench_var,bench_nope")
+
+
+def test_benchmark_arguments_default_quick_gpu_and_override():
+    from argparse import Namespace
+
+    opts = Namespace(quick=False, args=None, gpu_model="/models/qwen2.5-0.5b")
+    assert run_all.benchmark_args("bench_var", opts, gpu=False) == ["--rounds", "10"]
+    # GPU rows: the GPU model, bf16, and per-benchmark GPU settings (UltraFeedback's lengths for padding-free).
+    gpu_var = ["--rounds", "10", "--model", opts.gpu_model, "--bf16"]
+    assert run_all.benchmark_args("bench_var", opts, gpu=True) == gpu_var
+    assert run_all.benchmark_args("bench_padding_free", opts, gpu=True) == [
+        "--model", opts.gpu_model, "--bf16", "--length-scale", "1", "--max-length", "2048"
+    ]  # fmt: skip
+    assert "--skip-relabel" in run_all.benchmark_args("bench_ra_dpo", opts, gpu=True)
+    quick = Namespace(quick=True, args=["bench_vcb=--rounds 7 --no-memory"], gpu_model="smollm2")
+    assert run_all.benchmark_args("bench_vcb", quick, gpu=False) == ["--rounds", "7", "--no-memory"]
+    assert run_all.benchmark_args("bench_var", quick, gpu=False)[:2] == ["--rounds", "2"]
