@@ -4,8 +4,6 @@ replaced. See `docs/online_var.md`."""
 
 from __future__ import annotations
 
-import textwrap
-
 import torch
 from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel
@@ -18,6 +16,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 from ..losses import online_var_weights, weighted_nll
 from ..model_utils import resolve_reference_model
 from .online_var_config import OnlineVARConfig, sampler_changing_generation_kwargs
+from .var_trainer import VARTrainer
 
 __all__ = ["OnlineVARTrainer"]
 
@@ -80,19 +79,7 @@ class OnlineVARTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "var", "online-var", "reward-weighted", "trl-rewardweighted"]
     _name = "Online VAR"
-    _paper = {
-        "title": "Simplify RLHF as Reward-Weighted SFT: A Variational Method",
-        "id": "2502.11026",
-        "citation": textwrap.dedent(
-            """\
-            @article{du2025simplify,
-                title        = {{Simplify RLHF as Reward-Weighted SFT: A Variational Method}},
-                author       = {Yuhao Du and Zhuo Li and Pengyu Cheng and Zhihong Chen and Yuejiao Xie and Xiang Wan and Anningzhe Gao},
-                year         = 2025,
-                eprint       = {arXiv:2502.11026}
-            }"""
-        ),
-    }
+    _paper = VARTrainer._paper  # the method is VAR's (arXiv 2502.11026), run online
 
     def __init__(
         self,
@@ -136,41 +123,27 @@ class OnlineVARTrainer(GRPOTrainer):
         self.skipped_groups = 0
         self.skipped_completions = 0
         self._online_var_rewards = None
+        init = dict(
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            **kwargs,
+        )
         if ref_model is None:
-            super().__init__(
-                model,
-                reward_funcs,
-                args=args,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                reward_processing_classes=reward_processing_classes,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                quantization_config=quantization_config,
-                peft_config=peft_config,
-                **kwargs,
-            )
+            super().__init__(model, reward_funcs, **init)
         else:
             # GRPO builds its own reference when `beta != 0`: keep it from loading one, then install ours the way
             # GRPO installs its own (dropout off, fused LM head, prepared for the backend, synced if asked).
             beta, sync = args.beta, args.sync_ref_model
             args.beta, args.sync_ref_model = 0.0, False
             try:
-                super().__init__(
-                    model,
-                    reward_funcs,
-                    args=args,
-                    train_dataset=train_dataset,
-                    eval_dataset=eval_dataset,
-                    processing_class=processing_class,
-                    reward_processing_classes=reward_processing_classes,
-                    callbacks=callbacks,
-                    optimizers=optimizers,
-                    quantization_config=quantization_config,
-                    peft_config=peft_config,
-                    **kwargs,
-                )
+                super().__init__(model, reward_funcs, **init)
             finally:
                 args.beta, args.sync_ref_model = beta, sync
             self.beta = beta
