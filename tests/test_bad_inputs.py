@@ -723,12 +723,12 @@ def test_cli_unknown_to_shape(groups_jsonl, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--n", "0"], "n must be >= 1, got 0."),
+        (["--n", "0"], "--n must be >= 1, got 0."),
         (["--temperature", "-1"], "temperature must be a finite number >= 0 (0 = greedy), got -1.0."),
         (["--temperature", "nan"], "temperature must be a finite number >= 0 (0 = greedy), got nan."),
         (["--top-p", "0"], "top_p must be in (0, 1], got 0.0."),
         (["--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0."),
-        (["--batch-size", "0"], "batch_size must be >= 1, got 0."),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0."),
     ],
 )
 def test_cli_generate_bad_numbers(tmp_path, tiny_model_path, capsys, extra, message):
