@@ -406,9 +406,10 @@ def _add_compare_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
         "compare",
-        help="train SFT, DPO, VAR, VCB and reward-augmented DPO on the same data and compare them",
+        help="train SFT, DPO, VAR, VCB, reward-augmented DPO, online VAR and GRPO with matched budgets and compare them",
         description="Sample and score replies from a starting model, train every selected method on the same data "
-        "with matched budgets, evaluate each (trl-rw eval) on held-out prompts and write one table and plot. "
+        "(the online methods on replies they sample themselves) with matched budgets, evaluate each (trl-rw eval) on "
+        "held-out prompts and write one table and plot. "
         "The default runs offline on CPU (SmolLM2-135M-Instruct, VADER reward). See docs/compare.md.",
     )
     add_arguments(p)
