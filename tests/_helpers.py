@@ -41,6 +41,28 @@ def make_grad_capture():
     return GradCapture()
 
 
+def first_loss(trainer):
+    """The loss of the first logged training step."""
+    return next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+
+
+def train_logs(trainer):
+    """The logged training steps (entries with a `loss`)."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def snapshot(model):
+    """A CPU copy of every named parameter."""
+    return {n: p.detach().clone().cpu() for n, p in model.named_parameters()}
+
+
+def changed_names(model, before):
+    """Names of the parameters that differ from a `snapshot`."""
+    import torch
+
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}
+
+
 _GLOO_ABORT = "terminate called without an active exception"
 
 

@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from tests._helpers import cpu_args, make_grad_capture
+from tests._helpers import changed_names, cpu_args, first_loss, make_grad_capture, snapshot, train_logs
 from trl_rewardweighted import (
     RewardAugmentedDPOConfig,
     RewardAugmentedDPOTrainer,
@@ -257,22 +257,6 @@ def expect(scenario, name, init):
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers and shared fixtures
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def first_loss(trainer):
-    return next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
-
-
-def train_logs(trainer):
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
-
-
-def snapshot(model):
-    return {n: p.detach().clone().cpu() for n, p in model.named_parameters()}
-
-
-def changed_names(model, before):
-    return {n for n, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}
 
 
 def load(path):

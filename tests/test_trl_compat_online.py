@@ -25,7 +25,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-from tests._helpers import cpu_args
+from tests._helpers import changed_names, cpu_args, first_loss, snapshot, train_logs
 from trl_rewardweighted import OnlineVARConfig, OnlineVARTrainer
 
 SCENARIOS = (
@@ -312,22 +312,6 @@ def expected_first_loss(out, rows, group=G):
     mask = out["completion_mask"] * out.get("tool_mask", 1)
     logps = (out["ref_per_token_logps"].double() * mask).sum(1)
     return float(-(out["var_weights"].double() * logps).sum() * group / rows)
-
-
-def first_loss(trainer):
-    return next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
-
-
-def train_logs(trainer):
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
-
-
-def snapshot(model):
-    return {n: p.detach().clone().cpu() for n, p in model.named_parameters()}
-
-
-def changed_names(model, before):
-    return {n for n, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}
 
 
 def load(path, **kwargs):
