@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import uuid
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "check_float_column",
+    "dumps_json",
+    "json_safe",
+    "write_json",
     "check_prompt_and_completion",
     "check_text_or_messages",
     "completion_text",
@@ -173,3 +180,47 @@ def check_float_column(dataset, column: str, fix: str, list_valued: bool = False
                     f"{value!r} ({type(v).__name__}). {fix}"
                 )
     raise ValueError(f"Column `{column}` has type {feature} but must be numeric. {fix}")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) replaced by `None`, so that it serialises as standard JSON.
+
+    Python's `json` writes NaN as the bare token `NaN`, which is not JSON (jq, JavaScript and strict parsers refuse
+    it). Every JSON file this package writes goes through this function: an undefined number is `null`. Numpy scalars
+    and arrays, 0-d tensors, tuples and `pathlib.Path` values are converted on the way.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return json_safe(value.tolist())
+    if hasattr(value, "item"):
+        return json_safe(value.item())
+    raise TypeError(f"Cannot write {type(value).__name__} {value!r:.80} as JSON.")
+
+
+def dumps_json(value: Any, indent: int | None = 1, **kwargs) -> str:
+    """Standard JSON text of `value` (non-finite floats as `null`, see [`json_safe`]); never emits `NaN`."""
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False, **kwargs)
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 1, **kwargs) -> Path:
+    """Write `value` as standard JSON to `path`, atomically: the text goes to a hidden temporary in the same folder,
+    which is then renamed over `path` (a reader sees the old file or the new one, never half of one). Returns the
+    path. Non-finite floats are written as `null` (see [`json_safe`])."""
+    path = Path(path)
+    text = dumps_json(value, indent=indent, **kwargs) + "\n"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
