@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 from tests._helpers import cpu_args
-from trl_rewardweighted.scripts.train import main, make_parser
+from trl_rewardweighted.scripts.train import LAUNCH_METHODS, main, make_parser
 
 ROOT = Path(__file__).parent.parent
-FOLDER_TO_METHOD = {"var": "var", "vcb": "vcb", "reward_augmented_dpo": "ra_dpo", "online_var": "online_var"}
+# The recipe folders are named after the methods.
 RECIPES = sorted(
-    p for p in (ROOT / "recipes").rglob("*.yaml") if p.relative_to(ROOT / "recipes").parts[0] in FOLDER_TO_METHOD
+    p for p in (ROOT / "recipes").rglob("*.yaml") if p.relative_to(ROOT / "recipes").parts[0] in LAUNCH_METHODS
 )
 CPU_FLAGS = [
     f"--{k}={v}" for k, v in cpu_args().items() if k not in ("disable_tqdm", "dataloader_num_workers", "logging_steps")
@@ -19,12 +19,12 @@ CPU_FLAGS = [
 
 
 def test_recipes_exist_for_every_method():
-    assert {p.relative_to(ROOT / "recipes").parts[0] for p in RECIPES} >= {"var"}
+    assert {p.relative_to(ROOT / "recipes").parts[0] for p in RECIPES} == set(LAUNCH_METHODS)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_recipe_parses_strictly(recipe):
-    method = FOLDER_TO_METHOD[recipe.relative_to(ROOT / "recipes").parts[0]]
+    method = recipe.relative_to(ROOT / "recipes").parts[0]
     script_args, config, model_args = make_parser(method).parse_args_and_config(
         args=["--config", str(recipe), *CPU_FLAGS], fail_with_unknown_args=True
     )[:3]
@@ -100,5 +100,5 @@ def test_reward_funcs_belong_to_online_methods(tmp_path):
         main("online_var", ["--config", str(recipe), "--output_dir", str(tmp_path), *CPU_FLAGS])
     var = str(ROOT / "recipes/quickstart/var.yaml")
     spec = "trl_rewardweighted.rewards:vader_positivity"
-    with pytest.raises(ValueError, match=r"`reward_funcs` is used by the online methods \(online_var\) only"):
+    with pytest.raises(ValueError, match=r"`reward_funcs` is used by the online methods \(online_var, grpo\) only"):
         main("var", ["--config", var, "--reward_funcs", spec, "--output_dir", str(tmp_path), *CPU_FLAGS])

@@ -258,11 +258,19 @@ def _add_train_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train with a recipe (same as `python -m trl_rewardweighted.scripts.<method>`)",
-        description="Train VAR, VCB or reward-augmented DPO. Everything after the method is parsed by the method's "
-        "launch script: `--config RECIPE.yaml` plus any config field as `--field value` (strict: unknown keys fail). "
-        "For several processes use `accelerate launch -m trl_rewardweighted.scripts.<method> ...`.",
+        description="Train VAR, VCB, reward-augmented DPO or online VAR. Everything after the method is parsed by the "
+        "method's launch script: `--config RECIPE.yaml` plus any config field as `--field value` (strict: unknown "
+        "keys fail). For several processes use `accelerate launch -m trl_rewardweighted.scripts.<method> ...`.",
     )
-    p.add_argument("method", choices=["var", "vcb", "ra_dpo"])
+    from trl_rewardweighted.methods import DEPRECATED_NAMES
+    from trl_rewardweighted.scripts.train import LAUNCH_METHODS
+
+    # A deprecated name (`ra_dpo`) is accepted with a FutureWarning; the usage shows the public names only.
+    p.add_argument(
+        "method",
+        choices=[*LAUNCH_METHODS, *(old for old, new in DEPRECATED_NAMES.items() if new in LAUNCH_METHODS)],
+        metavar="{" + ",".join(LAUNCH_METHODS) + "}",
+    )
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="--config RECIPE.yaml and config overrides")
     p.set_defaults(func=_cmd_train)
 

@@ -1,4 +1,5 @@
-"""Launch entry point: `accelerate launch -m trl_rewardweighted.scripts.ra_dpo --config RECIPE.yaml [--flag value ...]`."""
+"""Deprecated launch entry point, kept for old commands: use `-m trl_rewardweighted.scripts.reward_augmented_dpo`
+(this one warns with a `FutureWarning` and runs it)."""
 
 from trl_rewardweighted.scripts.train import run
 

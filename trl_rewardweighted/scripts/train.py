@@ -10,27 +10,23 @@ error (TRL's own scripts parse leniently and silently drop such keys). `dataset_
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
-METHODS = {
-    "var": ("VARConfig", "VARTrainer"),
-    "vcb": ("VCBConfig", "VCBTrainer"),
-    "ra_dpo": ("RewardAugmentedDPOConfig", "RewardAugmentedDPOTrainer"),
-    "online_var": ("OnlineVARConfig", "OnlineVARTrainer"),
-}
-# Methods that sample during training and score with `reward_funcs` (their dataset holds prompts only).
-ONLINE_METHODS = ("online_var",)
+from trl_rewardweighted.methods import get_method, method_names
+
+# The methods the launch scripts train: this package's own (TRL's baselines have TRL's own scripts: `trl sft`, ...).
+LAUNCH_METHODS = tuple(method_names(baselines=False))
 
 
-def _classes(method: str):
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
-    import trl_rewardweighted
-
-    config_name, trainer_name = METHODS[method]
-    return getattr(trl_rewardweighted, config_name), getattr(trl_rewardweighted, trainer_name)
+def _method(method: str):
+    spec = get_method(method)  # a deprecated name warns and resolves
+    if spec.baseline:
+        raise ValueError(
+            f"{spec.name} is TRL's own method: train it with `trl {spec.name}`. The launch scripts train "
+            f"{', '.join(LAUNCH_METHODS)}."
+        )
+    return spec
 
 
 _SCRIPT_ARGUMENTS = None
@@ -98,10 +94,10 @@ def script_arguments_class():
 def make_parser(method: str):
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
-    config_cls, _ = _classes(method)
+    spec = _method(method)
     return TrlParser(
-        (script_arguments_class(), config_cls, ModelConfig, DatasetMixtureConfig),
-        prog=f"trl_rewardweighted.scripts.{method}",
+        (script_arguments_class(), spec.config_class(), ModelConfig, DatasetMixtureConfig),
+        prog=f"trl_rewardweighted.scripts.{spec.name}",
     )
 
 
@@ -162,25 +158,6 @@ _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0", "none", "")
 
 
-def reward_functions(specs: list[str]) -> list:
-    """`reward_funcs` of a recipe for TRL's online trainers: a `module:function` scorer `f(prompts, completions)` is
-    imported and adapted ([`~trl_rewardweighted.rewards.as_reward_func`]); anything else is a reward model id or path,
-    passed as is (the trainer loads it)."""
-    from trl_rewardweighted.rewards import as_reward_func
-    from trl_rewardweighted.sampling import _CALLABLE_SPEC, _import_callable
-
-    funcs = []
-    for spec in specs:
-        if _CALLABLE_SPEC.match(spec) and not Path(spec).exists():
-            fn = _import_callable(spec)
-            if fn is None:
-                raise ValueError(f"reward_funcs: cannot import {spec!r} (expected `package.module:function`).")
-            funcs.append(as_reward_func(fn, spec.rsplit(":", 1)[-1]))
-        else:
-            funcs.append(spec)
-    return funcs
-
-
 def resolve_resume_checkpoint(value, output_dir: str) -> str | None:
     """The checkpoint folder to resume from, given `resume_from_checkpoint` as a recipe or the command line sets it.
 
@@ -230,55 +207,25 @@ def resolve_resume_checkpoint(value, output_dir: str) -> str | None:
 
 
 def main(method: str, argv: list[str] | None = None):
-    from trl import get_peft_config, get_quantization_config
+    """Parse a recipe and the command line (`argv`, default `sys.argv[1:]`) for `method`, train, save the model."""
+    from trl_rewardweighted.methods import build_trainer, check_reward_funcs
 
-    _, trainer_cls = _classes(method)
-    parser = make_parser(method)
+    spec = _method(method)
+    parser = make_parser(spec.name)
     parsed = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
     script_args, training_args, model_args, mixture_args = parsed[:4]
     # Resolved before the (slow) model and data loading, so that a missing checkpoint fails at once.
     resume_from_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    quantization_config = get_quantization_config(model_args)
-    if quantization_config is not None:  # QLoRA: each process loads its own quantized copy on its own device
-        from accelerate import PartialState
-
-        model_init_kwargs.update(
-            device_map={"": PartialState().local_process_index}, quantization_config=quantization_config
-        )
-    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
-
-    online = method in ONLINE_METHODS
-    if online and not script_args.reward_funcs:
-        raise ValueError(
-            f"{method} samples completions during training and needs `reward_funcs` (a list of `module:function` "
-            "scorers or reward model ids), e.g. `reward_funcs: [trl_rewardweighted.rewards:vader_positivity]`."
-        )
-    if not online and script_args.reward_funcs:
-        raise ValueError(
-            f"`reward_funcs` is used by the online methods ({', '.join(ONLINE_METHODS)}) only; {method} reads the "
-            "rewards from its dataset. Remove `reward_funcs` from the recipe."
-        )
+    check_reward_funcs(spec.name, script_args.reward_funcs)  # before the (slow) data loading
     train_dataset, eval_dataset = load_splits(script_args, mixture_args)
-    if training_args.eval_strategy == "no":
-        eval_dataset = None
-    kwargs = dict(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-    )
-    if online:
-        kwargs["reward_funcs"] = reward_functions(script_args.reward_funcs)
-    trainer = trainer_cls(
-        **{k: v for k, v in kwargs.items() if k in inspect.signature(trainer_cls.__init__).parameters}
+    trainer = build_trainer(
+        spec.name,
+        model_args.model_name_or_path,
+        training_args,
+        train_dataset,
+        eval_dataset=None if training_args.eval_strategy == "no" else eval_dataset,
+        reward_funcs=script_args.reward_funcs,
+        model_config=model_args,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
