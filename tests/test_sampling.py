@@ -184,8 +184,9 @@ def test_forced_vllm_backend_without_vllm_is_a_clear_import_error(tiny_model_pat
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
-    """A stand-in `vllm` module that records the calls (the real vLLM needs a CUDA GPU and is not installed here)."""
+def fake_vllm(monkeypatch, tiny_tokenizer):
+    """A stand-in `vllm` module that records the calls (the real vLLM needs a CUDA GPU and is not installed here).
+    Its replies are the sampled ids of the text `p<prompt>-s<sample>` followed by EOS, as vLLM returns them."""
     import importlib.machinery
     import types
 
@@ -201,9 +202,12 @@ def fake_vllm(monkeypatch):
 
         def generate(self, prompts, params, use_tqdm=True):
             calls["prompts"], calls["params"] = prompts, [p.kwargs for p in params]
-            completion = types.SimpleNamespace
+            def completion(text):
+                ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+                return types.SimpleNamespace(text=text, token_ids=ids)
+
             return [
-                types.SimpleNamespace(outputs=[completion(text=f"p{i}-s{j}") for j in range(p.kwargs["n"])])
+                types.SimpleNamespace(outputs=[completion(f"p{i}-s{j}") for j in range(p.kwargs["n"])])
                 for i, p in enumerate(params)
             ]
 

@@ -299,7 +299,13 @@ def test_vllm_engine_is_built_once_and_seeds_follow_the_global_prompt_index(
     import importlib.machinery
     import types
 
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     engines, params = [], []
+
+    def sampled(text):  # vLLM returns the sampled ids, EOS included
+        return types.SimpleNamespace(token_ids=tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
 
     class LLM:
         def __init__(self, **kwargs):
@@ -307,7 +313,7 @@ def test_vllm_engine_is_built_once_and_seeds_follow_the_global_prompt_index(
 
         def generate(self, prompts, sampling, use_tqdm=True):
             params.extend(p.kwargs for p in sampling)
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"s{p.kwargs['seed']}-{j}")
+            return [types.SimpleNamespace(outputs=[sampled(f"s{p.kwargs['seed']}-{j}")
                                                    for j in range(p.kwargs["n"])]) for p in sampling]  # fmt: skip
 
     class SamplingParams:

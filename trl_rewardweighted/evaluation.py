@@ -22,7 +22,6 @@ so the table separates what training did from what the prompt did.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .data.relabel import build_goal_prompt
-from .data.utils import is_messages
+from .data.utils import is_messages, write_json
 from .metrics import (
     bootstrap_ci,
     distinct_n,
@@ -44,7 +43,7 @@ from .metrics import (
     self_bleu,
     win_tie_loss,
 )
-from .model_utils import ensure_fused_lm_head, sequence_logps, tokenize_prompt_completions
+from .model_utils import completion_logps_from_ids, tokenize_prompt_completions
 
 __all__ = ["EvalConfig", "ModelSpec", "evaluate_models", "write_report", "markdown_table"]
 
@@ -69,7 +68,6 @@ class EvalConfig:
         system_role (`str`, defaults to `"auto"`), goal_template (`str`, *optional*): as at training.
         tie_tolerance (`float`, defaults to `0.0`): rewards within this distance are a tie.
         n_resamples (`int`, defaults to `2000`): bootstrap resamples.
-        self_bleu_max_texts (`int`, defaults to `200`): self-BLEU is quadratic; it uses at most this many samples.
         progress (`bool`, defaults to `True`): progress bars for generation and scoring.
     """
 
@@ -86,7 +84,6 @@ class EvalConfig:
     goal_template: str | None = None
     tie_tolerance: float = 0.0
     n_resamples: int = 2000
-    self_bleu_max_texts: int = 200
     progress: bool = True
 
     def __post_init__(self):
@@ -109,55 +106,30 @@ class ModelSpec:
 def _load(model, dtype=None):
     from transformers import AutoModelForCausalLM
 
-    from .sampling import _default_device, _default_dtype
+    from .sampling import default_device, default_dtype
 
     if isinstance(model, (str, Path)):
-        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype or _default_dtype())
-        model.to(_default_device())
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype or default_dtype())
+        model.to(default_device())
     model.eval()
     return model
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
 def completion_logps(model, tokenizer, prompts: Sequence, groups: Sequence[Sequence[str]], batch_size: int = 8):
-    """Summed log-probs `log pi(y|x)` of every completion of every prompt under `model` (a list of lists), tokenised
-    as DPO tokenises prompt/completion pairs; computed through the fused LM head (no logits)."""
-    import torch
+    """Summed log-probs `log pi(y|x)` of every completion *text* of every prompt under `model` (a list of lists),
+    tokenised as DPO tokenises prompt/completion pairs (the context a trainer sees), through the fused LM head.
 
-    ensure_fused_lm_head(model)
-    sequences = []  # (prompt_ids + completion_ids, number of prompt tokens)
+    For replies sampled from a model, score the sampled ids instead
+    (`model_utils.completion_logps_from_ids`, as [`evaluate_models`] does): re-encoding a decoded text is not always
+    the identity."""
+    prompt_ids, completion_ids = [], []
     for row, (prompt, completions) in enumerate(zip(prompts, groups)):
         completions = [[{"role": "assistant", "content": c}] if is_messages(prompt) else c for c in completions]
-        prompt_ids, completion_ids = tokenize_prompt_completions(tokenizer, prompt, completions, row=row)
-        sequences.extend((list(prompt_ids) + list(ids), len(prompt_ids)) for ids in completion_ids)
+        ids, group = tokenize_prompt_completions(tokenizer, prompt, completions, row=row)
+        prompt_ids.append(ids)
+        completion_ids.append(group)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = _device(model)
-    values: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            chunk = sequences[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            labels = torch.full_like(input_ids, -100)
-            for i, (ids, n_prompt) in enumerate(chunk):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                attention_mask[i, : len(ids)] = 1
-                labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-            logps, _ = sequence_logps(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
-            values.extend(logps.float().cpu().tolist())
-    out, offset = [], 0
-    for completions in groups:
-        out.append(values[offset : offset + len(completions)])
-        offset += len(completions)
-    return out
-
-
-def _token_lengths(tokenizer, groups):
-    return [[len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in group] for group in groups]
+    return completion_logps_from_ids(model, prompt_ids, completion_ids, batch_size, pad)
 
 
 def _per_prompt_mean(values: Sequence[Sequence[float]]) -> np.ndarray:
@@ -198,7 +170,7 @@ def evaluate_models(
     """
     from transformers import AutoTokenizer
 
-    from .sampling import generate_completions, load_scorer, score_completions
+    from .sampling import generate_completions, load_scorer, render_prompt_ids, reply_length, score_completions
 
     config = config or EvalConfig()
     names = [m.name for m in models]
@@ -238,12 +210,21 @@ def evaluate_models(
             temperature=config.temperature,
             top_p=config.top_p,
             seed=config.seed,
+            return_token_ids=True,
             **common,
         )
         samples = score_completions(
             samples, score_fn, batch_size=config.score_batch_size, progress=config.progress, reward_column="rewards"
         )
-        out = {"completions": list(samples["completions"]), "rewards": list(samples["rewards"])}
+        out = {
+            "completions": list(samples["completions"]),
+            "rewards": list(samples["rewards"]),
+            # What was sampled: the context the model continued and the sampled ids (EOS included when it stopped).
+            "prompt_ids": list(samples["prompt_ids"]),
+            "completion_ids": list(samples["completion_ids"]),
+        }
+        eos_ids = samples["eos_ids"][0]
+        out["token_lengths"] = [[reply_length(ids, eos_ids) for ids in group] for group in out["completion_ids"]]
         if config.greedy:
             greedy = generate_completions(model, condition_prompts, n=1, temperature=0.0, seed=config.seed, **common)
             greedy = score_completions(greedy, score_fn, batch_size=config.score_batch_size, progress=config.progress)
@@ -265,16 +246,19 @@ def evaluate_models(
         else:
             entries.append((spec.name, spec.model, prompts, prompts, REFERENCE))
 
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     for name, model, answered, ref_prompts, baseline in entries:
         lm = ref_model if model is ref_model else _load(model)
         run = sample(lm, answered)
-        run["token_lengths"] = _token_lengths(tokenizer, run["completions"])
-        run["logps"] = completion_logps(lm, tokenizer, answered, run["completions"], config.batch_size)
+        # Every reply is scored on its sampled ids, in the context it was sampled in (the rendered prompt); the
+        # reference sees the same ids after its own context (the same rendering of `ref_prompts`).
+        run["logps"] = completion_logps_from_ids(lm, run["prompt_ids"], run["completion_ids"], config.batch_size, pad)
         if lm is ref_model and ref_prompts is answered:
             run["ref_logps"] = run["logps"]
         else:
-            run["ref_logps"] = completion_logps(
-                ref_model, tokenizer, ref_prompts, run["completions"], config.batch_size
+            ref_context = run["prompt_ids"] if ref_prompts is answered else render_prompt_ids(ref_prompts, tokenizer)
+            run["ref_logps"] = completion_logps_from_ids(
+                ref_model, ref_context, run["completion_ids"], config.batch_size, pad
             )
         run["baseline"] = baseline
         runs[name] = run
@@ -301,12 +285,14 @@ def _summarise(run: dict, runs: dict, config: EvalConfig, reference_scores) -> d
     logratios = [np.asarray(a) - np.asarray(b) for a, b in zip(run["logps"], run["ref_logps"])]
     kl = kl_summary(_per_prompt_mean(run["logps"]), _per_prompt_mean(run["ref_logps"]), n_resamples=n)
     summary["kl"] = {k: kl[k] for k in ("mean", "low", "high")}
-    summary["length"] = response_length_summary([x for group in run["token_lengths"] for x in group])
+    # Median, min and max over the replies; the interval of the mean over prompts, like every other interval.
+    summary["length"] = response_length_summary([x for group in run["token_lengths"] for x in group], n)
+    length_interval = _interval(_per_prompt_mean(run["token_lengths"]), n)
+    summary["length"].update(low=length_interval["low"], high=length_interval["high"])
     flat = [c for group in run["completions"] for c in group]
     summary["distinct_1"] = distinct_n(flat, 1)
     summary["distinct_2"] = distinct_n(flat, 2)
-    texts = flat[: config.self_bleu_max_texts]
-    summary["self_bleu"] = self_bleu(texts) if len(texts) >= 2 else float("nan")
+    summary["self_bleu"] = self_bleu(flat) if len(flat) >= 2 else None
     if config.num_samples >= 2:
         mis = misalignment_rate(np.stack(logratios), np.asarray(rewards, dtype=np.float64))
         summary["misalignment"] = {"rate": mis.rate, "pairs": mis.num_pairs}
@@ -355,6 +341,10 @@ def _fmt_interval(d: dict | None, digits: int = 3) -> str:
     return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
 
 
+def _fmt_number(value, digits: int = 2) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
 def markdown_table(results: dict) -> str:
     """The summary of [`evaluate_models`] (or of `compare`) as a Markdown table, one row per model.
 
@@ -383,7 +373,7 @@ def markdown_table(results: dict) -> str:
         lines.append(
             f"| {name} | {_fmt_interval(s['reward'])} | {s.get('vs', '–')} | {_fmt_interval(diff)} | {verdict} | "
             f"{wtl_text} | {_fmt_interval(s['kl'], 2)} | {rpn_text} | {_fmt_interval(s.get('greedy_reward'))} | "
-            f"{s['length']['mean']:.1f} | {s['distinct_1']:.2f} / {s['distinct_2']:.2f} | {s['self_bleu']:.2f} | "
+            f"{s['length']['mean']:.1f} | {s['distinct_1']:.2f} / {s['distinct_2']:.2f} | {_fmt_number(s['self_bleu'])} | "
             f"{mis_text} |"
         )
     return "\n".join(lines) + "\n"
@@ -440,7 +430,7 @@ def write_report(results: dict, output_dir: str | Path) -> dict[str, str]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / "eval.json"), "markdown": str(out / "eval.md")}
-    (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
+    write_json(out / "eval.json", results)
     (out / "eval.md").write_text(markdown_table(results))
     for name in _plots(results, out):
         paths[name.removesuffix(".png")] = str(out / name)

@@ -19,18 +19,21 @@ from collections.abc import Callable, Sequence
 import torch
 from accelerate.utils import is_peft_model
 
-from .data.utils import check_text_or_messages, is_messages
+from .data.utils import check_text_or_messages, is_messages, write_json
 
 __all__ = [
     "CheckpointedCountersMixin",
     "KeepFloat32InputsMixin",
     "LocalAccelerator",
     "adapters_disabled",
+    "completion_logps_from_ids",
     "compute_rowwise_distributed",
+    "dpo_prompt_ids",
     "ensure_fused_lm_head",
     "frozen_copy",
     "hidden_from_base_init",
     "is_fused",
+    "pad_ids",
     "padding_free_inputs",
     "resolve_reference_model",
     "sequence_logps",
@@ -335,6 +338,75 @@ def _as_assistant_messages(completion, row) -> list[dict]:
     )
 
 
+def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"):
+    """Pad token-id lists into `(input_ids, attention_mask)` long tensors on the `side` given (`"left"` or
+    `"right"`), with TRL's `pad`."""
+    from trl.trainer.utils import pad
+
+    ids = [torch.tensor(list(seq), dtype=torch.long) for seq in seqs]
+    masks = [torch.ones(len(seq), dtype=torch.long) for seq in seqs]
+    return pad(ids, padding_value=pad_id, padding_side=side), pad(masks, padding_value=0, padding_side=side)
+
+
+def completion_logps_from_ids(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[Sequence[int]]],
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> list[list[float]]:
+    """Summed log-probs `log pi(y|x)` of given token ids, through the fused LM head (no logits), without gradients.
+
+    Args:
+        model:
+            A causal LM (patched with the fused LM head here if it is not yet).
+        prompt_ids (`Sequence[Sequence[int]]`):
+            One context per prompt: the exact ids the completions continue (e.g. the rendered prompt a sample was
+            drawn from).
+        completion_ids (`Sequence[Sequence[Sequence[int]]]`):
+            Per prompt, a list of completions as token ids; each log-prob is the sum over its ids.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Sequences per forward.
+        pad_id (`int`, *optional*, defaults to `0`):
+            The padding id (masked out: any id gives the same values).
+
+    Returns:
+        `list[list[float]]`: aligned with `completion_ids`.
+    """
+    ensure_fused_lm_head(model)
+    sequences = [
+        (list(context) + list(ids), len(context))
+        for context, group in zip(prompt_ids, completion_ids, strict=True)
+        for ids in group
+    ]
+    device = next(model.parameters()).device
+    values: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            input_ids, attention_mask = pad_ids([ids for ids, _ in chunk], pad_id, side="right")
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+            for i, (_, n_prompt) in enumerate(chunk):
+                labels[i, :n_prompt] = -100
+            logps, _ = sequence_logps(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
+            values.extend(logps.float().cpu().tolist())
+    out, offset = [], 0
+    for group in completion_ids:
+        out.append(values[offset : offset + len(group)])
+        offset += len(group)
+    return out
+
+
+def dpo_prompt_ids(processing_class, prompt, **template_kwargs) -> list[int]:
+    """The token ids of a prompt as TRL's `DPOTrainer` tokenises it: a message list through the chat template with
+    `add_generation_prompt=True`, a string with the tokenizer's own special tokens (e.g. BOS)."""
+    from trl.data_utils import _tokenize
+
+    if isinstance(prompt, str):
+        return list(_tokenize(processing_class, prompt)["input_ids"])
+    return list(_tokenize(processing_class, list(prompt), add_generation_prompt=True, **template_kwargs)["input_ids"])
+
+
 def tokenize_prompt_completions(processing_class, prompt, completions, row=None, **template_kwargs):
     """Tokenise one prompt and its completions the way TRL's `DPOTrainer` does (trl 1.16 `_prepare_dataset`).
 
@@ -350,14 +422,14 @@ def tokenize_prompt_completions(processing_class, prompt, completions, row=None,
             if isinstance(completion, (list, tuple)):
                 check_text_or_messages(completion, f"Row {row}: completion {k}")
         prompt = list(prompt)
-        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
+        prompt_ids = dpo_prompt_ids(processing_class, prompt, **template_kwargs)
         full_ids = [
             _tokenize(processing_class, prompt + _as_assistant_messages(c, row), **template_kwargs)["input_ids"]
             for c in completions
         ]
     elif isinstance(prompt, str):
         eos = getattr(processing_class, "eos_token", None) or ""
-        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+        prompt_ids = dpo_prompt_ids(processing_class, prompt)
         full_ids = []
         for completion in completions:
             if not isinstance(completion, str):
@@ -426,8 +498,7 @@ class CheckpointedCountersMixin:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            with open(os.path.join(folder, self.COUNTERS_FILE), "w", encoding="utf-8") as f:
-                json.dump(self._cumulative_counters(), f, indent=2)
+            write_json(os.path.join(folder, self.COUNTERS_FILE), self._cumulative_counters(), indent=2)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         checkpoint = resume_from_checkpoint

@@ -27,6 +27,7 @@ from typing import Any
 
 from .data.utils import completion_text, to_float
 from .data.utils import is_messages as is_conversational_prompt
+from .model_utils import pad_ids
 
 __all__ = [
     "generate_completions",
@@ -35,6 +36,13 @@ __all__ = [
     "combine_rewards",
     "name_judges",
     "load_scorer",
+    "default_device",
+    "default_dtype",
+    "generate_ids",
+    "render_prompt_ids",
+    "cut_at_eos",
+    "reply_length",
+    "reply_text",
     "make_vllm_engine",
     "free_model",
     "RewardModelScorer",
@@ -103,8 +111,24 @@ def _render_generation_prompt(prompt: str | list[dict], tokenizer, system_prompt
     return prompt if system_prompt is None else f"{system_prompt}\n\n{prompt}"
 
 
-def _tokenize_prompts(prompts: Sequence[Any], tokenizer, system_prompt: str | None) -> list[list[int]]:
-    """Token ids of each rendered prompt. Chat-templated text already holds its special tokens, so none are added."""
+def render_prompt_ids(prompts: Sequence[Any], tokenizer, system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt exactly as [`generate_completions`] feeds it to the model.
+
+    With a chat template, the prompt is rendered with `add_generation_prompt=True` (a string prompt as one user
+    message, `system_prompt` as a system message before it); without one, the string itself (with the tokenizer's
+    special tokens, e.g. BOS). Chat-templated text already holds its special tokens, so none are added to it.
+
+    Args:
+        prompts (`Sequence[str | list[dict]]`):
+            Strings or conversational prompts.
+        tokenizer:
+            The policy's tokenizer.
+        system_prompt (`str`, *optional*):
+            A system message for generation only.
+
+    Returns:
+        `list[list[int]]`: one id list per prompt (the context a sampled reply continues).
+    """
     texts = [_render_generation_prompt(p, tokenizer, system_prompt) for p in prompts]
     add_special_tokens = not _has_chat_template(tokenizer)
     ids = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
@@ -119,13 +143,13 @@ def _tokenize_prompts(prompts: Sequence[Any], tokenizer, system_prompt: str | No
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _default_device():
+def default_device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _default_dtype():
+def default_dtype():
     """bfloat16 on a GPU that supports it, float32 otherwise (CPU)."""
     import torch
 
@@ -143,26 +167,12 @@ def _load_tokenizer(path: str):
 def _load_causal_lm(path: str, model_kwargs: dict | None):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": _default_dtype()}
+    kwargs = {"dtype": default_dtype()}
     kwargs.update(model_kwargs or {})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if "device_map" not in kwargs:
-        model.to(_default_device())
+        model.to(default_device())
     return model.eval()
-
-
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str):
-    """Pad token-id lists into `(input_ids, attention_mask)` long tensors, on the left or the right."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        input_ids[i, cols] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[i, cols] = 1
-    return input_ids, attention_mask
 
 
 def _as_id_list(value) -> list[int]:
@@ -180,6 +190,19 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("Neither the tokenizer nor the model's generation_config defines an EOS token id.")
     return ids
+
+
+def _generation_config_of(model_path: str):
+    """An object with the `generation_config` of the model at `model_path` (None when it has none), for
+    [`_eos_ids`] when the model itself is not loaded (vLLM)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(model_path))
+    except OSError:
+        return SimpleNamespace(generation_config=None)
 
 
 def _pad_id(tokenizer, eos_ids: list[int]) -> int:
@@ -229,56 +252,96 @@ def _generation_kwargs(temperature: float, top_p: float, max_new_tokens: int, eo
     return kwargs
 
 
-def _decode_until_eos(tokenizer, token_ids: list[int], eos_ids: list[int]) -> str:
-    """Decode generated ids up to (not including) the first EOS, without special tokens."""
+def cut_at_eos(token_ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """The generated ids up to and including the first EOS (all of them when there is none: the reply was cut at
+    `max_new_tokens`). What follows an EOS in a batch is padding, not part of the sample."""
     stop = {int(i) for i in eos_ids}
+    token_ids = [int(t) for t in token_ids]
     for k, tok in enumerate(token_ids):
         if tok in stop:
-            token_ids = token_ids[:k]
-            break
-    return tokenizer.decode(token_ids, skip_special_tokens=True)
+            return token_ids[: k + 1]
+    return token_ids
 
 
-def _generate_transformers(
+def reply_text(tokenizer, token_ids: Sequence[int], eos_ids: Sequence[int]) -> str:
+    """The text of a sampled reply: its ids up to (not including) the first EOS, decoded without special tokens."""
+    ids = cut_at_eos(token_ids, eos_ids)
+    if ids and ids[-1] in {int(i) for i in eos_ids}:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def reply_length(token_ids: Sequence[int], eos_ids: Sequence[int]) -> int:
+    """The length of a sampled reply in tokens: its ids up to (not including) the first EOS."""
+    ids = cut_at_eos(token_ids, eos_ids)
+    return len(ids) - (1 if ids and ids[-1] in {int(i) for i in eos_ids} else 0)
+
+
+def generate_ids(
     model,
     tokenizer,
-    prompt_ids: list[list[int]],
+    prompt_ids: Sequence[Sequence[int]],
     *,
-    n: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-) -> list[list[str]]:
-    """n completions per prompt with `model.generate`: `batch_size` prompts (`batch_size * n` sequences) per
-    call, left padded, under a forked RNG seeded with `seed` (the global RNG state is left untouched)."""
+    n: int = 1,
+    batch_size: int = 16,
+    seed: int | None = None,
+    progress: bool = False,
+    **generate_kwargs,
+) -> list[list[list[int]]]:
+    """Continue already tokenised prompts with `model.generate`: the core of every transformers generation here.
+
+    Args:
+        model:
+            A causal LM (run in eval mode, under `torch.inference_mode`; its training mode is restored).
+        tokenizer:
+            Its tokenizer (EOS and pad ids).
+        prompt_ids (`Sequence[Sequence[int]]`):
+            One id list per prompt, e.g. from [`render_prompt_ids`].
+        n (`int`, *optional*, defaults to `1`):
+            Continuations per prompt.
+        batch_size (`int`, *optional*, defaults to `16`):
+            Prompts per `generate` call (`batch_size * n` sequences, left padded).
+        seed (`int`, *optional*):
+            Run under a forked RNG seeded with it (the global RNG state is left untouched); `None`: use the global RNG.
+        progress (`bool`, *optional*, defaults to `False`):
+            A tqdm bar over the calls.
+        **generate_kwargs:
+            Passed to `model.generate`. `eos_token_id` defaults to every EOS of the tokenizer and the model's
+            generation config, `pad_token_id` to the tokenizer's pad (or the first EOS).
+
+    Returns:
+        `list[list[list[int]]]`: per prompt, `n` lists of the sampled ids, each cut after its first EOS (which is
+        kept; see [`cut_at_eos`]). These ids are the sample: score and measure them, not a re-tokenised text.
+    """
+    import contextlib
+
     import torch
     from tqdm.auto import tqdm
 
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, eos_ids)
-    kwargs = _generation_kwargs(temperature, top_p, max_new_tokens, eos_ids, pad_id)
+    eos_ids = _as_id_list(generate_kwargs.get("eos_token_id")) or _eos_ids(model, tokenizer)
+    generate_kwargs["eos_token_id"] = eos_ids
+    generate_kwargs.setdefault("pad_token_id", _pad_id(tokenizer, eos_ids))
+    pad_id = generate_kwargs["pad_token_id"]
     device = next(model.parameters()).device
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    results: list[list[str]] = []
+    rng = torch.random.fork_rng(devices=cuda_devices) if seed is not None else contextlib.nullcontext()
+    results: list[list[list[int]]] = []
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode():
-            torch.manual_seed(seed)
+        with rng, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
             starts = range(0, len(prompt_ids), batch_size)
             for start in tqdm(starts, desc="Generating", unit="batch", disable=not progress):
                 batch = prompt_ids[start : start + batch_size]
                 expanded = [ids for ids in batch for _ in range(n)]
-                input_ids, attention_mask = _pad(expanded, pad_id, side="left")
+                input_ids, attention_mask = pad_ids(expanded, pad_id, side="left")
                 output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generate_kwargs
                 )
-                new_tokens = output[:, input_ids.shape[1] :].tolist()
-                texts = [_decode_until_eos(tokenizer, toks, eos_ids) for toks in new_tokens]
-                results.extend(texts[i * n : (i + 1) * n] for i in range(len(batch)))
+                new_tokens = [cut_at_eos(row, eos_ids) for row in output[:, input_ids.shape[1] :].tolist()]
+                results.extend(new_tokens[i * n : (i + 1) * n] for i in range(len(batch)))
     finally:
         model.train(was_training)
     return results
@@ -352,8 +415,8 @@ def _generate_vllm(
     vllm_kwargs: dict | None,
     llm=None,
     first_index: int = 0,
-) -> list[list[str]]:
-    """n completions per prompt with vLLM. The prompts go in as token ids (rendered and tokenized exactly as for the
+) -> list[list[list[int]]]:
+    """n completions per prompt with vLLM (their sampled token ids). The prompts go in as token ids (rendered and tokenized exactly as for the
     transformers backend, so no BOS is added twice). Prompt `i` is sampled with seed `seed + first_index + i`, so a
     prompt gets the same seed whichever call (chunk, process) it is part of. `llm`: an engine to reuse (built from
     `model_path`, `seed` and `vllm_kwargs` when None)."""
@@ -369,8 +432,8 @@ def _generate_vllm(
         for i in range(len(prompt_ids))
     ]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
-    texts = [[completion.text for completion in request.outputs] for request in outputs]
-    return [group * n if n_request == 1 and n > 1 else group for group in texts]
+    ids = [[list(completion.token_ids) for completion in request.outputs] for request in outputs]
+    return [group * n if n_request == 1 and n > 1 else group for group in ids]
 
 
 def free_model(obj) -> None:
@@ -440,6 +503,7 @@ def generate_completions(
     vllm_kwargs: dict | None = None,
     vllm_engine=None,
     prompt_offset: int = 0,
+    return_token_ids: bool = False,
 ):
     """Sample `n` completions for every prompt; return a `datasets.Dataset` with `prompt` and `completions`.
 
@@ -470,6 +534,10 @@ def generate_completions(
         prompt_offset: the index of the first prompt in a larger prompt list, for calls on one chunk of it: with
             vLLM prompt `i` of this call is sampled with seed `seed + prompt_offset + i` (transformers is seeded once
             per call with `seed`; `prompt_offset` does not change it).
+        return_token_ids: also return what was sampled as token ids: `prompt_ids` (the rendered prompt the model
+            continued, see [`render_prompt_ids`]), `completion_ids` (per completion, the sampled ids up to and
+            including the first EOS) and `eos_ids` (the ids that end a reply). Log-probabilities and lengths of the
+            samples must be computed on these ids: decoding and re-encoding the text is not always the identity.
 
     Returns:
         A Dataset with the prompts as given (string prompts stay strings, message lists stay message lists) and
@@ -501,13 +569,13 @@ def generate_completions(
         raise ValueError("`model` is an already-loaded model: pass its `tokenizer` as well.")
     if tokenizer is None:
         tokenizer = _load_tokenizer(model)
-    prompt_ids = _tokenize_prompts(prompt_list, tokenizer, system_prompt)
+    prompt_ids = render_prompt_ids(prompt_list, tokenizer, system_prompt)
     sampling = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
 
     if chosen_backend == "vllm":
         if not model_is_path:
             raise ValueError("backend='vllm' needs `model` as a path or Hub id; vLLM cannot use a loaded model.")
-        completions = _generate_vllm(
+        token_ids = _generate_vllm(
             model,
             prompt_ids,
             progress=progress,
@@ -516,13 +584,22 @@ def generate_completions(
             first_index=prompt_offset,
             **sampling,
         )
+        eos_ids = _eos_ids(_generation_config_of(model), tokenizer)
     else:
         lm = _load_causal_lm(model, model_kwargs) if model_is_path else model
-        completions = _generate_transformers(
-            lm, tokenizer, prompt_ids, batch_size=batch_size, progress=progress, **sampling
+        eos_ids = _eos_ids(lm, tokenizer)
+        kwargs = _generation_kwargs(temperature, top_p, max_new_tokens, eos_ids, _pad_id(tokenizer, eos_ids))
+        token_ids = generate_ids(
+            lm, tokenizer, prompt_ids, n=n, batch_size=batch_size, seed=seed, progress=progress, **kwargs
         )
-
+    token_ids = [[cut_at_eos(ids, eos_ids) for ids in group] for group in token_ids]
+    completions = [[reply_text(tokenizer, ids, eos_ids) for ids in group] for group in token_ids]
     dataset = dataset.add_column("completions", completions)
+    if return_token_ids:
+        for column, values in (("prompt_ids", prompt_ids), ("completion_ids", token_ids), ("eos_ids", None)):
+            if column in dataset.column_names:
+                dataset = dataset.remove_columns(column)
+            dataset = dataset.add_column(column, values if values is not None else [eos_ids] * len(dataset))
     if system_prompt is not None:
         if "system_prompt" in dataset.column_names:
             dataset = dataset.remove_columns("system_prompt")
@@ -609,7 +686,7 @@ class RewardModelScorer:
         load_kwargs.update(model_kwargs or {})
         model = AutoModelForSequenceClassification.from_pretrained(path, **load_kwargs)
         if "device_map" not in load_kwargs:
-            model.to(_default_device())
+            model.to(default_device())
         _float32_head(model)
         return cls(model.eval(), tokenizer if tokenizer is not None else _load_tokenizer(path), **kwargs)
 
@@ -656,7 +733,7 @@ class RewardModelScorer:
     def _forward(self, ids: list[list[int]]) -> list[float]:
         import torch
 
-        input_ids, attention_mask = _pad(ids, self.pad_id, side="right")
+        input_ids, attention_mask = pad_ids(ids, self.pad_id, side="right")
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
@@ -1017,7 +1094,7 @@ def generate_with_goal(
 
     The goal prompt comes from `build_goal_prompt` (the training code path) and is tokenised exactly as DPO training
     tokenises prompts (TRL's `_tokenize`: the chat template with `add_generation_prompt=True` for message lists, the
-    tokenizer with its special tokens, e.g. BOS, for strings); the id lists are then left-padded here.
+    tokenizer with its special tokens, e.g. BOS, for strings), then continued by [`generate_ids`].
 
     Args:
         model:
@@ -1040,42 +1117,18 @@ def generate_with_goal(
     Returns:
         `list[str]`: the decoded new text of each prompt (special tokens skipped).
     """
-    import torch
-    from trl.data_utils import _tokenize
-
     from .data.relabel import build_goal_prompt
-    from .data.utils import is_messages
+    from .model_utils import dpo_prompt_ids
 
-    single = isinstance(prompts, str) or is_messages(prompts)
+    single = isinstance(prompts, str) or is_conversational_prompt(prompts)
     batch = [prompts] if single else list(prompts)
     if not batch:
         raise ValueError("generate_with_goal: `prompts` is empty.")
-    prompt_ids = []
-    for prompt in batch:
-        goal_prompt = build_goal_prompt(prompt, score, tokenizer, system_role, template, attributes)
-        if isinstance(goal_prompt, str):  # DPO: `_tokenize(processing_class, prompt)` (special tokens added)
-            prompt_ids.append(list(_tokenize(tokenizer, goal_prompt)["input_ids"]))
-        else:  # DPO: the chat template with the generation prompt
-            prompt_ids.append(list(_tokenize(tokenizer, goal_prompt, add_generation_prompt=True)["input_ids"]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("generate_with_goal: the tokenizer has neither a pad token nor an EOS token to pad with.")
-    width = max(len(ids) for ids in prompt_ids)
-    device = next(model.parameters()).device
-    enc = {
-        "input_ids": torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=device),
-        "attention_mask": torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device
-        ),
-    }
+    prompt_ids = [
+        dpo_prompt_ids(tokenizer, build_goal_prompt(prompt, score, tokenizer, system_role, template, attributes))
+        for prompt in batch
+    ]
     generate_kwargs.setdefault("max_new_tokens", 64)
-    generate_kwargs.setdefault("pad_token_id", pad_id)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model.generate(**enc, **generate_kwargs)
-    finally:
-        model.train(was_training)
-    new_tokens = out[:, enc["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    eos_ids = _eos_ids(model, tokenizer)
+    token_ids = generate_ids(model, tokenizer, prompt_ids, n=1, batch_size=len(prompt_ids), **generate_kwargs)
+    return [reply_text(tokenizer, group[0], eos_ids) for group in token_ids]
