@@ -118,10 +118,9 @@ def write_json(path: str | None, results: dict) -> None:
     """
     if not path:
         return
-    import json
+    from trl_rewardweighted.data.utils import write_json
 
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    write_json(path, results, indent=2)
 
 
 def bench_args(**overrides) -> dict:

@@ -36,6 +36,8 @@ import torch  # noqa: E402  (imported up front: its ~3 s import is not relabelin
 from _common import StepTimer as _TokenCounter  # noqa: E402
 from _common import bench_args, device_name, train_peak_memory, write_json  # noqa: E402
 
+from trl_rewardweighted.data.utils import dumps_json  # noqa: E402
+
 
 def synthetic_pairs(n: int, conversational: bool, seed: int = 0):
     from datasets import Dataset
@@ -298,7 +300,7 @@ def main(argv=None) -> int:
         model_path = args.model
 
     if args._memory_child:
-        print(json.dumps(memory_child(args, model_path)))
+        print(dumps_json(memory_child(args, model_path)))
         return 0
 
     results = {"torch_threads": args.threads}
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
         if not args.no_memory:
             results["memory"] = bench_memory(args, model_path)
     write_json(args.json, json_results(args, results))
-    print(json.dumps(results, indent=2))
+    print(dumps_json(results, indent=2))
     return 0
 
 

@@ -34,6 +34,8 @@ from _common import (  # noqa: E402
 )
 from datasets import Dataset  # noqa: E402
 
+from trl_rewardweighted.data.utils import dumps_json  # noqa: E402
+
 KINDS = ("sft", "var_ref", "var_noref")
 LABELS = {
     "sft": "SFTTrainer (TRL)",
@@ -131,7 +133,7 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     if opts._memory_child:
-        print(json.dumps({"peak_mib": run_memory_child(opts, opts._memory_child)}))
+        print(dumps_json({"peak_mib": run_memory_child(opts, opts._memory_child)}))
         return
 
     device = device_name()

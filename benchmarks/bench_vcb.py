@@ -45,6 +45,8 @@ from _common import (  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
+from trl_rewardweighted.data.utils import dumps_json  # noqa: E402
+
 KINDS = ("dpo_live", "vcb_live", "dpo_pre", "vcb_pre")
 LABELS = {
     "dpo_live": "DPOTrainer, live reference",
@@ -207,7 +209,7 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     if opts._memory_child:
-        print(json.dumps(run_memory_child(opts, opts._memory_child)))
+        print(dumps_json(run_memory_child(opts, opts._memory_child)))
         return
 
     device = device_name()

@@ -40,6 +40,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from trl_rewardweighted.data.utils import write_json
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
@@ -686,7 +688,7 @@ def main(argv=None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_results(run))
     if opts.raw:
-        Path(opts.raw).write_text(json.dumps(run, indent=1, default=str))
+        write_json(opts.raw, run)
     print(f"[run_all] wrote {output} ({fmt_duration(run.get('wall_s'))})")
     return 0
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data.utils import write_json
+
 __all__ = [
     "Stage",
     "Layout",
@@ -246,15 +248,6 @@ def compare_manifests(old: dict, new: dict) -> list[str]:
     return lines
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def chunk_path(work_dir: Path, stage: str, index: int) -> Path:
     """The file of chunk `index` of `stage` in the work folder."""
     return work_dir / stage / f"chunk-{index:06d}.parquet"
@@ -310,7 +303,7 @@ def _prepare(work_dir: Path, manifest: dict, restart: bool, num_chunks: int) -> 
         }
     work_dir.mkdir(parents=True, exist_ok=True)
     if not resumed:
-        _write_json_atomic(manifest, manifest_path)
+        write_json(manifest_path, manifest, indent=2)
     for stale in work_dir.rglob(".*.tmp-*"):  # temporaries of a process that was killed mid-write
         stale.unlink(missing_ok=True)
     shutil.rmtree(work_dir / STATUS, ignore_errors=True)
@@ -335,7 +328,7 @@ def _broadcast(layout: Layout, payload):
 def _wait_for_peers(layout: Layout, status_dir: Path, launch: str, own_error: BaseException | None, poll: float):
     """Write this process's status, wait for every other process's status, raise when any of them failed."""
     status = {"ok": own_error is None, "error": None if own_error is None else _describe(own_error)}
-    _write_json_atomic(status, status_dir / f"{launch}-{layout.process_index}.json")
+    write_json(status_dir / f"{launch}-{layout.process_index}.json", status, indent=2)
     if own_error is not None:
         raise own_error
     if layout.num_processes == 1:
