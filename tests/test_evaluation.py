@@ -82,20 +82,20 @@ def test_compare_end_to_end(tiny_model_path, tmp_path):
     argv = ["compare", "--model", tiny_model_path, "--reward", "tests.test_evaluation:word_reward"]
     argv += ["--reward-range", "0,2", "--num-train-prompts", "4", "--num-eval-prompts", "2", "--steps", "2"]
     argv += ["--eval-samples", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress"]
-    methods = ["sft", "dpo", "var", "vcb", "ra_dpo", "ra_dpo_twins", "online_var", "grpo"]
+    methods = ["sft", "dpo", "var", "vcb", "reward_augmented_dpo", "reward_augmented_dpo_twins", "online_var", "grpo"]
     assert cli_main(argv + ["--methods", ",".join(methods)]) == 0
     summary = json.loads((out / "compare.json").read_text())
     assert summary["methods"] == methods
     # Matched budgets: the same optimizer steps, the same sequences per step (pairs count 2, VCB groups 4; the online
     # methods sample 2 prompts x 4 replies per step).
-    per_row = {"dpo": 2, "ra_dpo": 2, "ra_dpo_twins": 2, "vcb": 4}
+    per_row = {"dpo": 2, "reward_augmented_dpo": 2, "reward_augmented_dpo_twins": 2, "vcb": 4}
     for method in methods:
         budget = summary["budgets"][method]
         assert budget["steps"] == 2
         assert budget["batch_size"] * per_row.get(method, 1) == 8
     assert set(summary["models"]) == {REFERENCE, REFERENCE + " + goal", *methods}
     text = (out / "compare.md").read_text()
-    assert "## Pairwise" in text and "| ra_dpo_twins |" in text
+    assert "## Pairwise" in text and "| reward_augmented_dpo_twins |" in text
     for name in ("eval.json", "eval.md", "reward_distribution.png", "reward_vs_kl.png"):
         assert (out / "eval" / name).exists(), name
 
