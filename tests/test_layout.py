@@ -1,7 +1,7 @@
 """The package's layering, checked from the import statements (no import is executed).
 
-cli / scripts / quickstart -> trainers -> (losses, model_utils, data); sampling and ira sit beside the trainers and
-use model_utils and data. Nothing imports upward, `data/` is model-free and `losses` imports only torch.
+cli -> compare / iterate -> scripts / quickstart / evaluation -> methods -> trainers -> (losses, model_utils, data);
+sampling and ira sit beside the trainers and use model_utils and data. Nothing imports upward, `data/` is model-free and `losses` imports only torch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ RANKS = {
     "sampling": 2,
     "shards": 2,
     "ira": 2,
+    "methods": 2.5,  # the table of methods and the trainer builder: above the trainers, below everything that trains
     "evaluation": 3,
     "quickstart": 3,
     "scripts": 3,
@@ -117,3 +118,20 @@ def test_no_citation_outside_the_repository():
         text = path.read_text()
         for banned in ("ALGORITHMS.md", "TRL_NOTES", "OFFLINE.md", "../shared"):
             assert banned not in text, f"{path.relative_to(root)} cites {banned}: cite files of this repository"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_private_import_from_another_module(path):
+    """A module uses another module's public names only: a helper two modules need is made public where it lives."""
+    tree = ast.parse(path.read_text())
+    private = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (
+            node.level > 0 or (node.module or "").startswith("trl_rewardweighted")
+        ):
+            private += [
+                f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"
+            ]
+    assert not private, (
+        f"{path.relative_to(PACKAGE)} imports private names {private}: make them public where they live"
+    )

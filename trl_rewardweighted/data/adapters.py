@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .convert import _STRATEGY_FNS, TIE_OPTIONS, load_dataset_any
+from .convert import PAIR_SELECTORS, TIE_OPTIONS, load_dataset_any
 from .utils import is_messages, to_float
 
 __all__ = [
@@ -421,7 +421,7 @@ def ultrafeedback_pairs(
     _check_choice(ties, TIE_OPTIONS, "ties", adapter)
     _check_bool(conversational, "conversational", adapter)
     groups, skips = _uf_groups(ds, adapter, score, aspects, min_completions=2)
-    pick = _best_random if strategy == "best_random" else _STRATEGY_FNS[strategy]
+    pick = _best_random if strategy == "best_random" else PAIR_SELECTORS[strategy]
     rng = random.Random(seed)
     has_source = "source" in ds.column_names
     names = ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "chosen_model", "rejected_model"]

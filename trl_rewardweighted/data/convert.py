@@ -208,7 +208,8 @@ def _all_pairs(valid: list[tuple[int, float]], ties: str, rng: random.Random) ->
     return pairs
 
 
-_STRATEGY_FNS = {"best_worst": _best_worst, "best_vs_rest": _best_vs_rest, "all_pairs": _all_pairs}
+# How each pair strategy picks (chosen, rejected) indices from the valid (index, reward) items of a group.
+PAIR_SELECTORS = {"best_worst": _best_worst, "best_vs_rest": _best_vs_rest, "all_pairs": _all_pairs}
 
 
 def groups_to_pairs(
@@ -235,7 +236,7 @@ def groups_to_pairs(
     Pairs come in group order, then completion order. Other columns are carried over. Conversational prompts give
     `chosen` / `rejected` as `[{"role": "assistant", "content": text}]` lists.
     """
-    if strategy not in _STRATEGY_FNS:
+    if strategy not in PAIR_SELECTORS:
         raise ValueError(f"Unknown pair strategy {strategy!r}; choose one of {PAIR_STRATEGIES}.")
     if ties not in TIE_OPTIONS:
         raise ValueError(f"Unknown ties option {ties!r}; choose one of {TIE_OPTIONS}.")
@@ -256,7 +257,7 @@ def groups_to_pairs(
         if len(valid) < 2:
             too_small += 1
             continue
-        pairs = _STRATEGY_FNS[strategy](valid, ties, rng)
+        pairs = PAIR_SELECTORS[strategy](valid, ties, rng)
         no_pair += not pairs
         conversational = is_messages(prompt)
         for chosen, rejected in pairs:
