@@ -135,3 +135,15 @@ def test_no_private_import_from_another_module(path):
     assert not private, (
         f"{path.relative_to(PACKAGE)} imports private names {private}: make them public where they live"
     )
+
+
+def test_version_is_the_installed_metadata():
+    """The version is kept once (pyproject.toml); the package reads it from its installed metadata."""
+    import tomllib
+    from importlib.metadata import version
+
+    import trl_rewardweighted
+
+    declared = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert trl_rewardweighted.__version__ == version("trl-rewardweighted") == declared
+    assert f'"{declared}"' not in (PACKAGE / "__init__.py").read_text()  # not kept by hand a second time

@@ -13,9 +13,13 @@ Names are imported lazily so that `import trl_rewardweighted` stays cheap.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+try:  # the version is kept once, in pyproject.toml, and read from the installed package's metadata
+    __version__ = version("trl-rewardweighted")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "VARConfig": "trl_rewardweighted.trainers.var_config",
