@@ -126,13 +126,18 @@ def test_iterate_var_update_reference(tiny_model_path, prompts_file, tmp_path):
 
 # The first logged step of each round reports the policy against the reference before any update: 0 in round 1
 # (the policy is the reference), not 0 in round 2 when the reference stays the starting model.
-_REFERENCE_GAP = {"vcb": "logratio", "dpo": "rewards/chosen", "ra_dpo": "rewards/chosen"}
+_REFERENCE_GAP = {"vcb": "logratio", "dpo": "rewards/chosen", "reward_augmented_dpo": "rewards/chosen"}
 
 
 @pytest.mark.parametrize(
     "method",
     # DPO and SFT (a few seconds each) run with -m slow, to spare the default suite's time budget.
-    ["vcb", "ra_dpo", pytest.param("dpo", marks=pytest.mark.slow), pytest.param("sft", marks=pytest.mark.slow)],
+    [
+        "vcb",
+        "reward_augmented_dpo",
+        pytest.param("dpo", marks=pytest.mark.slow),
+        pytest.param("sft", marks=pytest.mark.slow),
+    ],
 )
 def test_iterate_two_rounds_each_method(method, tiny_model_path, prompts_file, tmp_path):
     out = tmp_path / method

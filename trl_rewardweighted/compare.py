@@ -29,8 +29,8 @@ from pathlib import Path
 
 from .data.utils import write_json
 from .evaluation import REFERENCE, EvalConfig, ModelSpec, evaluate_models, markdown_table, write_report
+from .methods import DEPRECATED_NAMES, build_trainer, build_training_args, resolve_method_name, run_training
 from .methods import METHODS as METHOD_TABLE
-from .methods import DEPRECATED_NAMES, build_trainer, build_training_args, resolve_method_name
 from .metrics import paired_bootstrap_diff
 
 __all__ = ["METHODS", "add_arguments", "run_compare", "build_method_data", "pairwise_table"]
@@ -174,20 +174,11 @@ def _train(method, model_path, tokenizer, data, batch_size, opts, out: Path, rew
     online = METHOD_TABLE[base].online
     reward_funcs = [as_reward_func(scorer, "reward")] if online else None
     trainer = build_trainer(base, model_path, args, data, processing_class=tokenizer, reward_funcs=reward_funcs)
-    start = time.time()
-    trainer.train()
-    seconds = time.time() - start
+    run = run_training(trainer)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {
-        "steps": trainer.state.global_step,
-        "batch_size": batch_size,
-        "train_rows": len(data),
-        "seconds": round(seconds, 1),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-    }
+    run.pop("train_metrics")
+    return {**run, "batch_size": batch_size, "train_rows": len(data)}
 
 
 def pairwise_table(results: dict, names: list[str], n_resamples: int = 2000) -> str:

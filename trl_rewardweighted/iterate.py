@@ -42,216 +42,215 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
-__all__ = ["METHODS", "OPTIONS", "add_arguments", "resolve_options", "run_iterate", "main"]
+from .data.utils import write_json
+from .methods import DEPRECATED_NAMES
 
-METHODS = ("var", "vcb", "ra_dpo", "dpo", "sft")
+__all__ = ["METHODS", "IterateConfig", "add_arguments", "make_parser", "resolve_options", "run_iterate", "main"]
+
+METHODS = ("var", "vcb", "reward_augmented_dpo", "dpo", "sft")
 DEFAULT_REWARD = "trl_rewardweighted.rewards:vader_positivity"
-# Sequences one training row holds, to turn `--batch-size` (completions per optimizer step) into rows per step.
-_SEQUENCES_PER_ROW = {"var": 1, "sft": 1, "dpo": 2, "ra_dpo": 2}
+BACKENDS = ("transformers", "vllm", "auto")
 
 
-@dataclass(frozen=True)
-class Option:
-    """One option of `trl-rw iterate`: `--name-with-dashes` on the command line, `name_with_underscores` in a recipe."""
-
-    name: str
-    type: Any
-    default: Any
-    help: str
-    choices: tuple | None = None
+def _option(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
 
 
-def _optional_float(value) -> float | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-        return None
-    return float(value)
+@dataclass
+class IterateConfig:
+    """The options of `trl-rw iterate`: `--name-with-dashes` (or `--name_with_underscores`) on the command line,
+    `name_with_underscores` in a recipe (`--config`), parsed by [`make_parser`] (TRL's `TrlParser`), as the trainers'
+    recipes are. `__post_init__` checks the values."""
 
-
-OPTIONS = (
-    Option("method", str, None, "the offline trainer run in every round (required)", METHODS),
-    Option("model", str, "smollm2", "starting model: 'smollm2' (offline SmolLM2-135M-Instruct), 'tiny', or a path"),
-    Option("reward", str, DEFAULT_REWARD, "reward model path or `module:function` (default: VADER positivity)"),
-    Option(
-        "prompts",
-        str,
+    method: str | None = _option(None, f"the offline trainer run in every round (required): {', '.join(METHODS)}")
+    model: str = _option("smollm2", "starting model: 'smollm2' (offline SmolLM2-135M-Instruct), 'tiny', or a path")
+    reward: str = _option(DEFAULT_REWARD, "reward model path or `module:function` (default: VADER positivity)")
+    prompts: str | None = _option(
         None,
         "prompt file (.txt one per line, '#' lines skipped) or dataset file / folder with a `prompt` column "
         "(default: the packaged quickstart prompts)",
-    ),
-    Option(
-        "num_prompts",
-        int,
-        None,
-        "use the first N prompts (default: all; with the packaged prompts, their 24 training prompts)",
-    ),
-    Option("rounds", int, 2, "number of rounds (may be raised when resuming)"),
-    Option("n", int, 4, "sampled replies per prompt in each round"),
-    Option("max_new_tokens", int, 40, "longest sampled reply, in tokens"),
-    Option("temperature", float, 1.0, "sampling temperature"),
-    Option("top_p", float, 1.0, "nucleus sampling"),
-    Option("gen_batch_size", int, 8, "prompts per generate call"),
-    Option(
-        "backend",
-        str,
+    )
+    num_prompts: int | None = _option(
+        None, "use the first N prompts (default: all; with the packaged prompts, their 24 training prompts)"
+    )
+    rounds: int = _option(2, "number of rounds (may be raised when resuming)")
+    n: int = _option(4, "sampled replies per prompt in each round")
+    max_new_tokens: int = _option(40, "longest sampled reply, in tokens")
+    temperature: float = _option(1.0, "sampling temperature")
+    top_p: float = _option(1.0, "nucleus sampling")
+    gen_batch_size: int = _option(8, "prompts per generate call")
+    backend: str = _option(
         "transformers",
-        "generation backend; 'vllm' (or 'auto') runs vLLM in the training process, which must leave room for it",
-        ("transformers", "vllm", "auto"),
-    ),
-    Option(
-        "goal_score",
-        _optional_float,
+        "generation backend: transformers, vllm or auto; 'vllm' (or 'auto') runs vLLM in the training process, which "
+        "must leave room for it",
+    )
+    # `float | str`: the command line's `--goal-score none` arrives as a string; __post_init__ makes it a float or None.
+    goal_score: float | str | None = _option(
         10.0,
-        "ra_dpo only: from round 2 on, sample the trained (goal-conditioned) policy under this goal on the 1-10 "
-        "scale, as at inference; 'none' samples without a goal",
-    ),
-    Option("steps", int, None, "optimizer steps per round (default: --epochs epochs of the round's data)"),
-    Option("epochs", float, 1.0, "epochs per round over the round's data, when --steps is not given"),
-    Option(
-        "batch_size",
-        int,
-        8,
-        "completions per optimizer step: VAR and SFT rows, DPO / reward-augmented DPO pairs count 2, VCB groups --n",
-    ),
-    Option("learning_rate", float, 2e-5, "learning rate (constant schedule)"),
-    Option("max_length", int, 256, "longest training sequence (prompt + reply) for VAR, VCB, DPO and SFT"),
-    Option("beta", float, 0.2, "VAR temperature of the weights (VADER rewards lie in [-1, 1])"),
-    Option("beta_dpo", float, 0.1, "DPO and reward-augmented DPO beta"),
-    Option("gamma", float, 0.05, "VCB gamma"),
-    Option(
-        "reward_range",
-        str,
+        "reward_augmented_dpo only: from round 2 on, sample the trained (goal-conditioned) policy under this goal on "
+        "the 1-10 scale, as at inference; 'none' samples without a goal",
+    )
+    steps: int | None = _option(None, "optimizer steps per round (default: --epochs epochs of the round's data)")
+    epochs: float = _option(1.0, "epochs per round over the round's data, when --steps is not given")
+    batch_size: int = _option(
+        8, "completions per optimizer step: VAR and SFT rows, DPO / reward-augmented DPO pairs count 2, VCB groups --n"
+    )
+    learning_rate: float = _option(2e-5, "learning rate (constant schedule)")
+    max_length: int = _option(256, "longest training sequence (prompt + reply) for VAR, VCB, DPO and SFT")
+    beta: float = _option(0.2, "VAR temperature of the weights (VADER rewards lie in [-1, 1])")
+    beta_dpo: float = _option(0.1, "DPO and reward-augmented DPO beta")
+    gamma: float = _option(0.05, "VCB gamma")
+    reward_range: str = _option(
         "-1,1",
         "reward-augmented DPO: the reward's range 'lo,hi' mapped to the 1-10 goal scale, or 'auto' (each round's "
         "min and max)",
-    ),
-    Option(
-        "update_reference",
-        bool,
-        False,
-        "use the policy each round starts from as its reference (default: the starting model in every round)",
-    ),
-    Option("seed", int, 0, "round k samples with seed + k - 1 and trains with the same seed"),
-    Option("output_dir", str, "iterate_output", "where the rounds, iterate.json and the final samples go"),
-    Option("overwrite", bool, False, "delete the rounds already in --output-dir and start over"),
-    Option("no_progress", bool, False, "hide progress bars"),
-)
-_BY_NAME = {o.name: o for o in OPTIONS}
+    )
+    update_reference: bool = _option(
+        False, "use the policy each round starts from as its reference (default: the starting model in every round)"
+    )
+    seed: int = _option(0, "round k samples with seed + k - 1 and trains with the same seed")
+    output_dir: str = _option("iterate_output", "where the rounds, iterate.json and the final samples go")
+    overwrite: bool = _option(False, "delete the rounds already in --output-dir and start over")
+    no_progress: bool = _option(False, "hide progress bars")
+
+    def __post_init__(self):
+        from .methods import resolve_method_name
+
+        for f in fields(self):  # a recipe's values reach here unconverted unless they are strings
+            value, kind = getattr(self, f.name), _KINDS.get(f.name)
+            if kind is not None and value is not None and not _is_kind(value, kind):
+                raise ValueError(f"--{_flag(f.name)} must be {_KIND_NAMES[kind]}, got {value!r}.")
+        if isinstance(self.goal_score, str):
+            text = self.goal_score.strip().lower()
+            self.goal_score = None if text in ("none", "null", "") else _to_float(self.goal_score, "goal_score")
+        if self.method is None:
+            raise ValueError(f"Give --method (or `method:` in the recipe): one of {', '.join(METHODS)}.")
+        self.method = resolve_method_name(self.method, METHODS, what="--method")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
+        for name in ("rounds", "n", "max_new_tokens", "gen_batch_size", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}.")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}.")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}.")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts}.")
+        for name in ("learning_rate", "beta", "beta_dpo", "gamma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{_flag(name)} must be a finite number > 0, got {value}.")
+        if self.method == "vcb" and self.n < 2:
+            raise ValueError("--method vcb needs --n >= 2: VCB calibrates the replies of a prompt against each other.")
+        if self.method in ("dpo", "reward_augmented_dpo") and self.n < 2:
+            raise ValueError(f"--method {self.method} needs --n >= 2 to build best-against-worst pairs.")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _to_float(value, name: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--{_flag(name)} must be a number or 'none', got {value!r}.") from None
+
+
+def _is_kind(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+# The scalar type of each option (`goal_score` is checked by its own rule).
+_KINDS = {
+    name: next((k for k in (bool, int, float, str) if k in typing.get_args(tp) or tp is k), None)
+    for name, tp in typing.get_type_hints(IterateConfig).items()
+    if name != "goal_score"
+}
 # Options that may differ between a run and its resumption.
 _NOT_FINGERPRINTED = ("rounds", "output_dir", "overwrite", "no_progress")
 
 
+def make_parser():
+    """`TrlParser((IterateConfig,))`: the parser of `trl-rw iterate`'s options and recipes."""
+    from trl import TrlParser
+
+    return TrlParser((IterateConfig,), prog="trl-rw iterate")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `trl-rw iterate` options on `parser`. Every default is `None` here: [`resolve_options`] fills in
-    the recipe's value (`--config`), then the default, so that a flag given on the command line always wins."""
+    """Register the `trl-rw iterate` options on `parser` (the `trl-rw` subcommand). Each is taken as given (every
+    default is `None` here) and handed to [`resolve_options`], which parses the recipe and the flags with
+    [`make_parser`]: a flag given on the command line wins over the recipe, which wins over the default."""
     parser.add_argument("--config", default=None, help="YAML recipe whose keys are these options' names (underscores)")
     parser.add_argument(
         "--check", action="store_true", help="validate the options (and the recipe), print them and exit"
     )
-    for o in OPTIONS:
-        flag = "--" + o.name.replace("_", "-")
-        shown = "" if o.default is None or o.type is bool else f" (default: {o.default})"
-        if o.type is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=o.help)
+    for f in fields(IterateConfig):
+        help = f.metadata["help"]
+        if _KINDS.get(f.name) is bool:
+            parser.add_argument("--" + _flag(f.name), action="store_const", const="true", default=None, help=help)
         else:
-            parser.add_argument(flag, type=o.type, default=None, choices=o.choices, help=o.help + shown)
+            shown = "" if f.default is None else f" (default: {f.default})"
+            parser.add_argument("--" + _flag(f.name), default=None, metavar=f.name.upper(), help=help + shown)
 
 
-def _recipe_value(option: Option, value, path: str):
-    where = f"{path}: `{option.name}`"
-    if value is None:
-        if option.default is not None and option.type is not _optional_float:
-            raise ValueError(f"{where} is empty; give a value or remove the key.")
-        return None
-    if option.type is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}.")
-        return value
-    if isinstance(value, (bool, list, dict)):
-        raise ValueError(f"{where} must be a single {option.type.__name__}, got {value!r}.")
-    if option.type is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{where} must be an integer, got {value!r}.")
-    try:
-        value = option.type(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be a {getattr(option.type, '__name__', 'value')}, got {value!r}.") from None
-    if option.choices and value not in option.choices:
-        raise ValueError(f"{where} must be one of {', '.join(option.choices)}, got {value!r}.")
-    return value
+def resolve_options(opts) -> IterateConfig:
+    """The effective options of the parsed command line `opts` (see [`add_arguments`]): the recipe `opts.config` and
+    the flags given, parsed by [`make_parser`]. An [`IterateConfig`] is returned as it is."""
+    if isinstance(opts, IterateConfig):
+        return opts
+    argv = []
+    for f in fields(IterateConfig):
+        value = getattr(opts, f.name, None)
+        if value is not None:
+            argv += [f"--{f.name}", str(value)]
+    parser = make_parser()
 
+    def error(message):
+        raise ValueError(message)
 
-def load_recipe(path: str | Path) -> dict:
-    """The options of an `iterate` recipe (YAML mapping of option names, underscores), checked and converted."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a YAML mapping of `option: value`, got {type(data).__name__}.")
-    out = {}
-    for key, value in data.items():
-        if key not in _BY_NAME:
-            close = difflib.get_close_matches(str(key), list(_BY_NAME), n=1)
+    parser.error = error  # one `ValueError` line instead of argparse's usage and exit
+    config = getattr(opts, "config", None)
+    if config is not None:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"Recipe not found: {config}")
+        unknown = [k for k in _recipe_keys(config) if k not in {f.name for f in fields(IterateConfig)}]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), [f.name for f in fields(IterateConfig)], n=1)
             hint = f" Did you mean `{close[0]}`?" if close else ""
             raise ValueError(
-                f"{path}: unknown key `{key}`: not an option of `trl-rw iterate`.{hint} The keys are the options' "
-                "names with underscores (see `trl-rw iterate --help`)."
+                f"{config}: unknown key `{unknown[0]}`: not an option of `trl-rw iterate`.{hint} The keys are the "
+                "options' names with underscores (see `trl-rw iterate --help`)."
             )
-        out[key] = _recipe_value(_BY_NAME[key], value, str(path))
-    return out
+        argv = ["--config", str(config), *argv]
+    (options,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    return options
 
 
-def resolve_options(opts: argparse.Namespace) -> argparse.Namespace:
-    """The effective options: a command-line flag, else the recipe's value (`opts.config`), else the default.
-    Checks the values (positive counts, a known method, a usable budget)."""
-    recipe = load_recipe(opts.config) if getattr(opts, "config", None) else {}
-    values = {}
-    for o in OPTIONS:
-        given = getattr(opts, o.name, None)
-        values[o.name] = given if given is not None else recipe.get(o.name, o.default)
-    out = argparse.Namespace(**values, config=getattr(opts, "config", None), check=bool(getattr(opts, "check", 0)))
-    if out.method is None:
-        raise ValueError(f"Give --method (or `method:` in the recipe): one of {', '.join(METHODS)}.")
-    for name in ("rounds", "n", "max_new_tokens", "gen_batch_size", "batch_size", "max_length"):
-        if getattr(out, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(out, name)}.")
-    if out.steps is not None and out.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {out.steps}.")
-    if out.steps is None and not out.epochs > 0:
-        raise ValueError(f"--epochs must be > 0, got {out.epochs}.")
-    if out.num_prompts is not None and out.num_prompts < 1:
-        raise ValueError(f"--num-prompts must be >= 1, got {out.num_prompts}.")
-    for name in ("learning_rate", "beta", "beta_dpo", "gamma"):
-        value = getattr(out, name)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}.")
-    if out.method == "vcb" and out.n < 2:
-        raise ValueError("--method vcb needs --n >= 2: VCB calibrates the replies of a prompt against each other.")
-    if out.method in ("dpo", "ra_dpo") and out.n < 2:
-        raise ValueError(f"--method {out.method} needs --n >= 2 to build best-against-worst pairs.")
-    return out
+def _recipe_keys(path) -> list:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping of `option: value`, got {type(data).__name__}.")
+    return [k for k in data if k != "env"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write `data` as JSON atomically (a temporary in the same folder, renamed into place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
 
 
 def _round_dir(out: Path, k: int) -> Path:
@@ -263,8 +262,8 @@ def _finished(out: Path, k: int) -> bool:
     return (d / "metrics.json").is_file() and (d / "model").is_dir()
 
 
-def _fingerprint(opts) -> dict:
-    return {o.name: getattr(opts, o.name) for o in OPTIONS if o.name not in _NOT_FINGERPRINTED}
+def _fingerprint(opts: IterateConfig) -> dict:
+    return {k: v for k, v in asdict(opts).items() if k not in _NOT_FINGERPRINTED}
 
 
 def _load_prompts(opts, tokenizer) -> list:
@@ -305,7 +304,9 @@ def _prepare_output(out: Path, opts, prompts_hash: str) -> dict:
                 path.unlink()
     elif state_path.exists():
         state = json.loads(state_path.read_text())
-        before = state.get("args", {})
+        before = dict(state.get("args", {}))
+        if before.get("method") in DEPRECATED_NAMES:  # a run started under a deprecated method name
+            before["method"] = DEPRECATED_NAMES[before["method"]]
         now = _fingerprint(opts)
         for name, value in now.items():
             if name in before and before[name] != value:
@@ -324,7 +325,7 @@ def _prepare_output(out: Path, opts, prompts_hash: str) -> dict:
         raise FileExistsError(f"{out} holds {rounds[0].name} but no iterate.json; pass --overwrite to start over.")
     out.mkdir(parents=True, exist_ok=True)
     state = {"args": _fingerprint(opts), "prompts_sha256": prompts_hash, "rounds": []}
-    _write_json(state_path, state)
+    write_json(state_path, state)
     return state
 
 
@@ -428,73 +429,50 @@ def build_train_data(method: str, groups, sampler: str, reference: str):
             "Every prompt's replies got equal rewards this round: no best-against-worst pair to train on. Raise --n "
             "or --temperature, or use a finer-grained reward."
         )
-    keep = ["prompt", "chosen", "rejected"] + (["score_chosen", "score_rejected"] if method == "ra_dpo" else [])
+    scored = method == "reward_augmented_dpo"
+    keep = ["prompt", "chosen", "rejected"] + (["score_chosen", "score_rejected"] if scored else [])
     return pairs.select_columns(keep)
+
+
+def _settings(method: str, opts: IterateConfig, same: bool) -> dict:
+    """The method's own settings in a round (on top of the shared ones and the `cpu-demo` preset)."""
+    return {
+        "var": dict(beta=opts.beta, ref_weighting=not same, max_length=opts.max_length),
+        "vcb": dict(gamma=opts.gamma, max_length=opts.max_length, precompute_ref_log_probs=True),
+        "reward_augmented_dpo": dict(beta=opts.beta_dpo, max_length=None, score_range=opts.reward_range),
+        "dpo": dict(beta=opts.beta_dpo, max_length=opts.max_length),
+        "sft": dict(max_length=opts.max_length),
+    }[method]
 
 
 def _train(method: str, policy: str, reference: str, data, opts, seed: int, out: Path) -> dict:
     """Train `policy` on `data` against `reference`; save the model and tokenizer to `out / "model"` (atomically)."""
     from transformers import AutoTokenizer
 
-    from .quickstart import demo_training_args
+    from .methods import METHODS as METHOD_TABLE
+    from .methods import build_trainer, build_training_args, run_training
 
-    per_row = opts.n if method == "vcb" else _SEQUENCES_PER_ROW[method]
-    batch_size = max(1, opts.batch_size // per_row)
+    batch_size = METHOD_TABLE[method].rows_per_step(opts.batch_size, opts.n)
     budget = {"max_steps": opts.steps} if opts.steps is not None else {"num_train_epochs": opts.epochs}
-    common = demo_training_args(
+    same = reference == policy
+    args = build_training_args(
+        method,
         out / "trainer_output",
-        opts.learning_rate,
-        batch_size,
-        seed,
+        preset="cpu-demo",
+        learning_rate=opts.learning_rate,
+        per_device_train_batch_size=batch_size,
+        seed=seed,
         gradient_accumulation_steps=1,
         disable_tqdm=opts.no_progress,
         **budget,
+        **_settings(method, opts, same),
     )
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    same = reference == policy
-    if method == "var":
-        from .trainers.var_config import VARConfig
-        from .trainers.var_trainer import VARTrainer
-
-        columns = ["prompt", "completion", "reward"] + ([] if same else ["ref_logps"])
-        args = VARConfig(beta=opts.beta, ref_weighting=not same, max_length=opts.max_length, **common)
-        trainer = VARTrainer(
-            model=policy, args=args, train_dataset=data.select_columns(columns), processing_class=tokenizer
-        )
-    elif method == "vcb":
-        from .trainers.vcb_config import VCBConfig
-        from .trainers.vcb_trainer import VCBTrainer
-
-        args = VCBConfig(gamma=opts.gamma, max_length=opts.max_length, precompute_ref_log_probs=True, **common)
-        trainer = VCBTrainer(
-            model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer
-        )
-    elif method == "ra_dpo":
-        from .trainers.ra_dpo_config import RewardAugmentedDPOConfig
-        from .trainers.ra_dpo_trainer import RewardAugmentedDPOTrainer
-
-        args = RewardAugmentedDPOConfig(beta=opts.beta_dpo, max_length=None, score_range=opts.reward_range, **common)
-        trainer = RewardAugmentedDPOTrainer(
-            model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer
-        )
-    elif method == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        from .model_utils import resolve_reference_model
-
-        args = DPOConfig(beta=opts.beta_dpo, max_length=opts.max_length, **common)
-        ref_model = resolve_reference_model(policy, reference, args)  # DPOTrainer takes a model object only
-        trainer = DPOTrainer(
-            model=policy, ref_model=ref_model, args=args, train_dataset=data, processing_class=tokenizer
-        )
-    else:
-        from trl import SFTConfig, SFTTrainer
-
-        args = SFTConfig(max_length=opts.max_length, **common)
-        trainer = SFTTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer)
-    start = time.time()
-    result = trainer.train()
-    seconds = time.time() - start
+    if method == "var":  # VAR's reference enters through the `ref_logps` column (module docstring)
+        data = data.select_columns(["prompt", "completion", "reward"] + ([] if same else ["ref_logps"]))
+    ref_model = reference if method in ("vcb", "reward_augmented_dpo", "dpo") else None
+    trainer = build_trainer(method, policy, args, data, processing_class=tokenizer, ref_model=ref_model)
+    run = run_training(trainer)
     final, tmp = out / "model", out / ".model.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -502,17 +480,7 @@ def _train(method: str, policy: str, reference: str, data, opts, seed: int, out:
     tokenizer.save_pretrained(str(tmp))
     os.replace(tmp, final)
     shutil.rmtree(out / "trainer_output", ignore_errors=True)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    metrics = {
-        "steps": trainer.state.global_step,
-        "batch_size": batch_size,
-        "train_rows": len(data),
-        "seconds": round(seconds, 1),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "train_metrics": dict(result.metrics),
-        "log_history": trainer.state.log_history,
-    }
+    metrics = {**run, "batch_size": batch_size, "train_rows": len(data), "log_history": trainer.state.log_history}
     if method == "var":
         metrics["ref_weighting"] = not same
     del trainer
@@ -539,7 +507,7 @@ def _run_round(k: int, policy: str, initial: str, prompts: list, opts, scorer, o
         print(f"[iterate] round {k}: reusing the samples saved by an interrupted run ({d / 'samples'})")
         groups = load_dataset_any(d / "samples")
     else:
-        goal = opts.method == "ra_dpo" and k > 1 and opts.goal_score is not None
+        goal = opts.method == "reward_augmented_dpo" and k > 1 and opts.goal_score is not None
         print(
             f"[iterate] round {k}: sampling {opts.n} replies x {len(prompts)} prompts from {policy} (seed {seed}"
             + (f", goal {opts.goal_score}" if goal else "")
@@ -573,7 +541,7 @@ def _run_round(k: int, policy: str, initial: str, prompts: list, opts, scorer, o
     if opts.method == "var" and "ref_logps" in data.column_names:
         ratios = [float(v) for v in data["ref_logps"]]
         metrics["var_log_ratio"] = {"mean": statistics.fmean(ratios), "max_abs": max(abs(v) for v in ratios)}
-    _write_json(d / "metrics.json", metrics)  # last: the round is finished
+    write_json(d / "metrics.json", metrics)  # last: the round is finished
     return metrics
 
 
@@ -595,17 +563,18 @@ def _summary_row(metrics: dict) -> dict:
 
 
 def run_iterate(opts) -> dict:
-    """Run the rounds described in the module docstring with the parsed `opts` (see [`add_arguments`]); returns the
-    `iterate.json` summary."""
+    """Run the rounds described in the module docstring with `opts`: an [`IterateConfig`], or the parsed command line
+    (see [`add_arguments`]; `opts.check` only validates and prints the options). Returns the `iterate.json` summary."""
     from transformers import AutoTokenizer
 
     from .data.convert import save_dataset
     from .quickstart import resolve_model
     from .sampling import load_scorer
 
+    check = bool(getattr(opts, "check", False))
     opts = resolve_options(opts)
-    if opts.check:
-        print(json.dumps({o.name: getattr(opts, o.name) for o in OPTIONS}, indent=1))
+    if check:
+        print(json.dumps(asdict(opts), indent=1))
         return {"args": _fingerprint(opts)}
     out = Path(opts.output_dir)
     initial = resolve_model(opts.model, out)
@@ -626,14 +595,14 @@ def run_iterate(opts) -> dict:
         policy = str(d / "model")
         rows.append({**_summary_row(metrics), "model": policy})
         state["rounds"] = rows
-        _write_json(out / "iterate.json", state)
+        write_json(out / "iterate.json", state)
 
     seed = opts.seed + opts.rounds
     done = state.get("final", {})
     if done.get("model") == policy and (out / "final_samples").is_dir():
         print(f"[iterate] final samples of {policy}: done in an earlier run, skipped")
     else:
-        goal = opts.method == "ra_dpo" and opts.goal_score is not None
+        goal = opts.method == "reward_augmented_dpo" and opts.goal_score is not None
         print(
             f"[iterate] sampling the final model {policy} (seed {seed}"
             + (f", goal {opts.goal_score})" if goal else ")")
@@ -649,7 +618,7 @@ def run_iterate(opts) -> dict:
             "seconds": round(time.time() - start, 1),
         }
     state["seconds_this_run"] = round(time.time() - t0, 1)
-    _write_json(out / "iterate.json", state)
+    write_json(out / "iterate.json", state)
 
     print("\n| policy | sampled in | mean reward | std | train steps | last loss | seconds |")
     print("|---|---|---|---|---|---|---|")

@@ -38,6 +38,7 @@ __all__ = [
     "preset_settings",
     "resolve_method_name",
     "reward_functions",
+    "run_training",
 ]
 
 
@@ -143,7 +144,9 @@ def resolve_method_name(name: str, known=None, *, what: str = "method") -> str:
     if name in DEPRECATED_NAMES and DEPRECATED_NAMES[name] in known:
         new = DEPRECATED_NAMES[name]
         warnings.warn(
-            f"{what} {name!r} is deprecated and will be removed; it is now called {new!r}.", FutureWarning, stacklevel=3
+            f"{what} {name!r} is deprecated and will be removed; it is now called {new!r}.",
+            FutureWarning,
+            stacklevel=3,
         )
         return new
     if name not in known:
@@ -358,3 +361,21 @@ def build_trainer(
     if refused:
         raise ValueError(f"{spec.name}: {trainer_cls.__name__} takes no {', '.join(map(repr, refused))}.")
     return trainer_cls(model, **{k: v for k, v in values.items() if v is not None})
+
+
+def run_training(trainer, **kwargs) -> dict:
+    """Run `trainer.train(**kwargs)` and sum it up: `steps` (optimizer steps), `seconds` (wall time of training),
+    `first_loss` and `last_loss` (logged losses, `None` when none was logged) and `train_metrics` (the trainer's)."""
+    import time
+
+    start = time.time()
+    result = trainer.train(**kwargs)
+    seconds = time.time() - start
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 1),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_metrics": dict(result.metrics),
+    }
