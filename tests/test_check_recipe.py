@@ -72,7 +72,8 @@ def test_every_shipped_recipe_passes(capsys):
     [
         ("recipes/var/smollm2-135m/config_full.yaml", "var"),
         ("recipes/vcb/smollm2-135m/config_full.yaml", "vcb"),
-        ("recipes/reward_augmented_dpo/smollm2-135m/config_full.yaml", "ra_dpo"),
+        ("recipes/reward_augmented_dpo/smollm2-135m/config_full.yaml", "reward_augmented_dpo"),
+        ("recipes/quickstart/iterate_var.yaml", "iterate"),
         ("somewhere/recipes/quickstart/vcb.yaml", "vcb"),
         ("my/var/run.yaml", "var"),
     ],
@@ -167,11 +168,11 @@ def test_renamed_key_names_the_current_field(tmp_path, base, extra, drop, messag
 def test_rename_table_against_installed_dataclasses():
     """Every old key is absent from the parsers (`dataset_text_field` only from the DPO-based ones) and every current
     field exists in at least one method's parser."""
-    fields = {m: set(cr._method_fields(m)) for m in ("var", "vcb", "ra_dpo")}
+    fields = {m: set(cr._method_fields(m)) for m in ("var", "vcb", "reward_augmented_dpo")}
     everywhere = set.union(*fields.values())
     for old, rename in cr.RENAMED_KEYS.items():
         if old == "dataset_text_field":
-            assert old in fields["var"] and old not in fields["vcb"] | fields["ra_dpo"]
+            assert old in fields["var"] and old not in fields["vcb"] | fields["reward_augmented_dpo"]
         else:
             assert old not in everywhere, old
         if rename.new is not None:
@@ -197,41 +198,47 @@ def test_key_of_another_method_says_so(tmp_path):
 @pytest.mark.parametrize(
     "base, extra, drop, message",
     [
-        (VAR_BASE, "learning_rate: abc\n", ["learning_rate"], "`learning_rate` expects a float, got 'abc'"),
-        (VAR_BASE, "use_peft: maybe\n", [], "`use_peft` expects a boolean (true/false), got 'maybe'"),
+        (VAR_BASE, "learning_rate: abc\n", ["learning_rate"], "`learning_rate`: invalid float value: 'abc'"),
+        (
+            VAR_BASE,
+            "use_peft: maybe\n",
+            [],
+            "`use_peft`: Truthy value expected: got maybe but expected one of yes/no, true/false, t/f, y/n, 1/0 (case "
+            "insensitive).",
+        ),
         (
             VAR_BASE,
             "eval_strategy: no\n",
             ["eval_strategy"],
-            "`eval_strategy` expects one of ['no', 'steps', "
-            "'epoch'], got false (YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value, e.g. "
+            "`eval_strategy`: invalid choice: 'false' (choose from 'no', 'steps', "
+            "'epoch') (YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value, e.g. "
             '"no")',
         ),
         (
             VAR_BASE,
             "num_train_epochs: [1, 2]\n",
             ["num_train_epochs"],
-            "`num_train_epochs` expects a float, got a list [1, 2]",
+            "`num_train_epochs` expects a single value, got a list [1, 2]",
         ),
         (
             VAR_BASE,
             "per_device_train_batch_size: 8.5\n",
             ["per_device_train_batch_size"],
-            "`per_device_train_batch_size` expects an integer, got 8.5",
+            "`per_device_train_batch_size`: invalid int value: '8.5'",
         ),
         (
             VAR_BASE,
             "lora_modules_to_save: lm_head\n",
             [],
-            "`lora_modules_to_save` expects a list of strings or null, got 'lm_head'",
+            "`lora_modules_to_save` expects a list, got 'lm_head'",
         ),
         (
             VAR_BASE,
             "dtype: bf16\n",
             ["dtype"],
-            "`dtype` expects one of ['auto', 'bfloat16', 'float16', 'float32'], got 'bf16'",
+            "`dtype`: invalid choice: 'bf16' (choose from 'auto', 'bfloat16', 'float16', 'float32')",
         ),
-        (VCB_BASE, "gamma: [0.05]\n", ["gamma"], "`gamma` expects a float, got a list [0.05]"),
+        (VCB_BASE, "gamma: [0.05]\n", ["gamma"], "`gamma` expects a single value, got a list [0.05]"),
     ],
 )
 def test_wrong_type_names_field_and_expected_type(tmp_path, base, extra, drop, message):
@@ -258,8 +265,9 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert [p.split(":")[0] for p in problems] == [
         "`torch_dtype` was renamed to `dtype`",
         "unknown key `betta`",
-        "`learning_rate` expects a float, got 'abc'",
+        "`learning_rate`",
     ]
+    assert problems[2] == "`learning_rate`: invalid float value: 'abc'"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -319,3 +327,39 @@ def test_missing_file_and_exit_codes(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cr.main(["--method", "sft", str(bad)])
     assert exit_info.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# trl-rw iterate recipes, method names
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_iterate_recipe_is_parsed_by_its_parser(tmp_path):
+    """An `iterate*.yaml` recipe goes through `trl-rw iterate`'s own parser: every key and value is checked, one
+    message per problem, then `IterateConfig.__post_init__`."""
+    path = tmp_path / "iterate_var.yaml"
+    path.write_text("method: var\nroundz: 3\nlearning_rate: abc\nn: [2]\nupdate_reference: maybe\n")
+    assert _problems(path) == [
+        "unknown key `roundz`: did you mean `rounds`?",
+        "`learning_rate`: invalid float value: 'abc'",
+        "`n` expects a single value, got a list [2]",
+        "`update_reference`: Truthy value expected: got maybe but expected one of yes/no, true/false, t/f, y/n, 1/0 "
+        "(case insensitive).",
+    ]
+    path.write_text("method: vcb\nn: 1\n")
+    assert _problems(path) == [
+        "invalid value: --method vcb needs --n >= 2: VCB calibrates the replies of a prompt against each other."
+    ]
+    path.write_text("method: var\nprompts: my_prompts.txt\n")
+    assert cr.check_recipe(path).summary() == f"{path}: ok (iterate, smollm2, my_prompts.txt)"
+
+
+def test_deprecated_method_name_warns_and_checks(recwarn):
+    assert cr.check_recipe(RA_BASE, "ra_dpo").method == "reward_augmented_dpo"
+    assert any(
+        issubclass(w.category, FutureWarning) and "it is now called 'reward_augmented_dpo'" in str(w.message)
+        for w in recwarn
+    )
+    assert cr.check_recipe(RA_BASE, "sft").problems == [
+        "unknown method 'sft'; choose one of var, vcb, reward_augmented_dpo, online_var, iterate"
+    ]

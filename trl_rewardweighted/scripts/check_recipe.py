@@ -5,24 +5,25 @@ trl-rw check-recipe recipes/var/smollm2-135m/config_full.yaml recipes/vcb/   # f
 python -m trl_rewardweighted.scripts.check_recipe --method var my_recipe.yaml
 ```
 
-Each recipe is parsed the way its launch script parses it ([`~trl_rewardweighted.scripts.train.make_parser`]:
-`TrlParser((ScriptArguments, XConfig, ModelConfig))`, strict), and the dataclasses are built, so their
-`__post_init__` checks run; no model, tokenizer or dataset is loaded and nothing is downloaded. Before that every key
-is checked on its own, with one message per problem:
+Each recipe is parsed the way its command parses it (strict `TrlParser`: the launch script's
+[`~trl_rewardweighted.scripts.train.make_parser`], or `trl-rw iterate`'s
+[`~trl_rewardweighted.iterate.make_parser`]), and the dataclasses are built, so their `__post_init__` checks run; no
+model, tokenizer or dataset is loaded and nothing is downloaded. Before that every key is checked on its own, so that
+each problem gets its own message:
 
 - a key renamed or removed between the alignment-handbook's recipes / older TRL and transformers releases and TRL 1.16
   / transformers 5 names its current field ([`RENAMED_KEYS`]): `torch_dtype` -> `dtype`, `warmup_ratio` ->
   `warmup_steps`, ...;
 - a misspelled key suggests the closest field (`betta` -> "did you mean `beta`?");
 - a key of another method's config says so (`packing` in a VCB recipe);
-- a value of the wrong type names the field and the type it expects (`learning_rate: abc`), including booleans where
-  a string is expected (YAML reads an unquoted `no` as `false`) and lists given for single values.
+- a value is read by the parser's own argument (its type and choices: `learning_rate: abc` gets the parser's
+  "invalid float value"); what YAML adds is checked too: a list given for a single value or the reverse, and a
+  boolean where the field takes none (YAML reads an unquoted `no` as `false`).
 
-The method comes from `--method` or from the path: `recipes/<var|vcb|reward_augmented_dpo|online_var>/...`.
-Validation runs with `use_cpu: true` (and without `tf32`), so a `bf16: true` recipe validates on a machine without a
-GPU and no GPU is touched; whether the launch machine supports bf16 / tf32 is checked when the recipe is launched. The recipe's `env:`
-block is checked but not applied. Files named `iterate.yaml` / `iterate_*.yaml` are `trl-rw iterate` recipes (no
-trainer config): only their YAML is read here, and `trl-rw iterate --config PATH --check` validates them.
+The method comes from `--method` or from the path: `recipes/<var|vcb|reward_augmented_dpo|online_var>/...`; files named
+`iterate.yaml` / `iterate_*.yaml` are `trl-rw iterate` recipes. Validation runs with `use_cpu: true` (and without
+`tf32`), so a `bf16: true` recipe validates on a machine without a GPU and no GPU is touched; whether the launch machine
+supports bf16 / tf32 is checked when the recipe is launched. The recipe's `env:` block is checked but not applied.
 
 Exit code: 0 when every recipe passes, 1 when any has a problem, 2 for a usage error.
 """
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import enum
 import sys
 import types
 import typing
@@ -40,17 +40,13 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["RENAMED_KEYS", "RecipeReport", "check_recipe", "check_recipes", "method_from_path", "main"]
+from trl_rewardweighted.methods import DEPRECATED_NAMES, resolve_method_name
+from trl_rewardweighted.scripts.train import LAUNCH_METHODS
 
-# Recipe folder (or --method value) -> launch-script method (`trl_rewardweighted.scripts.train.METHODS`).
-METHOD_ALIASES = {
-    "var": "var",
-    "vcb": "vcb",
-    "reward_augmented_dpo": "ra_dpo",
-    "ra_dpo": "ra_dpo",
-    "online_var": "online_var",
-}
-_FOLDER = {"var": "var", "vcb": "vcb", "ra_dpo": "reward_augmented_dpo", "online_var": "online_var"}
+__all__ = ["KINDS", "RENAMED_KEYS", "RecipeReport", "check_recipe", "check_recipes", "method_from_path", "main"]
+
+# What a recipe can be: a launch script's (a method, also its recipe folder) or `trl-rw iterate`'s.
+KINDS = (*LAUNCH_METHODS, "iterate")
 
 
 class Rename(NamedTuple):
@@ -192,8 +188,6 @@ RENAMED_KEYS: dict[str, Rename] = {
 # value are refused, since the launch parser passes the scalar through unchanged.
 _SCALAR_OK_LIST_FIELDS = {"loss_type", "lora_target_modules", "report_to"}
 
-_BOOL_STRINGS = {"true", "false", "yes", "no", "y", "n", "t", "f", "1", "0"}  # transformers' string_to_bool
-
 
 class _ParseError(Exception):
     pass
@@ -209,7 +203,8 @@ class RecipeReport:
 
     Parameters:
         path (`str`): the recipe file.
-        method (`str` or `None`): the launch-script method (`var`, `vcb`, `ra_dpo`), `None` when it could not be told.
+        method (`str` or `None`): the recipe's kind ([`KINDS`]: a method such as `var`, or `iterate`), `None` when
+            it could not be told.
         problems (`list[str]`): one message per problem; empty when the recipe passes.
         notes (`list[str]`): what the user should know but is no error (deprecations, the CPU-safe override).
         model (`str` or `None`), dataset (`str` or `None`): what the recipe trains and on which data.
@@ -232,7 +227,7 @@ class RecipeReport:
             return "\n".join(f"{self.path}: error: {p}" for p in self.problems)
         model = self.model or "model not set: give --model_name_or_path at launch"
         dataset = self.dataset or "dataset not set: give --dataset_name at launch"
-        lines = [f"{self.path}: ok ({_FOLDER.get(self.method, self.method)}, {model}, {dataset})"]
+        lines = [f"{self.path}: ok ({self.method}, {model}, {dataset})"]
         lines += [f"{self.path}: note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -242,25 +237,48 @@ class RecipeReport:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _kind(name: str) -> str | None:
+    """The kind of a folder or `--method` name (a deprecated method name warns), `None` when it names none."""
+    if name in KINDS:
+        return name
+    if DEPRECATED_NAMES.get(name) in KINDS:
+        return resolve_method_name(name, KINDS)
+    return None
+
+
 def method_from_path(path: str | Path) -> str:
-    """The launch-script method of a recipe from its path: the folder under `recipes/` (`var`, `vcb`,
-    `reward_augmented_dpo`), else any folder or file stem of the path named after a method. Raises `ValueError` when
-    no method or two different ones are named."""
+    """The kind of a recipe from its path ([`KINDS`]): `iterate` for a file named `iterate.yaml` / `iterate_*.yaml`,
+    else the folder under `recipes/` (`var`, `vcb`, `reward_augmented_dpo`, `online_var`), else any folder or file
+    stem of the path named after a method. Raises `ValueError` when no method or two different ones are named."""
+    stem = Path(path).stem
+    if stem == "iterate" or stem.startswith("iterate_"):
+        return "iterate"
     resolved = Path(path).resolve().with_suffix("").parts
     if "recipes" in resolved:  # only what lies under the last `recipes/` folder
         parts = resolved[len(resolved) - resolved[::-1].index("recipes") :]
-        if parts and parts[0] in METHOD_ALIASES:
-            return METHOD_ALIASES[parts[0]]
+        if parts and _kind(parts[0]):
+            return _kind(parts[0])
     else:
         parts = Path(path).with_suffix("").parts  # as given: a parent folder such as /var says nothing
-    found = {METHOD_ALIASES[p] for p in parts if p in METHOD_ALIASES}
+    found = {_kind(p) for p in parts} - {None, "iterate"}
     if len(found) == 1:
         return found.pop()
     named = f" (the path names {sorted(found)})" if found else ""
+    methods = "|".join(LAUNCH_METHODS)
     raise ValueError(
-        f"cannot tell the method of {path} from its path{named}: put it under "
-        "recipes/<var|vcb|reward_augmented_dpo|online_var>/ or pass --method var|vcb|reward_augmented_dpo|online_var"
+        f"cannot tell the method of {path} from its path{named}: put it under recipes/<{methods}>/ or pass "
+        f"--method {methods}"
     )
+
+
+def _make_parser(kind: str):
+    if kind == "iterate":
+        from trl_rewardweighted.iterate import make_parser
+
+        return make_parser()
+    from trl_rewardweighted.scripts.train import make_parser
+
+    return make_parser(kind)
 
 
 def _fields(parser) -> dict[str, tuple[type, dataclasses.Field, Any]]:
@@ -279,14 +297,12 @@ _FIELD_CACHE: dict[str, dict] = {}
 
 def _method_fields(method: str) -> dict[str, tuple[type, dataclasses.Field, Any]]:
     if method not in _FIELD_CACHE:
-        from trl_rewardweighted.scripts.train import make_parser
-
-        _FIELD_CACHE[method] = _fields(make_parser(method))
+        _FIELD_CACHE[method] = _fields(_make_parser(method))
     return _FIELD_CACHE[method]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Types
+# Values
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -295,76 +311,6 @@ def _members(tp) -> list:
     if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         return [m for arg in typing.get_args(tp) for m in _members(arg)]
     return [tp]
-
-
-def _is_number_string(value: str, kind: type) -> bool:
-    try:
-        kind(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _accepts(tp, value, name: str) -> bool:
-    """Whether the launch parser would turn `value` into a correct value of type `tp`."""
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is object:
-        return True
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_STRINGS)
-    if tp is int:
-        return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, str) and _is_number_string(value, int)
-        )
-    if tp is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
-            isinstance(value, str) and _is_number_string(value, float)
-        )
-    if tp is str:
-        return isinstance(value, str)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return isinstance(value, tp) or (isinstance(value, str) and value in {e.value for e in tp})
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if origin in (list, tuple, set) or tp in (list, tuple, set):
-        args = typing.get_args(tp)
-        element = args[0] if args else Any
-        if isinstance(value, list):
-            return all(_accepts(element, v, name) for v in value)
-        return name in _SCALAR_OK_LIST_FIELDS and _accepts(element, value, name)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    return True  # a type this checker does not know: leave it to the dataclass
-
-
-def _describe(tp) -> str:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return "null"
-    if tp is bool:
-        return "a boolean (true/false)"
-    if tp is int:
-        return "an integer"
-    if tp is float:
-        return "a float"
-    if tp is str:
-        return "a string"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return f"one of {[e.value for e in tp]}"
-    if origin is typing.Literal:
-        return f"one of {list(typing.get_args(tp))}"
-    if origin in (list, tuple, set) or tp in (list, tuple, set):
-        args = typing.get_args(tp)
-        inner = _describe(args[0]) if args else "values"
-        for article in ("a ", "an "):
-            inner = inner.removeprefix(article)
-        plural = {"string": "strings", "float": "floats", "integer": "integers"}.get(inner, inner)
-        return f"a list of {plural}"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
 
 
 def _show(value) -> str:
@@ -381,22 +327,32 @@ def _show(value) -> str:
     return repr(value)
 
 
-def _check_value(name: str, value, tp, field: dataclasses.Field) -> str | None:
-    """One message when `value` does not fit the field `name` of type `tp`, else `None`."""
+def _value_problem(parser, name: str, value, tp) -> str | None:
+    """One message when the parser's own argument `--name` refuses `value` (its type, its choices), or when the YAML
+    value's shape does not fit the field (a list for a single value, a single value for a list, a boolean where the
+    field takes none); else `None`. Mappings and nulls are left to the dataclass."""
     members = _members(tp)
-    # Enum fields are typed `IntervalStrategy | str`: the plain `str` would accept any string, the enum names the values.
-    enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
-    if enums:
-        members = [m for m in members if m is not str]
-    if not any(_accepts(m, value, name) for m in members):
-        expected = " or ".join(dict.fromkeys(_describe(m) for m in members))
-        message = f"`{name}` expects {expected}, got {_show(value)}"
-        if isinstance(value, bool) and bool not in members:
-            message += ' (YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value, e.g. "no")'
-        return message
-    choices = field.metadata.get("choices") if field.metadata else None
-    if choices and value is not None and value not in choices:
-        return f"`{name}` expects one of {list(choices)}, got {_show(value)}"
+    is_list = any(m in (list, tuple, set) or typing.get_origin(m) in (list, tuple, set) for m in members)
+    if value is None or isinstance(value, dict):
+        return None
+    if isinstance(value, list) and not is_list:
+        return f"`{name}` expects a single value, got {_show(value)}"
+    if is_list and not isinstance(value, list) and name not in _SCALAR_OK_LIST_FIELDS:
+        return f"`{name}` expects a list, got {_show(value)}"
+    yaml_bool = (
+        ' (YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value, e.g. "no")'
+        if bool not in members
+        else ""
+    )
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, (dict, list)):
+            continue
+        try:
+            parser.parse_args([f"--{name}", _show(item) if isinstance(item, bool) else str(item)])
+        except _ParseError as err:
+            return f"`{name}`: {str(err).split(': ', 1)[-1]}" + (yaml_bool if isinstance(item, bool) else "")
+        if isinstance(item, bool) and yaml_bool:  # the parser reads "false" as a string; the dataclass gets False
+            return f"`{name}` expects a string, got {_show(item)}{yaml_bool}"
     return None
 
 
@@ -406,12 +362,10 @@ def _check_value(name: str, value, tp, field: dataclasses.Field) -> str | None:
 
 
 def _unknown_key_message(key: str, method: str, fields: dict) -> str:
-    label = _FOLDER.get(method, method)
+    label = method
     rename = RENAMED_KEYS.get(key)
-    others = [m for m in sorted(set(METHOD_ALIASES.values())) if m != method and key in _method_fields(m)]
-    not_here = (
-        f"`{key}` is not an option of {label} recipes (it belongs to {' and '.join(_FOLDER[m] for m in others)})"
-    )
+    others = [m for m in sorted(LAUNCH_METHODS) if m != method and key in _method_fields(m)]
+    not_here = f"`{key}` is not an option of {label} recipes (it belongs to {' and '.join(others)})"
     if rename is not None:
         if rename.new is None:
             return f"{not_here}: {rename.how}" if others else f"`{key}` was removed: {rename.how}"
@@ -521,8 +475,8 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
 
     Args:
         path (`str` or `Path`): the recipe YAML.
-        method (`str`, *optional*): `var`, `vcb`, `ra_dpo` or `reward_augmented_dpo`; by default read from the path
-            (see [`method_from_path`]).
+        method (`str`, *optional*): the recipe's kind, one of [`KINDS`] (a method such as `var`, or `iterate`); by
+            default read from the path (see [`method_from_path`]).
 
     Returns:
         [`RecipeReport`]: `report.ok` is `True` when the recipe parses strictly and its configs validate;
@@ -538,15 +492,13 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
     """
     path = Path(path)
     report = RecipeReport(str(path))
-    if method is None and (path.stem == "iterate" or path.stem.startswith("iterate_")):
-        return _iterate_recipe(path, report)
     try:
-        report.method = METHOD_ALIASES[method] if method else method_from_path(path)
-    except KeyError:
-        report.problems.append(f"unknown method {method!r}; choose one of {sorted(METHOD_ALIASES)}")
-        return report
+        report.method = method_from_path(path) if method is None else _kind(method)
     except ValueError as err:
         report.problems.append(str(err))
+        return report
+    if report.method is None:
+        report.problems.append(f"unknown method {method!r}; choose one of {', '.join(KINDS)}")
         return report
     config, error = _load_yaml(path)
     if error:
@@ -554,14 +506,15 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
         return report
 
     fields = _method_fields(report.method)
+    parser = _make_parser(report.method)
+    parser.error = _raise_parse_error  # argparse would print usage and exit
     for key, value in config.items():
         if key == "env":
             report.problems += _check_nested(key, value)
         elif not isinstance(key, str):
             report.problems.append(f"key {key!r} is not a field name (keys are strings)")
         elif key in fields:
-            cls, field, tp = fields[key]
-            message = _check_value(key, value, tp, field)
+            message = _value_problem(parser, key, value, fields[key][2])
             if message:
                 report.problems.append(message)
             report.problems += _check_nested(key, value)
@@ -573,31 +526,17 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
     return report
 
 
-def _iterate_recipe(path: Path, report: RecipeReport) -> RecipeReport:
-    """A `trl-rw iterate` recipe (`iterate.yaml`, `iterate_*.yaml`): its options are `trl-rw iterate`'s, not a
-    trainer's; only the YAML is read here (`trl-rw iterate --config PATH --check` validates the options)."""
-    config, error = _load_yaml(path)
-    report.method = "iterate"
-    if error:
-        report.problems.append(error)
-        return report
-    report.model = str(config.get("model") or "smollm2 (the default)")
-    report.dataset = str(config.get("prompts") or "the packaged quickstart prompts")
-    report.notes.append(f"a `trl-rw iterate` recipe: check its options with `trl-rw iterate --config {path} --check`")
-    return report
-
-
 def _build_configs(report: RecipeReport, config: dict) -> None:
-    """Parse like the launch script (strict, config values as defaults) and build the dataclasses, CPU-safe."""
-    from trl_rewardweighted.scripts.train import make_parser
-
+    """Parse like the recipe's command (strict, config values as defaults) and build the dataclasses, CPU-safe."""
     values = {k: v for k, v in config.items() if k != "env"}  # `env:` is checked, not applied to this process
+    iterate = report.method == "iterate"
     # Build with use_cpu (TrainingArguments refuses bf16 without a bf16 GPU and sets up a device in __post_init__)
     # and without tf32 (which needs an Ampere GPU): the recipe's hardware settings are checked at launch.
     if values.get("tf32") is not None:
         report.notes.append(f"tf32: {_show(values['tf32'])} is not checked here (it needs a GPU); it is at launch")
-    values.update(use_cpu=True, tf32=None)
-    parser = make_parser(report.method)
+    if not iterate:
+        values.update(use_cpu=True, tf32=None)
+    parser = _make_parser(report.method)
     parser.error = _raise_parse_error  # argparse would print usage and exit
     remaining = parser.set_defaults_with_config(**values)
     if remaining:  # the key checks above make this unreachable; kept so that nothing is dropped silently
@@ -613,11 +552,16 @@ def _build_configs(report: RecipeReport, config: dict) -> None:
         except (ValueError, TypeError) as err:
             report.problems.append("invalid value: " + " ".join(str(err).split()))
             return
-    _, training_args, model_args = parsed[:3]
     for w in caught:
         note = " ".join(str(w.message).split())
         if note not in report.notes:
             report.notes.append(note)
+    if iterate:
+        (options,) = parsed
+        report.model = options.model
+        report.dataset = options.prompts or "the packaged quickstart prompts"
+        return
+    _, training_args, model_args = parsed[:3]
     if (training_args.bf16 or training_args.bf16_full_eval) and config.get("use_cpu") is not True:
         report.notes.append(
             "bf16 validated with use_cpu: true (no GPU is needed or touched here; the launch machine's bf16 "
@@ -625,18 +569,12 @@ def _build_configs(report: RecipeReport, config: dict) -> None:
         )
     report.model = model_args.model_name_or_path
     report.dataset = _dataset_label(parsed)
-    from trl_rewardweighted.scripts.train import ONLINE_METHODS
+    from trl_rewardweighted.methods import check_reward_funcs
 
-    if report.method in ONLINE_METHODS and not parsed[0].reward_funcs:
-        report.problems.append(
-            "reward_funcs: missing; an online method scores its own samples: list `module:function` scorers or "
-            "reward model ids, e.g. `reward_funcs: [trl_rewardweighted.rewards:vader_positivity]`"
-        )
-    elif report.method not in ONLINE_METHODS and parsed[0].reward_funcs:
-        report.problems.append(
-            f"reward_funcs: only the online methods ({', '.join(ONLINE_METHODS)}) use it; {report.method} reads the "
-            "rewards from its dataset"
-        )
+    try:
+        check_reward_funcs(report.method, parsed[0].reward_funcs)
+    except ValueError as err:
+        report.problems.append(" ".join(str(err).split()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -681,9 +619,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="recipe YAML files, or folders (every *.yaml)")
     parser.add_argument(
         "--method",
-        choices=sorted(METHOD_ALIASES),
+        choices=[*KINDS, *(old for old, new in DEPRECATED_NAMES.items() if new in KINDS)],
+        metavar="{" + ",".join(KINDS) + "}",
         default=None,
-        help="the method of every PATH (default: read from recipes/<var|vcb|reward_augmented_dpo|online_var>/...)",
+        help="the method of every PATH, or `iterate` (default: read from recipes/<method>/..., iterate for "
+        "iterate.yaml / iterate_*.yaml)",
     )
 
 
