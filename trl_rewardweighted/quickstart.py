@@ -47,29 +47,6 @@ def resolve_model(name: str, output_dir: Path) -> str:
     return name
 
 
-def demo_training_args(output_dir, learning_rate: float, batch_size: int, seed: int, **extra) -> dict:
-    """The training arguments the demos (this quickstart and `trl-rw compare`) share: constant learning rate, a log
-    line every step, no checkpoints and no reporting, float32 without activation checkpointing (CPU-friendly), on the
-    CPU unless a GPU is visible. `extra` adds or overrides fields."""
-    import torch
-
-    args = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-    )
-    args.update(extra)
-    return args
-
-
 def sample_and_score(model, tokenizer, prompts, n, opts, seed):
     from .rewards import vader_positivity
     from .sampling import generate_completions
@@ -166,7 +143,7 @@ def main(argv=None) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import VARConfig, VARTrainer
+    from .methods import build_trainer, build_training_args
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     out = Path(opts.output_dir)
@@ -200,20 +177,20 @@ def main(argv=None) -> dict:
     _, before_texts, before = sample_and_score(model, tokenizer, eval_prompts, opts.eval_samples, opts, eval_seed)
 
     print("[quickstart] 3/4 training VARTrainer (ref_weighting=False: the replies were sampled from the start model)")
-    args = VARConfig(
-        **demo_training_args(
-            out / "checkpoints",
-            opts.learning_rate,
-            opts.batch_size,
-            opts.seed,
-            beta=opts.beta,
-            ref_weighting=False,
-            z_scope="step",
-            num_train_epochs=opts.epochs,
-            max_length=256,
-        )
+    args = build_training_args(
+        "var",
+        out / "checkpoints",
+        preset="cpu-demo",
+        learning_rate=opts.learning_rate,
+        per_device_train_batch_size=opts.batch_size,
+        seed=opts.seed,
+        beta=opts.beta,
+        ref_weighting=False,
+        z_scope="step",
+        num_train_epochs=opts.epochs,
+        max_length=256,
     )
-    trainer = VARTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer = build_trainer("var", model, args, rows, processing_class=tokenizer)
     trainer.train()
     model = trainer.model.to("cpu").eval()
 
