@@ -524,12 +524,12 @@ def test_recipe_mixtures_both_forms(tmp_path):
     handbook = _recipe(tmp_path, f"dataset_mixture:\n  datasets:\n    - id: {a}\n    - id: {b}\n"
                                  "      adapter: hh_rlhf_prompts\n      adapter_kwargs: {{conversational: false}}\n"
                                  "  seed: 1\n".replace("{{", "{").replace("}}", "}"))  # fmt: skip
-    parsed = make_parser("ra_dpo").parse_args_and_config(args=handbook, fail_with_unknown_args=True)
+    parsed = make_parser("reward_augmented_dpo").parse_args_and_config(args=handbook, fail_with_unknown_args=True)
     with pytest.warns(UserWarning):
         train, test = load_splits(parsed[0], parsed[3])
     assert train["prompt"][:5] == ["a0", "a1", "a2", "a3", "\n\nHuman: Hi there\n\nAssistant:"] and len(train) == 7
     trl_form = _recipe(tmp_path, f"datasets:\n  - path: {a}\n    fraction: 1.0\ntest_split_size: 0.5\n")
-    parsed = make_parser("ra_dpo").parse_args_and_config(args=trl_form, fail_with_unknown_args=True)
+    parsed = make_parser("reward_augmented_dpo").parse_args_and_config(args=trl_form, fail_with_unknown_args=True)
     train, test = load_splits(parsed[0], parsed[3])
     assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["a0", "a1", "a2", "a3"] and len(test) == 2
 

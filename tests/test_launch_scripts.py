@@ -29,12 +29,12 @@ TIMEOUT = 300
 RECIPES = {
     "var": ("recipes/var/smollm2-135m/config_full.yaml", VAR_ROWS),
     "vcb": ("recipes/vcb/smollm2-135m/config_full.yaml", VCB_ROWS),
-    "ra_dpo": ("recipes/reward_augmented_dpo/smollm2-135m/config_full.yaml", RA_DPO_ROWS),
+    "reward_augmented_dpo": ("recipes/reward_augmented_dpo/smollm2-135m/config_full.yaml", RA_DPO_ROWS),
 }
 QUICKSTART = {
     "var": "recipes/quickstart/var.yaml",
     "vcb": "recipes/quickstart/vcb.yaml",
-    "ra_dpo": "recipes/quickstart/reward_augmented_dpo.yaml",
+    "reward_augmented_dpo": "recipes/quickstart/reward_augmented_dpo.yaml",
 }
 # The recipe's own `save_strategy` stays (steps in the smollm2-135m recipes: the run ends with a checkpoint save, with
 # collectives at exit; "no" in the quickstart ones: the final `save_model` alone must write the model).
@@ -86,12 +86,13 @@ def logged_losses(log):
 
 
 def quickstart_rows(method):
-    path = ROOT / "recipes" / "quickstart" / "data" / {"var": "rows", "vcb": "groups", "ra_dpo": "pairs"}[method]
+    name = {"var": "rows", "vcb": "groups", "reward_augmented_dpo": "pairs"}[method]
+    path = ROOT / "recipes" / "quickstart" / "data" / name
     return [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["var", "vcb", "ra_dpo"])
+@pytest.mark.parametrize("method", ["var", "vcb", "reward_augmented_dpo"])
 def test_quickstart_recipe_two_processes(tiny_model_path, tmp_path, method):
     """The quickstart recipe as it is (its own data, epochs, batch size, `save_strategy: "no"`), on the tiny model."""
     out = tmp_path / "out"
@@ -107,7 +108,7 @@ def test_quickstart_recipe_two_processes(tiny_model_path, tmp_path, method):
     check_saved_model(out, tiny_model_path)
     # One epoch of the recipe's own data over 2 processes: ceil(rows / (2 x per-device batch)) logged steps (VCB: 1
     # prompt a process; RA-DPO `augment_mode: both`: 2 rows a pair).
-    rows = len(quickstart_rows(method)) * (2 if method == "ra_dpo" else 1)
+    rows = len(quickstart_rows(method)) * (2 if method == "reward_augmented_dpo" else 1)
     batch = 1 if method == "vcb" else 2
     losses = logged_losses(log)
     assert len(losses) == math.ceil(rows / (2 * batch)), losses
@@ -116,7 +117,7 @@ def test_quickstart_recipe_two_processes(tiny_model_path, tmp_path, method):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["var", "vcb", "ra_dpo"])
+@pytest.mark.parametrize("method", ["var", "vcb", "reward_augmented_dpo"])
 def test_smollm2_recipe_two_processes_exit_and_save(tiny_model_path, tmp_path, method):
     out, log = launch_script(method, tiny_model_path, tmp_path)
     assert f"Model saved to {out}" in log

@@ -34,7 +34,11 @@ CASES = {
     "var": ("recipes/quickstart/var.yaml", VAR_ROWS, ["--ref_weighting", "true"]),  # the reference pre-pass
     "vcb": ("recipes/quickstart/vcb.yaml", VCB_ROWS, []),  # the recipe's own precompute_ref_log_probs: true
     # chosen_only: one row a pair, 7 rows (`both` would give 14, even over the ranks); live reference model
-    "ra_dpo": ("recipes/quickstart/reward_augmented_dpo.yaml", RA_DPO_ROWS, ["--augment_mode", "chosen_only"]),
+    "reward_augmented_dpo": (
+        "recipes/quickstart/reward_augmented_dpo.yaml",
+        RA_DPO_ROWS,
+        ["--augment_mode", "chosen_only"],
+    ),
 }
 # DeepSpeed's CPU accelerator, not accelerate's CPU mode: `use_cpu` false. The recipe keeps its `save_strategy: "no"`
 # and seed.
@@ -71,7 +75,8 @@ def plain_ref_logps(method, model_path, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "method", ["var", pytest.param("vcb", marks=pytest.mark.slow), pytest.param("ra_dpo", marks=pytest.mark.slow)]
+    "method",
+    ["var", pytest.param("vcb", marks=pytest.mark.slow), pytest.param("reward_augmented_dpo", marks=pytest.mark.slow)],
 )
 def test_launch_script_zero3_two_ranks(tiny_model_path, tmp_path, method):
     out, log, ranks = launch(method, tiny_model_path, tmp_path)
@@ -83,7 +88,7 @@ def test_launch_script_zero3_two_ranks(tiny_model_path, tmp_path, method):
         assert result["global_step"] == 2 and len(result["losses"]) == 2, result["losses"]
         assert all(map(math.isfinite, result["losses"])), result["losses"]
         assert result["losses"] == ranks[0]["losses"]
-    if method == "ra_dpo":
+    if method == "reward_augmented_dpo":
         for result in ranks:  # the live reference model: a ZeRO-3 engine of its own, partitioned too
             assert_partitioned(result["ref_partition"], world=2)
             assert result["ref_logps"] is None
