@@ -7,7 +7,7 @@ python -m trl_rewardweighted.scripts.check_recipe --method var my_recipe.yaml
 
 Each recipe is parsed the way its command parses it (strict `TrlParser`: the launch script's
 [`~trl_rewardweighted.scripts.train.make_parser`], or `trl-rw iterate`'s
-[`~trl_rewardweighted.iterate.make_parser`]), and the dataclasses are built, so their `__post_init__` checks run; no
+[`~trl_rewardweighted.scripts.iterate_config.make_parser`]), and the dataclasses are built, so their `__post_init__` checks run; no
 model, tokenizer or dataset is loaded and nothing is downloaded. Before that every key is checked on its own, so that
 each problem gets its own message:
 
@@ -273,7 +273,7 @@ def method_from_path(path: str | Path) -> str:
 
 def _make_parser(kind: str):
     if kind == "iterate":
-        from trl_rewardweighted.iterate import make_parser
+        from trl_rewardweighted.scripts.iterate_config import make_parser
 
         return make_parser()
     from trl_rewardweighted.scripts.train import make_parser
