@@ -88,7 +88,7 @@ COMPARE_ARGS = (
 )
 COMPARE_QUICK_ARGS = (
     "--model tiny --reward benchmarks.run_all:length_reward --reward-range auto --num-train-prompts 4 "
-    "--num-eval-prompts 2 --eval-samples 2 --max-new-tokens 8 --steps 2 --methods sft,dpo,var,vcb,ra_dpo"
+    "--num-eval-prompts 2 --eval-samples 2 --max-new-tokens 8 --steps 2 --methods sft,dpo,var,vcb,reward_augmented_dpo"
 )
 SCHEMA_KEYS = ("benchmark", "goal", "goals", "settings", "rows")
 # Row fields of the schema: (key, column header, formatter name).
