@@ -60,6 +60,9 @@ def test_cpu_demo_preset_and_user_settings():
         [],
     )
     assert args.activation_checkpointing is False and args.bf16 is False and args.learning_rate == 1e-4
+    # The user's setting wins under either name of activation checkpointing (transformers 5.25 renamed it).
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        assert methods.build_training_args("var", "out", preset="cpu-demo", **{name: True}).activation_checkpointing
     # The preset is one set of defaults, not a mode: without it the config's own defaults stay.
     assert methods.build_training_args("var", "out", use_cpu=True).activation_checkpointing is True
     with pytest.raises(ValueError, match=r"var: VARConfig has no field 'betta'"):

@@ -192,6 +192,10 @@ PRESETS = {
 }
 
 
+# Fields that are one setting under two names (transformers 5.25 renamed `gradient_checkpointing`).
+_ONE_SETTING = (("activation_checkpointing", "gradient_checkpointing"),)
+
+
 def preset_settings(preset: str | None) -> dict:
     """The settings of a preset of [`PRESETS`] (`None`: none, the config classes' own defaults)."""
     if preset is None:
@@ -222,7 +226,11 @@ def build_training_args(method: str, output_dir, *, preset: str | None = None, *
     import dataclasses
 
     cls = get_method(method).config_class()
-    values = {**preset_settings(preset), **settings, "output_dir": str(output_dir)}
+    defaults = preset_settings(preset)
+    for names in _ONE_SETTING:  # a setting given under either name replaces the preset's, whichever name it uses
+        if any(n in settings for n in names):
+            defaults = {k: v for k, v in defaults.items() if k not in names}
+    values = {**defaults, **settings, "output_dir": str(output_dir)}
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - fields)
     if unknown:
