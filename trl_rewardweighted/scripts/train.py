@@ -5,7 +5,9 @@
 
 A recipe YAML sets defaults that command-line flags override. Parsing is strict: an unknown or misspelled key is an
 error (TRL's own scripts parse leniently and silently drop such keys). `dataset_name` is a Hub id or a local path
-(`save_to_disk` folder, `.jsonl`/`.json`, `.parquet`).
+(`save_to_disk` folder, `.jsonl`/`.json`, `.parquet`). The methods and their trainers come from
+[`trl_rewardweighted.methods`] (`LAUNCH_METHODS`: var, vcb, reward_augmented_dpo, online_var; `trl-rw train METHOD`
+runs the same in one process).
 """
 
 from __future__ import annotations
