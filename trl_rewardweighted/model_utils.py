@@ -26,6 +26,7 @@ __all__ = [
     "KeepFloat32InputsMixin",
     "LocalAccelerator",
     "adapters_disabled",
+    "check_model_source",
     "completion_logps_from_ids",
     "compute_rowwise_distributed",
     "dpo_prompt_ids",
@@ -525,3 +526,46 @@ class CheckpointedCountersMixin:
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+
+
+def check_model_source(spec, option: str) -> str:
+    """Check a model named on the command line before anything is loaded: a local path that does not exist is refused,
+    naming `option` and the path, instead of the Hub error that `from_pretrained` would give for it.
+
+    A Hub id cannot be checked offline: a value that is a valid Hub repo id (`name` or `org/name`) and not a local
+    path is left to `transformers`. A value that cannot be a Hub id (an absolute path, `./`, `../` or `~` at the
+    start, more than one `/`, characters a Hub id does not allow) must exist.
+
+    Args:
+        spec (`str` or `os.PathLike`):
+            A local folder, a Hub repo id, or a reward function `module:function` (passed through: it is imported
+            where it is used).
+        option (`str`):
+            The flag or key the value came from (e.g. `"--model"`), for the message.
+
+    Returns:
+        `str`: `"local"` (an existing path), `"function"` (a `module:function` spec) or `"hub"` (a Hub id left to
+        transformers).
+
+    Raises:
+        `FileNotFoundError`: `"--model ./out/var: the local path does not exist (a Hub model id is 'name' or
+        'org/name')."`
+    """
+    import re
+    from pathlib import Path
+
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = os.fspath(spec)
+    if Path(text).exists():
+        return "local"
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
+        return "function"
+    try:
+        validate_repo_id(text)
+        return "hub"
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{option} {text}: the local path does not exist (a Hub model id is 'name' or 'org/name')."
+        ) from None

@@ -36,6 +36,7 @@ __all__ = [
     "check_output_path",
     "load_dataset_any",
     "read_text_lines",
+    "read_prompts",
     "detect_shape",
     "PAIR_STRATEGIES",
     "TIE_OPTIONS",
@@ -807,3 +808,41 @@ def load_dataset_any(path, keep_splits: bool = False):
     if isinstance(ds, Dataset) and len(ds) == 0:
         raise ValueError(f"{path}: no rows")
     return _restore_nan(ds)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path):
+    """The prompts of a prompt file, as a `datasets.Dataset` with a `prompt` column: the one reader of every command
+    that takes prompts (`trl-rw generate`, `sample`, `eval`, `compare`, `iterate`).
+
+    - `.txt`: one prompt per line, as written (the line end removed). Blank lines and lines whose first non-blank
+      character is `#` (comments) are skipped: a prompt that starts with `#` goes in a `.jsonl` file instead.
+      Bytes that are not UTF-8 are refused naming `file:line`.
+    - Anything else ([`load_dataset_any`]: `.jsonl`, `.json`, `.parquet`, a `save_to_disk` folder) needs a `prompt`
+      column of strings or message lists; its other columns are kept.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            The prompt file or folder.
+
+    Returns:
+        `datasets.Dataset`: at least one row.
+    """
+    from datasets import Dataset
+
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise FileNotFoundError(f"Prompt file not found: {path}")
+        prompts = [line for _, line in read_text_lines(path) if line.strip() and not line.lstrip().startswith("#")]
+        if not prompts:
+            raise ValueError(f"{path}: no rows")
+        return Dataset.from_dict({"prompt": prompts})
+    ds = load_dataset_any(path)
+    if "prompt" not in ds.column_names:
+        raise ValueError(f"{path} has no `prompt` column; columns found: {ds.column_names}.")
+    return ds
