@@ -544,7 +544,7 @@ def test_cli_convert_adapter(tmp_path, capsys):
             "--input", str(src), "--output", str(out)]  # fmt: skip
     with pytest.warns(UserWarning):
         assert main(argv) == 0
-    assert "convert: wrote 3 rows (ultrafeedback_groups) to" in capsys.readouterr().out
+    assert "convert: wrote 3 groups (ultrafeedback_groups) to" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[2]["rewards"] == [3.0, 4.0, 2.0] and rows[0]["prompt"] == _msgs("Q0")
     # Adapter then a shape conversion: groups -> pairs.

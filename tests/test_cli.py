@@ -10,7 +10,7 @@ import sys
 import pytest
 from datasets import Dataset
 
-from trl_rewardweighted import cli
+from trl_rewardweighted import cli, pipeline, shards
 from trl_rewardweighted.data.convert import load_dataset_any
 
 PROMPTS = ["Hello there", "Tell me a short story.", "Why is the sky blue?"]
@@ -299,7 +299,7 @@ def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
     def buggy(*args, **kwargs):
         raise KeyError("a bug, not bad input")
 
-    monkeypatch.setattr(cli, "_convert", buggy)
+    monkeypatch.setattr(pipeline, "convert_dataset", buggy)
     with pytest.raises(KeyError, match="a bug, not bad input"):
         cli.main([str(a) for a in _convert_args(source, tmp_path / "o.jsonl")])
 
@@ -391,7 +391,7 @@ def test_sample_checks_every_output_before_generating(tmp_path, prompts_txt, tin
     def no_generation(*args, **kwargs):
         raise AssertionError("generation must not start")
 
-    monkeypatch.setattr(cli, "_generate", no_generation)
+    monkeypatch.setattr(shards, "run_chunks", no_generation)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("previous\n")
     argv = [

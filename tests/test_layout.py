@@ -28,6 +28,7 @@ RANKS = {
     "sampling": 2,
     "shards": 2,
     "ira": 2,
+    "pipeline": 2.7,  # the sampling pipeline of trl-rw generate / score / sample / convert: above sampling and shards
     "methods": 2.5,  # the table of methods and the trainer builder: above the trainers, below everything that trains
     "evaluation": 3,
     "quickstart": 3,

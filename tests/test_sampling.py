@@ -250,14 +250,14 @@ def test_vllm_backend_call_shape(fake_vllm, tiny_model_path, tiny_tokenizer):
 
 
 def test_auto_backend_picks_vllm_only_with_a_gpu_and_a_path(fake_vllm, monkeypatch, tiny_lm):
-    from trl_rewardweighted.sampling import _resolve_backend
+    from trl_rewardweighted.sampling import resolve_backend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _resolve_backend("auto", "some/model") == "transformers"
+    assert resolve_backend("auto", "some/model") == "transformers"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _resolve_backend("auto", "some/model") == "vllm"
-    assert _resolve_backend("auto", tiny_lm[0]) == "transformers"
-    assert _resolve_backend("transformers", "some/model") == "transformers"
+    assert resolve_backend("auto", "some/model") == "vllm"
+    assert resolve_backend("auto", tiny_lm[0]) == "transformers"
+    assert resolve_backend("transformers", "some/model") == "transformers"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

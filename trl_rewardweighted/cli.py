@@ -27,7 +27,6 @@ checked before any work starts (an existing one needs `--overwrite`) and written
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -74,16 +73,21 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_pair_args(parser: argparse.ArgumentParser) -> None:
+def _add_pair_args(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """`--strategy` and `--ties`; without `defaults` they are None when not given (the command refuses them where they
+    have no effect, and applies the defaults shown otherwise)."""
     group = parser.add_argument_group("pairs")
     group.add_argument(
         "--strategy",
         choices=["best_worst", "best_vs_rest", "all_pairs"],
-        default="best_worst",
+        default="best_worst" if defaults else None,
         help="how pairs are drawn from each group (default: best_worst)",
     )
     group.add_argument(
-        "--ties", choices=["drop", "keep"], default="drop", help="pairs with equal rewards (default: drop)"
+        "--ties",
+        choices=["drop", "keep"],
+        default="drop" if defaults else None,
+        help="pairs with equal rewards (default: drop)",
     )
 
 
@@ -204,9 +208,11 @@ def _add_convert_parser(subparsers) -> None:
     parser.add_argument(
         "--adapter-kwargs", default=None, help='adapter options as a JSON object, e.g. \'{"score": "overall"}\''
     )
-    parser.add_argument("--split", default="train", help="split read from --input with --adapter (default: train)")
-    _add_pair_args(parser)
-    parser.add_argument("--seed", type=int, default=0, help="breaks ties for the best / worst completion")
+    parser.add_argument("--split", default=None, help="split read from --input with --adapter (default: train)")
+    _add_pair_args(parser, defaults=False)
+    parser.add_argument(
+        "--seed", type=int, default=None, help="with --to pairs: breaks ties for the best / worst completion (default: 0)"
+    )
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
     _add_overwrite_arg(parser)
     parser.set_defaults(func=_cmd_convert)
@@ -366,17 +372,27 @@ def _named_models(values: list[str], option: str) -> list[tuple[str, str]]:
 
 
 def _cmd_eval(args) -> None:
+    from trl_rewardweighted.data.convert import read_prompts
     from trl_rewardweighted.data.utils import completion_text
     from trl_rewardweighted.evaluation import EvalConfig, ModelSpec, evaluate_models, summary_line, write_report
+    from trl_rewardweighted.model_utils import check_model_source
+    from trl_rewardweighted.pipeline import check_parent_folders, refuse_unused
 
     specs = [ModelSpec(n, p) for n, p in _named_models(args.model, "--model")]
     specs += [ModelSpec(n, p, goal_conditioned=True) for n, p in _named_models(args.goal_model, "--goal-model")]
     if not specs:
         raise ValueError("Give at least one --model or --goal-model to evaluate.")
+    if not args.goal_model:
+        refuse_unused(_given(args, "goal_score", "goal_template"), "without --goal-model")
     out = Path(args.output_dir)
+    check_parent_folders(out / "eval.json", "--output-dir")
     if (out / "eval.json").exists() and not args.overwrite:
         raise FileExistsError(f"{out / 'eval.json'} exists; pass --overwrite to replace it.")
-    ds = _read_prompts(args.prompts)
+    for spec in specs:
+        check_model_source(spec.model, "--goal-model" if spec.goal_conditioned else "--model")
+    check_model_source(args.reference, "--reference")
+    check_model_source(args.reward, "--reward")
+    ds = read_prompts(args.prompts)
     if args.limit is not None:
         ds = ds.select(range(min(args.limit, len(ds))))
     references = None
@@ -424,9 +440,41 @@ def _add_compare_parser(subparsers) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+# The options of `compare` and `iterate` that only some methods use (every other option is used by every method).
+_COMPARE_METHOD_OPTIONS = {
+    "beta_var": ("var", "online_var"),
+    "beta_dpo": ("dpo", "reward_augmented_dpo", "reward_augmented_dpo_twins"),
+    "gamma": ("vcb",),
+    "reward_range": ("reward_augmented_dpo", "reward_augmented_dpo_twins"),
+}
+_ITERATE_METHOD_OPTIONS = {
+    "beta": ("var",),
+    "beta_dpo": ("dpo", "reward_augmented_dpo"),
+    "gamma": ("vcb",),
+    "reward_range": ("reward_augmented_dpo",),
+    "goal_score": ("reward_augmented_dpo",),
+    "max_length": ("var", "vcb", "dpo", "sft"),
+    "update_reference": ("var", "vcb", "dpo", "reward_augmented_dpo"),
+}
+
+
+def _refuse_method_options(args, methods: list[str], table: dict, option: str) -> None:
+    """Refuse the options given that none of `methods` uses (`table`: option -> the methods that use it)."""
+    from trl_rewardweighted.pipeline import refuse_unused
+
+    unused = [dest for dest, users in table.items() if not set(methods) & set(users)]
+    refuse_unused(_given(args, *unused), f"with {option} {','.join(methods)}")
+
+
 def _cmd_compare(args) -> None:
     from trl_rewardweighted.compare import run_compare
+    from trl_rewardweighted.methods import DEPRECATED_NAMES
+    from trl_rewardweighted.model_utils import check_model_source
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _refuse_method_options(args, [DEPRECATED_NAMES.get(m, m) for m in methods], _COMPARE_METHOD_OPTIONS, "--methods")
+    check_model_source(args.model, "--model")
+    check_model_source(args.reward, "--reward")
     run_compare(args)
 
 
@@ -446,125 +494,26 @@ def _add_iterate_parser(subparsers) -> None:
 
 
 def _cmd_iterate(args) -> None:
-    from trl_rewardweighted.iterate import run_iterate
+    from trl_rewardweighted.iterate import resolve_options, run_iterate
+    from trl_rewardweighted.model_utils import check_model_source
 
+    opts = resolve_options(args)  # the recipe and the flags: the method may come from the recipe
+    _refuse_method_options(args, [opts.method], _ITERATE_METHOD_OPTIONS, "--method")
+    check_model_source(opts.model, "--model")
+    check_model_source(opts.reward, "--reward")
     run_iterate(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Implementations
+# The sampling commands (the work is done by trl_rewardweighted.pipeline)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _check_outputs(args, paths: dict[str, str | None]) -> None:
-    """Before any work: every output is new (or `--overwrite` is given and it can be replaced), no path twice."""
-    from trl_rewardweighted.data.convert import check_output_path
-
-    seen: dict[Path, str] = {}
-    for option, path in paths.items():
-        if not path:
-            continue
-        key = Path(path).resolve()
-        if key in seen:
-            raise ValueError(f"{seen[key]} and {option} are the same path {path}; give each output its own path.")
-        seen[key] = option
-        check_output_path(path, args.overwrite, option="--overwrite")
-
-
-def _read_prompts(path_str: str):
-    """A Dataset with a `prompt` column from a .txt file (one prompt per line, blank lines skipped) or any
-    dataset file / folder with a `prompt` column (other columns are kept). Errors name `file:line`."""
-    from datasets import Dataset
-
-    from trl_rewardweighted.data.convert import load_dataset_any, read_text_lines
-
-    path = Path(path_str)
-    if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise FileNotFoundError(f"Prompt file not found: {path}")
-        prompts = [line for _, line in read_text_lines(path) if line.strip()]
-        if not prompts:
-            raise ValueError(f"{path}: no rows")
-        return Dataset.from_dict({"prompt": prompts})
-    ds = load_dataset_any(path)
-    if "prompt" not in ds.column_names:
-        raise ValueError(f"{path} has no `prompt` column; columns found: {ds.column_names}.")
-    if len(ds) == 0:
-        raise ValueError(f"{path}: no rows")
-    return ds
-
-
-def _goal_prompts(ds, args, tokenizer):
-    """Add `generation_prompt`: each prompt conditioned on `--goal-score` (reward-augmented DPO models)."""
-    try:
-        from trl_rewardweighted.data.relabel import build_goal_prompt
-    except ImportError as err:
-        raise ImportError(f"--goal-score needs trl_rewardweighted.data.relabel: {err}") from err
-    goal = [
-        build_goal_prompt(
-            p, score=args.goal_score, tokenizer=tokenizer, system_role="auto", template=args.goal_template
-        )
-        for p in ds["prompt"]
-    ]
-    if "generation_prompt" in ds.column_names:
-        ds = ds.remove_columns("generation_prompt")
-    return ds.add_column("generation_prompt", goal)
-
-
-def _prepare_prompts(args):
-    """The prompts of `generate` / `sample`: `(dataset, tokenizer or None, column to generate from)`."""
-    if args.goal_template is not None and args.goal_score is None:
-        raise ValueError("--goal-template needs --goal-score.")
-    ds = _read_prompts(args.prompts)
-    tokenizer, prompt_column = None, "prompt"
-    if args.goal_score is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        ds = _goal_prompts(ds, args, tokenizer)
-        prompt_column = "generation_prompt"
-    return ds, tokenizer, prompt_column
-
-
-def _generate(args):
-    """Run generation for `generate` / `sample` in one call (one process, no chunks); returns the groups dataset."""
-    from trl_rewardweighted.sampling import generate_completions
-
-    ds, tokenizer, prompt_column = _prepare_prompts(args)
-    return generate_completions(
-        args.model,
-        ds,
-        n=args.n,
-        tokenizer=tokenizer,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        backend=args.backend,
-        system_prompt=args.system_prompt,
-        progress=not args.no_progress,
-        prompt_column=prompt_column,
-    )
-
-
-def _reward_summary(ds, column: str = "rewards") -> str:
-    values = [r for group in ds[column] for r in group] if column == "rewards" else list(ds[column])
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    mean = f"{sum(finite) / len(finite):.4f}" if finite else "n/a"
-    nan = len(values) - len(finite)
-    return f"mean reward {mean} over {len(values)} completions" + (f" ({nan} NaN)" if nan else "")
-
-
-# `generate`, `score` and `sample` run in chunks (trl_rewardweighted.shards): resumable, and split across the
-# processes of `accelerate launch -m trl_rewardweighted.cli ...`; the main process merges and writes the outputs.
-
-
-def _vllm_kwargs(args) -> dict:
+def _vllm_kwargs(args) -> dict | None:
     import json
 
-    if not getattr(args, "vllm_kwargs", None):
-        return {}
+    if args.vllm_kwargs is None:
+        return None
     try:
         value = json.loads(args.vllm_kwargs)
     except json.JSONDecodeError as err:
@@ -574,380 +523,120 @@ def _vllm_kwargs(args) -> dict:
     return value
 
 
-def _work_dir(args, outputs: list[str | None]) -> Path:
-    if args.work_dir:
-        return Path(args.work_dir)
-    first = Path(next(o for o in outputs if o))
-    return first.with_name(first.name + ".parts")
+def _generation(args):
+    """The generation settings of `generate` / `sample`, with the model path and the backend's options checked."""
+    from trl_rewardweighted.model_utils import check_model_source
+    from trl_rewardweighted.pipeline import GenerationSettings, refuse_unused
+    from trl_rewardweighted.sampling import resolve_backend
+
+    check_model_source(args.model, "--model")
+    if resolve_backend(args.backend, args.model) == "vllm":
+        # `sample` scores with --batch-size unless --score-batch-size is given
+        if args.command == "generate" or "score_batch_size" in args.given:
+            refuse_unused(_given(args, "batch_size"), "with vLLM, which batches the prompts itself")
+    else:
+        refuse_unused(_given(args, "tensor_parallel_size", "vllm_kwargs"), "with the transformers backend")
+    names = ("model", "n", "temperature", "top_p", "max_new_tokens", "seed", "batch_size", "backend")
+    names += ("system_prompt", "goal_score", "goal_template", "tensor_parallel_size")
+    return GenerationSettings(**{name: getattr(args, name) for name in names}, vllm_kwargs=_vllm_kwargs(args))
 
 
-def _use_device():
-    """Make this process's accelerator device (its local rank's GPU) the default one for model loading."""
-    import torch
+def _scoring(args, batch_size: int):
+    """The scoring settings of `score` / `sample`, with the judges' paths and the options that need them checked."""
+    from trl_rewardweighted.model_utils import check_model_source
+    from trl_rewardweighted.pipeline import ScoringSettings, checked_judges, refuse_unused
 
-    from trl_rewardweighted.shards import local_device
-
-    device = local_device()
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-
-
-def _generation_manifest(args, backend: str) -> tuple[dict, dict]:
-    from trl_rewardweighted.shards import content_fingerprint, model_fingerprint
-
-    settings = {
-        "--model": args.model,
-        "--n": args.n,
-        "--temperature": args.temperature,
-        "--top-p": args.top_p,
-        "--max-new-tokens": args.max_new_tokens,
-        "--seed": args.seed,
-        "--batch-size": args.batch_size,
-        "--backend": backend,
-        "--system-prompt": args.system_prompt,
-        "--goal-score": args.goal_score,
-        "--goal-template": args.goal_template,
-        "--vllm-kwargs": _vllm_kwargs(args),
-        "--chunk-size": args.chunk_size,
-    }
-    inputs = {
-        "--prompts": {"path": str(args.prompts), "fingerprint": content_fingerprint(args.prompts)},
-        "--model": {"path": args.model, "fingerprint": model_fingerprint(args.model)},
-    }
-    return settings, inputs
-
-
-def _generation_stage(args, ds, tokenizer, prompt_column: str, backend: str):
-    """The `generate` stage: the policy (or one vLLM engine) is loaded once per process, then each chunk is sampled.
-
-    transformers: chunk k is seeded with `chunk_seed(seed, k)`; vLLM: prompt i with `seed + i` (global index)."""
-    from trl_rewardweighted.sampling import (
-        _load_causal_lm,
-        _load_tokenizer,
-        free_model,
-        generate_completions,
-        make_vllm_engine,
+    scoring = ScoringSettings(
+        scorers=args.scorer, combine=args.combine or "mean", batch_size=batch_size, max_length=args.max_length
     )
-    from trl_rewardweighted.shards import Stage, chunk_seed, launched_processes
-
-    common = dict(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        system_prompt=args.system_prompt,
-        prompt_column=prompt_column,
-        progress=False,
-    )
-    several = launched_processes() > 1
-    vllm_kwargs = _vllm_kwargs(args)
-
-    def setup():
-        _use_device()
-        if backend == "vllm":
-            engine = make_vllm_engine(
-                args.model,
-                seed=args.seed,
-                tensor_parallel_size=args.tensor_parallel_size,
-                external_launcher=several,
-                vllm_kwargs=vllm_kwargs,
-            )
-            return {"engine": engine, "tokenizer": tokenizer or _load_tokenizer(args.model)}
-        return {"model": _load_causal_lm(args.model, None), "tokenizer": tokenizer or _load_tokenizer(args.model)}
-
-    def run(context, k, start, end):
-        chunk = ds.select(range(start, end))
-        if backend == "vllm":
-            return generate_completions(
-                args.model,
-                chunk,
-                tokenizer=context["tokenizer"],
-                backend="vllm",
-                seed=args.seed,
-                prompt_offset=start,
-                vllm_engine=context["engine"],
-                vllm_kwargs=vllm_kwargs,
-                **common,
-            )
-        return generate_completions(
-            context["model"],
-            chunk,
-            tokenizer=context["tokenizer"],
-            backend="transformers",
-            seed=chunk_seed(args.seed, k),
-            **common,
-        )
-
-    def teardown(context):
-        free_model(context.pop("engine", None) or context.pop("model", None))
-
-    vllm = backend == "vllm"
-    return Stage("generate", setup, run, teardown, collective_setup=vllm and several, whole_group=vllm)
+    judges = checked_judges(scoring)
+    kinds = [check_model_source(spec, "--scorer") for _, spec in judges]
+    if len(judges) == 1:
+        refuse_unused(_given(args, "combine"), "with one --scorer")
+    if all(kind == "function" for kind in kinds):
+        refuse_unused(_given(args, "max_length"), "without a reward model among the --scorer judges")
+    return scoring
 
 
-def _judges(args) -> list[tuple[str, str]]:
-    from trl_rewardweighted.sampling import name_judges
-
-    judges = name_judges(args.scorer)
-    names = [name for name, _ in judges]
-    if len(judges) > 1 and args.combine != "mean" and args.combine not in names:
-        raise ValueError(f"--combine must be 'mean' or one of the judges {names}, got {args.combine!r}.")
-    return judges
-
-
-def _judge_column(judges, name: str) -> str:
-    return "rewards" if len(judges) == 1 else f"rewards_{name}"
-
-
-def _scoring_manifest(args, judges, batch_size: int) -> tuple[dict, dict]:
-    from trl_rewardweighted.shards import model_fingerprint
-
-    settings = {
-        "--scorer": [f"{name}={spec}" for name, spec in judges],
-        "--score-batch-size": batch_size,
-        "--max-length": args.max_length,
-        "--chunk-size": args.chunk_size,
-    }
-    inputs = {f"--scorer {name}": {"path": spec, "fingerprint": model_fingerprint(spec)} for name, spec in judges}
-    return settings, inputs
-
-
-def _scoring_stages(args, judges, source, batch_size: int) -> list:
-    """One stage per judge (one model in memory at a time); `source(k, start, end)` gives the groups of a chunk."""
-    from trl_rewardweighted.sampling import free_model, load_scorer, score_completions
-    from trl_rewardweighted.shards import Stage
-
-    def stage(name, spec):
-        column = _judge_column(judges, name)
-
-        def setup():
-            _use_device()
-            return {"scorer": load_scorer(spec, max_length=args.max_length)}
-
-        def run(context, k, start, end):
-            scored = score_completions(
-                source(k, start, end), context["scorer"], batch_size=batch_size, progress=False, reward_column=column
-            )
-            return scored.select_columns([column])
-
-        def teardown(context):
-            free_model(context.pop("scorer"))
-
-        return Stage(f"score-{name}", setup, run, teardown)
-
-    return [stage(name, spec) for name, spec in judges]
-
-
-def _add_judge_columns(ds, chunks: dict, judges, combine: str):
-    """Merge the judges' reward columns (chunk order) into `ds`; several judges also get the combined `rewards`."""
-    from datasets import concatenate_datasets
-
-    from trl_rewardweighted.sampling import combine_rewards
-
-    columns = {}
-    for name, _ in judges:
-        column = _judge_column(judges, name)
-        columns[name] = concatenate_datasets(chunks[f"score-{name}"])[column]
-        if column in ds.column_names:
-            ds = ds.remove_columns(column)
-        ds = ds.add_column(column, columns[name])
-    if len(judges) > 1:
-        if "rewards" in ds.column_names:
-            ds = ds.remove_columns("rewards")
-        ds = ds.add_column("rewards", combine_rewards(columns, combine))
-    return ds
-
-
-def _run_chunks(args, command: str, settings: dict, inputs: dict, num_rows: int, stages, outputs, group_size=1):
-    from trl_rewardweighted.shards import run_chunks
-
-    work_dir = _work_dir(args, outputs)
-    manifest = {"command": command, "settings": settings, "inputs": inputs}
-    log = lambda line: print(f"trl-rw {command}: {line}", file=sys.stderr)  # noqa: E731
-    chunks = run_chunks(
-        work_dir,
-        manifest,
-        num_rows,
-        args.chunk_size,
-        stages,
+def _run_options(args) -> dict:
+    return dict(
+        chunk_size=args.chunk_size,
+        work_dir=args.work_dir,
         restart=args.restart,
-        group_size=group_size,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
-        log=log,
     )
-    return chunks, work_dir
-
-
-def _generation_plan(args):
-    """Everything `generate` and `sample` need before the chunks run."""
-    from trl_rewardweighted.sampling import _resolve_backend
-    from trl_rewardweighted.shards import launched_processes
-
-    ds, tokenizer, prompt_column = _prepare_prompts(args)
-    backend = _resolve_backend(args.backend, args.model)
-    if backend != "vllm" and args.tensor_parallel_size != 1:
-        raise ValueError("--tensor-parallel-size is for --backend vllm (transformers runs one model per process).")
-    for option, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size)):
-        if value < 1:
-            raise ValueError(f"{option} must be >= 1, got {value}.")
-    # One process: the vLLM engine spreads over --tensor-parallel-size GPUs by itself. Several: every that many
-    # processes share one engine (vLLM's external launcher).
-    several = launched_processes() > 1
-    group_size = args.tensor_parallel_size if backend == "vllm" and several else 1
-    return ds, _generation_stage(args, ds, tokenizer, prompt_column, backend), backend, group_size
 
 
 def _cmd_generate(args) -> None:
-    from datasets import concatenate_datasets
+    from trl_rewardweighted.pipeline import run_generate
 
-    from trl_rewardweighted.data.convert import save_dataset
-    from trl_rewardweighted.shards import remove_work_dir
-
-    _check_outputs(args, {"--output": args.output})
-    ds, stage, backend, group_size = _generation_plan(args)
-    settings, inputs = _generation_manifest(args, backend)
-    chunks, work_dir = _run_chunks(args, "generate", settings, inputs, len(ds), [stage], [args.output], group_size)
-    if chunks is None:  # not the main process
-        return
-    groups = concatenate_datasets(chunks["generate"])
-    path = save_dataset(groups, args.output, overwrite=args.overwrite)
-    remove_work_dir(work_dir)
-    print(f"generate: wrote {len(groups)} prompts x {args.n} completions to {path}")
+    result = run_generate(args.prompts, args.output, _generation(args), **_run_options(args))
+    if result is not None:  # the main process
+        groups, path = result
+        print(f"generate: wrote {len(groups)} prompts x {args.n} completions to {path}")
 
 
 def _cmd_score(args) -> None:
-    from trl_rewardweighted.data.convert import load_dataset_any, save_dataset
-    from trl_rewardweighted.sampling import _group_completions
-    from trl_rewardweighted.shards import content_fingerprint, remove_work_dir
+    from trl_rewardweighted.pipeline import reward_summary, run_score
 
-    _check_outputs(args, {"--output": args.output})
-    judges = _judges(args)
-    if args.batch_size < 1 or args.chunk_size < 1:
-        raise ValueError(f"--batch-size and --chunk-size must be >= 1, got {args.batch_size} and {args.chunk_size}.")
-    ds = load_dataset_any(args.input)
-    _group_completions(ds)  # the columns are checked before any model loads
-    settings, inputs = _scoring_manifest(args, judges, args.batch_size)
-    inputs["--input"] = {"path": str(args.input), "fingerprint": content_fingerprint(args.input)}
-    stages = _scoring_stages(args, judges, lambda k, start, end: ds.select(range(start, end)), args.batch_size)
-    chunks, work_dir = _run_chunks(args, "score", settings, inputs, len(ds), stages, [args.output])
-    if chunks is None:
-        return
-    ds = _add_judge_columns(ds, chunks, judges, args.combine)
-    path = save_dataset(ds, args.output, overwrite=args.overwrite)
-    remove_work_dir(work_dir)
-    print(f"score: wrote {len(ds)} rows to {path}; {_reward_summary(ds)}")
-
-
-def _check_rewards(ds) -> None:
-    """Every reward / score value is a number (or None / NaN): a string or a boolean is refused, naming the row."""
-    from trl_rewardweighted.data.utils import to_float
-
-    for name in ("reward", "rewards", "score_chosen", "score_rejected"):
-        if name not in ds.column_names:
-            continue
-        for i, value in enumerate(ds[name]):
-            for j, v in enumerate(value if name == "rewards" and isinstance(value, (list, tuple)) else [value]):
-                to_float(v, f"Row {i}", f"`{name}`[{j}]" if name == "rewards" else f"`{name}`")
-
-
-def _convert(ds, to: str, strategy: str, ties: str, seed: int):
-    from trl_rewardweighted.data.convert import detect_shape, groups_to_pairs, groups_to_rows, rows_to_groups
-
-    shape = detect_shape(ds)
-    if shape == to:
-        _check_rewards(ds)  # re-saved as is: check what the conversions would have checked
-        return ds
-    if shape == "pairs":
-        raise ValueError(f"Cannot convert pairs to {to}: a pair does not hold the other completions of its prompt.")
-    if shape == "groups" and "rewards" not in ds.column_names:
-        raise ValueError(
-            f"The groups dataset has no `rewards` column (columns found: {ds.column_names}); score it first with "
-            "`trl-rw score`."
-        )
-    groups = rows_to_groups(ds) if shape == "rows" else ds
-    if to == "groups":
-        return groups
-    if to == "rows":
-        return groups_to_rows(groups)
-    return groups_to_pairs(groups, strategy=strategy, ties=ties, seed=seed)
-
-
-def _cmd_convert(args) -> None:
-    from trl_rewardweighted.data.convert import load_dataset_any, save_dataset
-
-    if args.to is None and args.adapter is None:
-        raise ValueError("Give --to (a target shape), --adapter (a public-dataset adapter), or both.")
-    _check_outputs(args, {"--output": args.output})
-    if args.adapter is not None:
-        from trl_rewardweighted.data.adapters import apply_adapter, load_source
-
-        ds = load_source(args.input, args.split)
-        out = apply_adapter(ds, args.adapter, args.adapter_kwargs)
-        out = _convert(out, args.to, args.strategy, args.ties, args.seed) if args.to else out
-    else:
-        ds = load_dataset_any(args.input)
-        out = _convert(ds, args.to, args.strategy, args.ties, args.seed)
-    path = save_dataset(out, args.output, overwrite=args.overwrite)
-    what = args.to if args.adapter is None else f"rows ({' + '.join(filter(None, [args.adapter, args.to]))})"
-    print(f"convert: wrote {len(out)} {what} to {path} (from {len(ds)} rows)")
-
-
-def _rows_with_judges(groups, judges):
-    """Rows (one per completion) with the combined `reward`, plus `reward_<name>` per judge when there are several."""
-    from trl_rewardweighted.data.convert import groups_to_rows
-
-    columns = [f"rewards_{name}" for name, _ in judges] if len(judges) > 1 else []
-    rows = groups_to_rows(groups.remove_columns(columns))
-    for name, _ in judges if columns else []:
-        rows = rows.add_column(f"reward_{name}", [r for group in groups[f"rewards_{name}"] for r in group])
-    return rows
+    result = run_score(args.input, args.output, _scoring(args, args.batch_size), **_run_options(args))
+    if result is not None:
+        ds, path = result
+        print(f"score: wrote {len(ds)} rows to {path}; {reward_summary(ds)}")
 
 
 def _cmd_sample(args) -> None:
-    from datasets import concatenate_datasets
-
-    from trl_rewardweighted.data.convert import groups_to_pairs, save_datasets
-    from trl_rewardweighted.shards import chunk_path, read_chunk, remove_work_dir
+    from trl_rewardweighted.pipeline import refuse_unused, reward_summary, run_sample
 
     outputs = {"groups": args.output_groups, "rows": args.output_rows, "pairs": args.output_pairs}
-    if not any(outputs.values()):
-        raise ValueError("Give at least one of --output-groups, --output-rows, --output-pairs.")
-    _check_outputs(args, {f"--output-{shape}": path for shape, path in outputs.items()})
-    judges = _judges(args)
-    ds, generation, backend, group_size = _generation_plan(args)
-    batch_size = args.score_batch_size or args.batch_size
-    settings, inputs = _generation_manifest(args, backend)
-    score_settings, score_inputs = _scoring_manifest(args, judges, batch_size)
-    settings.update(score_settings)
-    inputs.update(score_inputs)
-    work_dir = _work_dir(args, list(outputs.values()))
-    source = lambda k, start, end: read_chunk(chunk_path(work_dir, "generate", k))  # noqa: E731
-    stages = [generation] + _scoring_stages(args, judges, source, batch_size)
-    chunks, work_dir = _run_chunks(
-        args, "sample", settings, inputs, len(ds), stages, list(outputs.values()), group_size
+    if any(outputs.values()) and not args.output_pairs:
+        refuse_unused(_given(args, "strategy", "ties"), "without --output-pairs")
+    generation = _generation(args)
+    scoring = _scoring(args, args.score_batch_size or args.batch_size)
+    result = run_sample(
+        args.prompts, outputs, generation, scoring, strategy=args.strategy, ties=args.ties, **_run_options(args)
     )
-    if chunks is None:
-        return
-    groups = _add_judge_columns(concatenate_datasets(chunks["generate"]), chunks, judges, args.combine)
-    judge_columns = [f"rewards_{name}" for name, _ in judges] if len(judges) > 1 else []
-    builders = {
-        "groups": lambda: groups,
-        "rows": lambda: _rows_with_judges(groups, judges),
-        "pairs": lambda: groups_to_pairs(
-            groups.remove_columns(judge_columns), strategy=args.strategy, ties=args.ties, seed=args.seed
-        ),
-    }
-    built = [(shape, builders[shape](), path) for shape, path in outputs.items() if path]
-    paths = save_datasets([(ds, path) for _, ds, path in built], overwrite=args.overwrite)  # all or nothing
-    remove_work_dir(work_dir)
-    written = [f"{shape}: {len(ds)} rows -> {path}" for (shape, ds, _), path in zip(built, paths)]
-    print(f"sample: {len(groups)} prompts x {args.n} completions, {_reward_summary(groups)}; " + "; ".join(written))
+    if result is not None:
+        groups, written = result
+        shapes = "; ".join(f"{shape}: {len(ds)} rows -> {path}" for shape, ds, path in written)
+        print(f"sample: {len(groups)} prompts x {args.n} completions, {reward_summary(groups)}; {shapes}")
+
+
+def _cmd_convert(args) -> None:
+    from trl_rewardweighted.pipeline import run_convert
+
+    options = ("to", "adapter", "adapter_kwargs", "split", "strategy", "ties", "seed", "overwrite")
+    out, shape, path, num_input = run_convert(args.input, args.output, **{o: getattr(args, o) for o in options})
+    via = f" ({args.adapter})" if args.adapter else ""
+    print(f"convert: wrote {len(out)} {shape}{via} to {path} (from {num_input} rows)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _given_options(parser: argparse.ArgumentParser, args, argv: list[str]) -> set[str]:
+    """The options (their `dest`) given on the command line of `args.command`, whatever their values: the
+    subcommand's arguments are parsed again with every default suppressed, so that an option given with its default
+    value counts as given."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    actions = [a for a in sub._actions if a.dest != "help"]
+    defaults = [a.default for a in actions]
+    try:
+        for action in actions:
+            action.default = argparse.SUPPRESS
+        given, _ = sub.parse_known_args(argv[argv.index(args.command) + 1 :])
+    finally:
+        for action, default in zip(actions, defaults):
+            action.default = default
+    return {a.dest for a in actions if hasattr(given, a.dest)}
+
+
+def _given(args, *dests: str) -> list[str]:
+    """The options among `dests` that the user gave, as flags (`"--batch-size"`)."""
+    return ["--" + dest.replace("_", "-") for dest in dests if dest in args.given]
 
 
 def _one_line(err: BaseException) -> str:
@@ -964,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     other exception is a bug and keeps its traceback. `TRL_RW_DEBUG=1` shows the traceback of every error.
     """
     parser = build_parser()
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
+    args.given = _given_options(parser, args, argv)
     try:
         args.func(args)
     except _USER_ERRORS as err:

@@ -208,7 +208,9 @@ def run_compare(opts) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .quickstart import PROMPTS_FILE, read_prompts, resolve_model
+    from .data.convert import read_prompts
+    from .data.utils import is_messages
+    from .quickstart import PROMPTS_FILE, resolve_model
 
     methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS and m not in DEPRECATED_NAMES]
@@ -223,11 +225,11 @@ def run_compare(opts) -> dict:
     timings: dict[str, float] = {}
     t0 = time.time()
 
-    prompts = read_prompts(Path(opts.prompts) if opts.prompts else PROMPTS_FILE)
+    prompts = list(read_prompts(Path(opts.prompts) if opts.prompts else PROMPTS_FILE)["prompt"])
     need = opts.num_train_prompts + opts.num_eval_prompts
     if need > len(prompts):
         raise ValueError(f"Only {len(prompts)} prompts; --num-train-prompts + --num-eval-prompts = {need}.")
-    chat = [[{"role": "user", "content": p}] for p in prompts[:need]]
+    chat = [p if is_messages(p) else [{"role": "user", "content": p}] for p in prompts[:need]]
     train_prompts, eval_prompts = chat[: opts.num_train_prompts], chat[opts.num_train_prompts :]
 
     model_path = resolve_model(opts.model, out)

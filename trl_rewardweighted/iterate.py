@@ -140,24 +140,14 @@ def _fingerprint(opts: IterateConfig) -> dict:
 def _load_prompts(opts, tokenizer) -> list:
     """The prompts, as message lists when the tokenizer has a chat template (so the trainers template them as the
     sampler did), else as strings."""
-    from .data.convert import load_dataset_any
+    from .data.convert import read_prompts
     from .data.utils import is_messages
-    from .quickstart import PROMPTS_FILE, read_prompts
+    from .quickstart import PROMPTS_FILE
 
     path = Path(opts.prompts) if opts.prompts else PROMPTS_FILE
-    if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise FileNotFoundError(f"Prompt file not found: {path}")
-        prompts: list = read_prompts(path)
-    else:
-        ds = load_dataset_any(path)
-        if "prompt" not in ds.column_names:
-            raise ValueError(f"{path} has no `prompt` column; columns found: {ds.column_names}.")
-        prompts = list(ds["prompt"])
+    prompts = list(read_prompts(path)["prompt"])
     limit = opts.num_prompts if opts.num_prompts is not None else (24 if not opts.prompts else None)
     prompts = prompts[:limit] if limit is not None else prompts
-    if not prompts:
-        raise ValueError(f"{path}: no prompts.")
     if getattr(tokenizer, "chat_template", None):
         prompts = [p if is_messages(p) else [{"role": "user", "content": p}] for p in prompts]
     return prompts

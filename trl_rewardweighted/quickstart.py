@@ -29,8 +29,11 @@ REWARD_SPEC = "trl_rewardweighted.rewards:vader_positivity"
 
 
 def read_prompts(path: Path = PROMPTS_FILE) -> list[str]:
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    return [ln for ln in lines if ln and not ln.startswith("#")]
+    """The prompts of a prompt file as a list (default: the packaged quickstart prompts); see
+    [`~data.convert.read_prompts`]."""
+    from .data.convert import read_prompts as read_prompt_file
+
+    return list(read_prompt_file(path)["prompt"])
 
 
 def resolve_model(name: str, output_dir: Path) -> str:

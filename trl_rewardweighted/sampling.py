@@ -164,7 +164,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _load_causal_lm(path: str, model_kwargs: dict | None):
+def load_causal_lm(path: str, model_kwargs: dict | None):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": default_dtype()}
@@ -209,7 +209,7 @@ def _pad_id(tokenizer, eos_ids: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
-def _resolve_backend(backend: str, model) -> str:
+def resolve_backend(backend: str, model) -> str:
     """`"transformers"` or `"vllm"`; `"auto"` picks vLLM when it is installed, a GPU is visible, and
     `model` is a path (vLLM cannot take an already-loaded model)."""
     if backend not in BACKENDS:
@@ -563,7 +563,7 @@ def generate_completions(
     dataset = _prompts_dataset(prompts, prompt_column)
     prompt_list = list(dataset[prompt_column])
     _check_prompts(prompt_list, prompt_column)
-    chosen_backend = _resolve_backend(backend, model)
+    chosen_backend = resolve_backend(backend, model)
     model_is_path = isinstance(model, str)
     if not model_is_path and tokenizer is None:
         raise ValueError("`model` is an already-loaded model: pass its `tokenizer` as well.")
@@ -586,7 +586,7 @@ def generate_completions(
         )
         eos_ids = _eos_ids(_generation_config_of(model), tokenizer)
     else:
-        lm = _load_causal_lm(model, model_kwargs) if model_is_path else model
+        lm = load_causal_lm(model, model_kwargs) if model_is_path else model
         eos_ids = _eos_ids(lm, tokenizer)
         kwargs = _generation_kwargs(temperature, top_p, max_new_tokens, eos_ids, _pad_id(tokenizer, eos_ids))
         token_ids = generate_ids(
@@ -871,7 +871,7 @@ def _as_dataset(dataset):
     )
 
 
-def _group_completions(dataset) -> tuple[list, list[list]]:
+def group_completions(dataset) -> tuple[list, list[list]]:
     """The `prompt` and `completions` columns, validated."""
     missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
     if missing:
@@ -926,7 +926,7 @@ def score_completions(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     dataset = _as_dataset(dataset)
-    prompts, groups = _group_completions(dataset)
+    prompts, groups = group_completions(dataset)
     fn = load_scorer(scorer, tokenizer=tokenizer, model_kwargs=model_kwargs, max_length=max_length)
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
     flat_completions = [completion_text(c) for group in groups for c in group]
