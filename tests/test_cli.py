@@ -435,3 +435,34 @@ def test_console_script_help():
     assert result.returncode == 0, result.stderr
     for command in ("generate", "score", "convert", "sample"):
         assert command in result.stdout
+
+
+def test_prompt_files_skip_comment_lines_everywhere(tmp_path, tiny_model_path, capsys):
+    """One reader (data.convert.read_prompts) for generate / sample / eval / compare / iterate: lines as written,
+    blank lines and '#' comment lines skipped."""
+    from trl_rewardweighted.data.convert import read_prompts
+    from trl_rewardweighted.quickstart import read_prompts as packaged_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\nHello there\n   # an indented comment\n\n  Tell me a story.  \n")
+    assert read_prompts(prompts)["prompt"] == ["Hello there", "  Tell me a story.  "]
+    assert packaged_prompts(prompts) == ["Hello there", "  Tell me a story.  "]
+    output = tmp_path / "groups.jsonl"
+    assert cli.main(_generate_args(tiny_model_path, prompts, output, "--n", "1")) == 0
+    assert [r["prompt"] for r in _read_jsonl(output)] == ["Hello there", "  Tell me a story.  "]
+    only_comments = tmp_path / "comments.txt"
+    only_comments.write_text("# nothing but\n# comments\n")
+    err = _fails(_generate_args(tiny_model_path, only_comments, tmp_path / "o.jsonl"), capsys)
+    assert err == f"trl-rw generate: error: {only_comments}: no rows"
+
+
+@pytest.mark.parametrize("flag", ["--output", "--work-dir"])
+def test_a_path_under_a_file_names_the_flag_and_the_path_given(tmp_path, prompts_txt, tiny_model_path, capsys, flag):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder\n")
+    bad = notes / "out.jsonl"
+    output = bad if flag == "--output" else tmp_path / "groups.jsonl"
+    extra = ["--work-dir", str(bad)] if flag == "--work-dir" else []
+    err = _fails(_generate_args(tiny_model_path, prompts_txt, output, *extra), capsys)
+    assert err == f"trl-rw generate: error: {flag} {bad}: {notes} is a file, not a folder; give another path."
+    assert notes.read_text() == "not a folder\n"
