@@ -63,6 +63,52 @@ def changed_names(model, before):
     return {n for n, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}
 
 
+def kill_process_tree(pid):
+    """SIGKILL the process `pid`, every process it started, and their process groups.
+
+    torch's launcher (torchrun, accelerate's elastic agent) starts each rank in its own session, so killing the
+    launcher's process group leaves the ranks running (and holding its output pipes). The tree is frozen first (SIGSTOP),
+    so no process forks or exits while it is listed, then each group is killed. The caller's own group is never touched.
+    """
+    import os
+    import signal
+
+    import psutil  # a dependency of accelerate and TRL
+
+    own_group = os.getpgid(0)
+    try:
+        root = psutil.Process(pid)
+        processes = [root]
+        while True:  # list, freeze, and list again until no new process appears
+            for process in processes:
+                try:
+                    process.send_signal(signal.SIGSTOP)
+                except psutil.NoSuchProcess:
+                    pass
+            found = [root, *root.children(recursive=True)]
+            if {p.pid for p in found} <= {p.pid for p in processes}:
+                break
+            processes = found
+    except psutil.NoSuchProcess:
+        return
+    groups = set()
+    for process in processes:
+        try:
+            groups.add(os.getpgid(process.pid))
+        except ProcessLookupError:
+            pass
+    for group in groups - {own_group}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for process in processes:  # a process that shares the caller's group
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 _GLOO_ABORT = "terminate called without an active exception"
 
 
@@ -70,11 +116,10 @@ def run_launcher(cmd, extra_env=None, timeout=300, cwd=None):
     """Run a multi-process launch command (`accelerate launch`, `torchrun`, or a plain script) offline on CPU, assert it
     exits 0, and return its stdout followed by its stderr. `cwd`: the working folder (default: the current one).
 
-    The launcher and its ranks run in their own process group: on timeout the whole group is killed (no rank is left
-    behind) and the test fails, saying a rank hung.
+    The launcher runs in its own session; on timeout it and every process it started are killed (`kill_process_tree`:
+    no rank is left behind) and the test fails, saying a rank hung.
     """
     import os
-    import signal
     import subprocess
     import warnings
     from pathlib import Path
@@ -98,7 +143,7 @@ def run_launcher(cmd, extra_env=None, timeout=300, cwd=None):
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_process_tree(proc.pid)
             out, err = proc.communicate()
             pytest.fail(
                 f"`{' '.join(cmd)}` did not exit within {timeout} s (a rank hung).\n{out[-3000:]}\n{err[-4000:]}"
