@@ -81,15 +81,21 @@ class Stage:
     """One pass over the chunks.
 
     Args:
-        name: the stage's folder in the work folder (`generate`, `score-<judge>`).
-        setup: `() -> context` (loads the model); called once per process, and only when the process has chunks of
-            this stage left to do, unless `collective_setup`.
-        run: `(context, chunk_index, start, end) -> Dataset`: the stage's output for rows `start..end - 1`.
-        teardown: `(context) -> None`, releases the model (optional).
-        collective_setup: every process must call `setup`, even with nothing to do (a vLLM engine built over the
-            launch's process group).
-        whole_group: every process of a worker group runs the chunks (they share one engine); otherwise only the
-            group's first process does.
+        name (`str`):
+            The stage's folder in the work folder (`generate`, `score-<judge>`).
+        setup (`Callable[[], Any]`):
+            `() -> context` (loads the model); called once per process, and only when the process has chunks of this
+            stage left to do, unless `collective_setup`.
+        run (`Callable[[Any, int, int, int], datasets.Dataset]`):
+            `(context, chunk_index, start, end) -> Dataset`: the stage's output for rows `start..end - 1`.
+        teardown (`Callable[[Any], None]`, *optional*):
+            `(context) -> None`, releases the model.
+        collective_setup (`bool`, *optional*, defaults to `False`):
+            Every process must call `setup`, even with nothing to do (a vLLM engine built over the launch's process
+            group).
+        whole_group (`bool`, *optional*, defaults to `False`):
+            Every process of a worker group runs the chunks (they share one engine); otherwise only the group's
+            first process does.
     """
 
     name: str
@@ -102,7 +108,24 @@ class Stage:
 
 @dataclass
 class Layout:
-    """Where this process stands: `process_index` of `num_processes`, in worker group `worker` of `num_workers`."""
+    """Where this process stands: `process_index` of `num_processes`, in worker group `worker` of `num_workers`.
+
+    Args:
+        process_index (`int`):
+            This process's rank in the launch.
+        num_processes (`int`):
+            The number of processes of the launch.
+        worker (`int`):
+            This process's worker group (`process_index // group_size`).
+        num_workers (`int`):
+            The number of worker groups (`num_processes // group_size`).
+        writer (`bool`):
+            Whether this process writes its group's chunk files (the first process of the group does).
+        is_main (`bool`):
+            Whether this is the main process (it prepares the work folder and merges the chunks).
+        state (`accelerate.PartialState`, *optional*):
+            The launch's state; `None` for one plain process.
+    """
 
     process_index: int
     num_processes: int
@@ -113,18 +136,27 @@ class Layout:
     state: Any = None
 
     def barrier(self) -> None:
+        """Wait for every process of the launch (a no-op in one process)."""
         if self.num_processes > 1:
             self.state.wait_for_everyone()
 
 
 def launched_processes() -> int:
-    """The number of processes of this launch (`WORLD_SIZE`, set by `accelerate launch` / `torchrun`; 1 otherwise)."""
+    """The number of processes of this launch.
+
+    Returns:
+        `int`: `WORLD_SIZE`, set by `accelerate launch` / `torchrun`; `1` otherwise.
+    """
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def partial_state():
-    """accelerate's `PartialState` of a launch of several processes (gloo on CPU: `ACCELERATE_USE_CPU=1` or no
-    GPU), or None for one plain process (no process group is set up then)."""
+    """accelerate's `PartialState` of a launch of several processes.
+
+    Returns:
+        `accelerate.PartialState` or `None`: the state (gloo on CPU: `ACCELERATE_USE_CPU=1` or no GPU), or `None` for
+        one plain process (no process group is set up then).
+    """
     if launched_processes() == 1:
         return None
     import torch
@@ -135,7 +167,11 @@ def partial_state():
 
 
 def local_device():
-    """The device this process loads its model on: its local rank's GPU, the (current) GPU, or the CPU."""
+    """The device this process loads its model on.
+
+    Returns:
+        `torch.device`: its local rank's GPU, the (current) GPU, or the CPU.
+    """
     import torch
 
     state = partial_state()
@@ -145,8 +181,18 @@ def local_device():
 
 
 def process_layout(group_size: int = 1) -> Layout:
-    """This process's place in the launch (`accelerate launch` / `torchrun`, or one plain process), with workers of
-    `group_size` consecutive processes."""
+    """This process's place in the launch (`accelerate launch` / `torchrun`, or one plain process).
+
+    Args:
+        group_size (`int`, *optional*, defaults to `1`):
+            Consecutive processes per worker (vLLM tensor parallel over the launch's processes).
+
+    Returns:
+        [`Layout`]: this process's rank, worker group, and whether it writes and merges.
+
+    Raises:
+        `ValueError`: `group_size` is not `1` in one plain process, or does not divide the number of processes.
+    """
     state = partial_state()
     if state is None:
         if group_size != 1:
@@ -172,14 +218,34 @@ def process_layout(group_size: int = 1) -> Layout:
 
 
 def chunk_ranges(num_rows: int, chunk_size: int) -> list[tuple[int, int]]:
-    """`[(start, end), ...]`: consecutive chunks of `chunk_size` rows (the last one may be shorter)."""
+    """Consecutive chunks of `chunk_size` rows (the last one may be shorter).
+
+    Args:
+        num_rows (`int`):
+            The number of input rows.
+        chunk_size (`int`):
+            Rows per chunk, `>= 1`.
+
+    Returns:
+        `list[tuple[int, int]]`: `[(start, end), ...]`, `end` excluded.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     return [(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
 
 
 def chunk_seed(seed: int, chunk_index: int) -> int:
-    """The transformers generation seed of chunk `chunk_index` (`seed` for chunk 0)."""
+    """The transformers generation seed of a chunk.
+
+    Args:
+        seed (`int`):
+            The run's seed.
+        chunk_index (`int`):
+            The chunk's index.
+
+    Returns:
+        `int`: `seed + chunk_index * 2**32` (`seed` for chunk 0).
+    """
     return seed + chunk_index * SEED_STRIDE
 
 
@@ -193,7 +259,15 @@ def _files(path: Path) -> list[Path]:
 
 
 def content_fingerprint(path) -> str:
-    """SHA-256 of a data file's bytes, or of every file of a folder (names and bytes)."""
+    """A fingerprint of a data file or folder.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            A file, or a folder (every file in it whose name does not start with `.`, recursively).
+
+    Returns:
+        `str`: the hex SHA-256 of the file's bytes, or of every file of the folder (relative names and bytes).
+    """
     path = Path(path)
     digest = hashlib.sha256()
     for file in _files(path) if path.is_dir() else [path]:
@@ -206,8 +280,16 @@ def content_fingerprint(path) -> str:
 
 
 def model_fingerprint(spec) -> str:
-    """A cheap fingerprint of a model: for a local folder the names, sizes and modification times of its files (the
-    weights are not read); otherwise (a Hub id, a `module:function`) the string itself."""
+    """A cheap fingerprint of a model.
+
+    Args:
+        spec (`str` or `os.PathLike`):
+            A local folder, a Hub id, or a `module:function`.
+
+    Returns:
+        `str`: for a local folder, the hex SHA-256 of the names, sizes and modification times of its files (the
+        weights are not read); otherwise the string itself.
+    """
     path = Path(str(spec))
     if not path.is_dir():
         return str(spec)
@@ -224,8 +306,18 @@ def _show(value) -> str:
 
 
 def compare_manifests(old: dict, new: dict) -> list[str]:
-    """What differs between the manifest of an unfinished run and the one of this command, one line per item
-    (empty when the run can continue)."""
+    """What differs between the manifest of an unfinished run and the one of this command.
+
+    Args:
+        old (`dict`):
+            The stored manifest of the unfinished run.
+        new (`dict`):
+            The manifest of this command.
+
+    Returns:
+        `list[str]`: one line per difference (format, command, each setting, each changed input, then the number of
+        rows and the stages); empty when the run can continue.
+    """
     if old.get("format") != new.get("format"):
         return [f"the folder was written by another version ({old.get('format')!r}, this one writes {FORMAT!r})"]
     if old.get("command") != new.get("command"):
@@ -249,7 +341,19 @@ def compare_manifests(old: dict, new: dict) -> list[str]:
 
 
 def chunk_path(work_dir: Path, stage: str, index: int) -> Path:
-    """The file of chunk `index` of `stage` in the work folder."""
+    """The file of one chunk of a stage.
+
+    Args:
+        work_dir (`Path`):
+            The run's work folder.
+        stage (`str`):
+            The stage's name.
+        index (`int`):
+            The chunk's index.
+
+    Returns:
+        `Path`: `work_dir/<stage>/chunk-<index, 6 digits>.parquet`.
+    """
     return work_dir / stage / f"chunk-{index:06d}.parquet"
 
 
@@ -268,7 +372,15 @@ def _write_chunk(ds, path: Path) -> None:
 
 
 def read_chunk(path: Path):
-    """A chunk file as a Dataset (its features are stored in the Parquet schema)."""
+    """Read one chunk file.
+
+    Args:
+        path (`Path`):
+            A chunk file (see [`chunk_path`]).
+
+    Returns:
+        `datasets.Dataset`: the chunk, with its features (they are stored in the Parquet schema).
+    """
     import pyarrow.parquet as pq
     from datasets import Dataset
 
@@ -371,22 +483,40 @@ def run_chunks(
     """Run `stages` over the chunks of `num_rows` rows, resuming an unfinished run in `work_dir`.
 
     Args:
-        work_dir: the run's folder (created; it must be visible to every process of the launch).
-        manifest: `{"command": ..., "settings": {option: value}, "inputs": {option: {"path", "fingerprint"}}}`;
-            the format, the chunk ranges, `num_rows` and the stage names are added here. On resume it must match
+        work_dir (`str` or `os.PathLike`):
+            The run's folder (created; it must be visible to every process of the launch).
+        manifest (`dict`):
+            `{"command": ..., "settings": {option: value}, "inputs": {option: {"path", "fingerprint"}}}`; the format,
+            the chunk ranges, `num_rows`, `chunk_size` and the stage names are added here. On resume it must match
             the stored one (see [`compare_manifests`]).
-        num_rows: the number of input rows.
-        chunk_size: rows per chunk.
-        stages: the stages, run in order; a stage may read the chunk files of an earlier one (same chunk index: the
-            same worker wrote it).
-        restart: discard an unfinished run in `work_dir` and start over.
-        group_size: processes per worker (vLLM tensor parallel over the launch's processes).
-        progress: a progress bar over this process's chunks (main process only).
-        log: where the main process reports resuming (None: silent).
-        poll_seconds: how often a process that is done looks for the others' status.
+        num_rows (`int`):
+            The number of input rows.
+        chunk_size (`int`):
+            Rows per chunk.
+        stages (`Sequence[Stage]`):
+            The stages, run in order; a stage may read the chunk files of an earlier one (same chunk index: the same
+            worker wrote it).
+        restart (`bool`, *optional*, defaults to `False`):
+            Discard an unfinished run in `work_dir` and start over.
+        group_size (`int`, *optional*, defaults to `1`):
+            Processes per worker (vLLM tensor parallel over the launch's processes).
+        progress (`bool`, *optional*, defaults to `True`):
+            A progress bar over this process's chunks (main process only).
+        log (`Callable[[str], None]` or `None`, *optional*, defaults to `print`):
+            Where the main process reports resuming; `None`: silent.
+        poll_seconds (`float`, *optional*, defaults to `0.5`):
+            How often (in seconds) a process that is done looks for the others' status.
 
     Returns:
-        On the main process, `{stage name: [chunk Dataset, ...]}` in chunk order; None on the others.
+        `dict[str, list[datasets.Dataset]]` or `None`: on the main process, `{stage name: [chunk Dataset, ...]}` in
+        chunk order; `None` on the others.
+
+    Raises:
+        `ValueError`: `work_dir` is not a folder, is not a trl-rw work folder, cannot be prepared, or holds an
+        unfinished run of another command or input.
+        [`PeerFailed`]: another process of the launch failed (a stage's own error is raised as it is).
+        `FileNotFoundError`: chunk files are missing after every process finished (a work folder that not every
+        node sees).
     """
     from tqdm.auto import tqdm
 
@@ -456,5 +586,10 @@ def run_chunks(
 
 
 def remove_work_dir(work_dir) -> None:
-    """Delete a finished run's work folder (after its outputs are written)."""
+    """Delete a finished run's work folder (after its outputs are written).
+
+    Args:
+        work_dir (`str` or `os.PathLike`):
+            The run's work folder. Errors are ignored (a missing folder is fine).
+    """
     shutil.rmtree(work_dir, ignore_errors=True)
