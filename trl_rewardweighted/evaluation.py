@@ -56,19 +56,35 @@ class EvalConfig:
     """Settings of [`evaluate_models`].
 
     Args:
-        num_samples (`int`, defaults to `4`): sampled replies per prompt (2 or more for the misalignment rate).
-        greedy (`bool`, defaults to `True`): also score one greedy reply per prompt.
-        max_new_tokens (`int`, defaults to `64`), temperature (`float`, defaults to `1.0`), top_p (`float`,
-            defaults to `1.0`): sampling settings (no other filter is applied, so `log pi` of a sample is the
-            probability it was drawn with when `temperature=1` and `top_p=1`).
-        seed (`int`, defaults to `0`): sampling seed, the same for every model (paired samples).
-        batch_size (`int`, defaults to `8`): prompts per generation call and sequences per log-prob forward.
-        score_batch_size (`int`, defaults to `16`): replies per reward call.
-        goal_score (`float`, defaults to `10.0`): the goal of reward-augmented models (10 = the paper's inference goal).
-        system_role (`str`, defaults to `"auto"`), goal_template (`str`, *optional*): as at training.
-        tie_tolerance (`float`, defaults to `0.0`): rewards within this distance are a tie.
-        n_resamples (`int`, defaults to `2000`): bootstrap resamples.
-        progress (`bool`, defaults to `True`): progress bars for generation and scoring.
+        num_samples (`int`, *optional*, defaults to `4`):
+            Sampled replies per prompt, `>= 1` (2 or more for the misalignment rate).
+        greedy (`bool`, *optional*, defaults to `True`):
+            Also score one greedy reply per prompt.
+        max_new_tokens (`int`, *optional*, defaults to `64`):
+            Sampling setting: new tokens per reply at most.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling setting: the temperature.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Sampling setting: nucleus sampling. No other filter is applied, so `log pi` of a sample is the
+            probability it was drawn with when `temperature=1` and `top_p=1`.
+        seed (`int`, *optional*, defaults to `0`):
+            Sampling seed, the same for every model (paired samples).
+        batch_size (`int`, *optional*, defaults to `8`):
+            Prompts per generation call and sequences per log-prob forward, `>= 1`.
+        score_batch_size (`int`, *optional*, defaults to `16`):
+            Replies per reward call, `>= 1`.
+        goal_score (`float`, *optional*, defaults to `10.0`):
+            The goal of reward-augmented models (10 = the paper's inference goal).
+        system_role (`str`, *optional*, defaults to `"auto"`):
+            As at training (the goal prompt of reward-augmented models).
+        goal_template (`str`, *optional*):
+            As at training (the goal prompt of reward-augmented models).
+        tie_tolerance (`float`, *optional*, defaults to `0.0`):
+            Rewards within this distance are a tie.
+        n_resamples (`int`, *optional*, defaults to `2000`):
+            Bootstrap resamples.
+        progress (`bool`, *optional*, defaults to `True`):
+            Progress bars for generation and scoring.
     """
 
     num_samples: int = 4
