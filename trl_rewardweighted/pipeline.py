@@ -162,7 +162,7 @@ def check_parent_folders(path, option: str) -> None:
             raise NotADirectoryError(f"{option} {path}: {parent} is a file, not a folder; give another path.")
 
 
-def check_outputs(paths: Mapping[str, str | None], overwrite: bool = False) -> None:
+def check_outputs(paths: Mapping[str, str | None], overwrite: bool = False, work_dir=None) -> None:
     """Before any work: every output is new (or `overwrite` is set and it can be replaced), none lies below a file,
     and no path is given twice.
 
@@ -171,6 +171,8 @@ def check_outputs(paths: Mapping[str, str | None], overwrite: bool = False) -> N
             `{option: path}`; `None` paths are skipped.
         overwrite (`bool`, *optional*, defaults to `False`):
             Existing outputs may be replaced (by one of their kind, see [`~data.convert.check_output_path`]).
+        work_dir (`str` or `None`, *optional*, defaults to `None`):
+            A work folder given with `--work-dir`: it must not lie below a file either.
     """
     from .data.convert import check_output_path
 
@@ -184,6 +186,8 @@ def check_outputs(paths: Mapping[str, str | None], overwrite: bool = False) -> N
         seen[key] = option
         check_parent_folders(path, option)
         check_output_path(path, overwrite, option="--overwrite")
+    if work_dir:
+        check_parent_folders(work_dir, "--work-dir")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -638,9 +642,7 @@ def run_generate(
     from .data.convert import save_dataset
     from .shards import remove_work_dir
 
-    check_outputs({"--output": output}, overwrite)
-    if work_dir:
-        check_parent_folders(work_dir, "--work-dir")
+    check_outputs({"--output": output}, overwrite, work_dir)
     dataset, stage, backend, group_size = generation_plan(prompts, generation, chunk_size)
     settings, inputs = generation_manifest(prompts, generation, backend, chunk_size)
     folder = _work_dir(work_dir, [output])
@@ -685,9 +687,7 @@ def run_score(
     from .sampling import group_completions
     from .shards import content_fingerprint, remove_work_dir
 
-    check_outputs({"--output": output}, overwrite)
-    if work_dir:
-        check_parent_folders(work_dir, "--work-dir")
+    check_outputs({"--output": output}, overwrite, work_dir)
     judges = checked_judges(scoring)
     if scoring.batch_size < 1 or chunk_size < 1:
         raise ValueError(f"--batch-size and --chunk-size must be >= 1, got {scoring.batch_size} and {chunk_size}.")
@@ -749,9 +749,7 @@ def run_sample(
 
     if not any(outputs.values()):
         raise ValueError("Give at least one of --output-groups, --output-rows, --output-pairs.")
-    check_outputs({f"--output-{shape}": path for shape, path in outputs.items()}, overwrite)
-    if work_dir:
-        check_parent_folders(work_dir, "--work-dir")
+    check_outputs({f"--output-{shape}": path for shape, path in outputs.items()}, overwrite, work_dir)
     judges = checked_judges(scoring)
     dataset, generation_stage_, backend, group_size = generation_plan(prompts, generation, chunk_size)
     settings, inputs = generation_manifest(prompts, generation, backend, chunk_size)
