@@ -271,7 +271,9 @@ def _reads(source: str, dest: str) -> bool:
         ("iterate", iterate, cli._ITERATE_METHOD_OPTIONS, iterate.METHODS),
     ],
 )
-def test_method_options_are_refused_for_the_other_methods(tmp_path, capsys, monkeypatch, command, module, table, methods):
+def test_method_options_are_refused_for_the_other_methods(
+    tmp_path, capsys, monkeypatch, command, module, table, methods
+):
     calls = []
     monkeypatch.setattr(module, f"run_{command}", lambda args: calls.append(args))
     flag = "--methods" if command == "compare" else "--method"
@@ -367,12 +369,20 @@ def test_hub_ids_and_reward_functions_pass_the_model_check():
 
 
 def test_convert_adapter_without_to_refuses_pair_options(tmp_path, files, capsys):
-    argv = ["convert", "--input", files["groups"], "--adapter", "ultrafeedback_groups", "--output", tmp_path / "o.jsonl"]
+    argv = [
+        "convert",
+        "--input",
+        files["groups"],
+        "--adapter",
+        "ultrafeedback_groups",
+        "--output",
+        tmp_path / "o.jsonl",
+    ]
     code, err = _run([*argv, "--ties", "drop", "--seed", "3"], capsys)
     assert code == 2
     assert err.strip() == (
         "trl-rw convert: error: --ties and --seed have no effect without --to pairs (the adapter's own options go in "
-        "--adapter-kwargs, e.g. '{\"ties\": \"drop\"}')."
+        '--adapter-kwargs, e.g. \'{"ties": "drop"}\').'
     )
     assert not (tmp_path / "o.jsonl").exists()
 

@@ -14,6 +14,12 @@ trl-rw compare  --output-dir compare/   # SFT, DPO, VAR, VCB, reward-augmented D
 trl-rw iterate  --method var --rounds 3   # sample -> score -> train, in rounds (resumable)
 ```
 
+This module parses and dispatches: the work of `generate`, `score`, `sample` and `convert` is done by
+`trl_rewardweighted.pipeline` (callable from code), that of the other commands by their modules. Before dispatching, a
+command refuses every option that has no effect in the mode chosen (`args.given` holds the options given on the
+command line; tests/test_cli_flags.py walks the parser to keep it so) and checks the model paths with
+`trl_rewardweighted.model_utils.check_model_source`.
+
 Adding a subcommand: write `_add_<name>_parser(subparsers)` that registers it with `set_defaults(func=_cmd_<name>)`
 and call it from [`build_parser`]. A command returns nothing on success; for bad input it raises
 `ValueError` (JSON errors included) / `OSError` (`FileNotFoundError`, `FileExistsError`) / `ImportError` with a
@@ -211,7 +217,10 @@ def _add_convert_parser(subparsers) -> None:
     parser.add_argument("--split", default=None, help="split read from --input with --adapter (default: train)")
     _add_pair_args(parser, defaults=False)
     parser.add_argument(
-        "--seed", type=int, default=None, help="with --to pairs: breaks ties for the best / worst completion (default: 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help="with --to pairs: breaks ties for the best / worst completion (default: 0)",
     )
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
     _add_overwrite_arg(parser)

@@ -356,7 +356,10 @@ def generation_stage(dataset, tokenizer, prompt_column: str, generation: Generat
                 vllm_kwargs=vllm_kwargs,
             )
             return {"engine": engine, "tokenizer": tokenizer or AutoTokenizer.from_pretrained(g.model)}
-        return {"model": load_causal_lm(g.model, None), "tokenizer": tokenizer or AutoTokenizer.from_pretrained(g.model)}
+        return {
+            "model": load_causal_lm(g.model, None),
+            "tokenizer": tokenizer or AutoTokenizer.from_pretrained(g.model),
+        }
 
     def run(context, k, start, end):
         chunk = dataset.select(range(start, end))
@@ -409,7 +412,11 @@ def generation_plan(prompts, generation: GenerationSettings, chunk_size: int):
     backend = resolve_backend(generation.backend, generation.model)
     if backend != "vllm" and generation.tensor_parallel_size != 1:
         raise ValueError("--tensor-parallel-size is for --backend vllm (transformers runs one model per process).")
-    for option, value in (("--n", generation.n), ("--batch-size", generation.batch_size), ("--chunk-size", chunk_size)):
+    for option, value in (
+        ("--n", generation.n),
+        ("--batch-size", generation.batch_size),
+        ("--chunk-size", chunk_size),
+    ):
         if value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}.")
     # One process: the vLLM engine spreads over --tensor-parallel-size GPUs by itself. Several: every that many
@@ -882,7 +889,7 @@ def run_convert(
         given = [o for o, v in (("--adapter-kwargs", adapter_kwargs), ("--split", split)) if v is not None]
         refuse_unused(given, "without --adapter")
     if to != "pairs":
-        hint = " (the adapter's own options go in --adapter-kwargs, e.g. '{\"ties\": \"drop\"}')" if adapter else ""
+        hint = ' (the adapter\'s own options go in --adapter-kwargs, e.g. \'{"ties": "drop"}\')' if adapter else ""
         refuse_unused(pair_options, f"without --to pairs{hint}")
     check_outputs({"--output": output}, overwrite)
     if adapter is not None:
@@ -895,7 +902,9 @@ def run_convert(
     out = source
     if to is not None:
         if detect_shape(source) == "pairs":
-            refuse_unused(pair_options, f"on pairs: {'the adapter writes' if adapter else 'the input holds'} pairs already")
+            refuse_unused(
+                pair_options, f"on pairs: {'the adapter writes' if adapter else 'the input holds'} pairs already"
+            )
         out = convert_dataset(source, to, strategy or "best_worst", ties or "drop", 0 if seed is None else seed)
     path = save_dataset(out, output, overwrite=overwrite)
     try:
