@@ -121,7 +121,7 @@ def render_prompt_ids(prompts: Sequence[Any], tokenizer, system_prompt: str | No
     Args:
         prompts (`Sequence[str | list[dict]]`):
             Strings or conversational prompts.
-        tokenizer:
+        tokenizer (`PreTrainedTokenizerBase`):
             The policy's tokenizer.
         system_prompt (`str`, *optional*):
             A system message for generation only.
@@ -144,13 +144,22 @@ def render_prompt_ids(prompts: Sequence[Any], tokenizer, system_prompt: str | No
 
 
 def default_device():
+    """The device models are loaded on when no `device_map` is given.
+
+    Returns:
+        `torch.device`: CUDA when a GPU is visible, the CPU otherwise.
+    """
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype():
-    """bfloat16 on a GPU that supports it, float32 otherwise (CPU)."""
+    """The dtype causal LMs are loaded in by default.
+
+    Returns:
+        `torch.dtype`: bfloat16 on a GPU that supports it, float32 otherwise (CPU).
+    """
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -165,6 +174,18 @@ def _load_tokenizer(path: str):
 
 
 def load_causal_lm(path: str, model_kwargs: dict | None):
+    """Load a policy for generation.
+
+    Args:
+        path (`str`):
+            A local folder or Hub id.
+        model_kwargs (`dict` or `None`):
+            Extra `from_pretrained` arguments; they override the default dtype ([`default_dtype`]). Without a
+            `device_map` among them the model is moved to [`default_device`].
+
+    Returns:
+        `PreTrainedModel`: the causal LM, in eval mode.
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": default_dtype()}
@@ -210,8 +231,21 @@ def _pad_id(tokenizer, eos_ids: list[int]) -> int:
 
 
 def resolve_backend(backend: str, model) -> str:
-    """`"transformers"` or `"vllm"`; `"auto"` picks vLLM when it is installed, a GPU is visible, and
-    `model` is a path (vLLM cannot take an already-loaded model)."""
+    """The generation backend to use.
+
+    Args:
+        backend (`str`):
+            `"auto"`, `"transformers"` or `"vllm"`; `"auto"` picks vLLM when it is installed, a GPU is visible, and
+            `model` is a path (vLLM cannot take an already-loaded model).
+        model (`str` or `PreTrainedModel`):
+            The policy: a path / Hub id or a loaded model.
+
+    Returns:
+        `str`: `"transformers"` or `"vllm"`.
+
+    Raises:
+        `ValueError`: `backend` is not one of `"auto"`, `"transformers"`, `"vllm"`.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKENDS}.")
     if backend != "auto":
@@ -253,8 +287,20 @@ def _generation_kwargs(temperature: float, top_p: float, max_new_tokens: int, eo
 
 
 def cut_at_eos(token_ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """The generated ids up to and including the first EOS (all of them when there is none: the reply was cut at
-    `max_new_tokens`). What follows an EOS in a batch is padding, not part of the sample."""
+    """The generated ids up to and including the first EOS.
+
+    What follows an EOS in a batch is padding, not part of the sample.
+
+    Args:
+        token_ids (`Sequence[int]`):
+            The generated ids of one sequence.
+        eos_ids (`Sequence[int]`):
+            The ids that end a reply.
+
+    Returns:
+        `list[int]`: the ids up to and including the first EOS; all of them when there is none (the reply was cut
+        at `max_new_tokens`).
+    """
     stop = {int(i) for i in eos_ids}
     token_ids = [int(t) for t in token_ids]
     for k, tok in enumerate(token_ids):
@@ -264,7 +310,19 @@ def cut_at_eos(token_ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
 
 
 def reply_text(tokenizer, token_ids: Sequence[int], eos_ids: Sequence[int]) -> str:
-    """The text of a sampled reply: its ids up to (not including) the first EOS, decoded without special tokens."""
+    """The text of a sampled reply.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`):
+            The policy's tokenizer.
+        token_ids (`Sequence[int]`):
+            The sampled ids.
+        eos_ids (`Sequence[int]`):
+            The ids that end a reply.
+
+    Returns:
+        `str`: the ids up to (not including) the first EOS, decoded without special tokens.
+    """
     ids = cut_at_eos(token_ids, eos_ids)
     if ids and ids[-1] in {int(i) for i in eos_ids}:
         ids = ids[:-1]
@@ -272,7 +330,17 @@ def reply_text(tokenizer, token_ids: Sequence[int], eos_ids: Sequence[int]) -> s
 
 
 def reply_length(token_ids: Sequence[int], eos_ids: Sequence[int]) -> int:
-    """The length of a sampled reply in tokens: its ids up to (not including) the first EOS."""
+    """The length of a sampled reply in tokens.
+
+    Args:
+        token_ids (`Sequence[int]`):
+            The sampled ids.
+        eos_ids (`Sequence[int]`):
+            The ids that end a reply.
+
+    Returns:
+        `int`: the number of ids up to (not including) the first EOS.
+    """
     ids = cut_at_eos(token_ids, eos_ids)
     return len(ids) - (1 if ids and ids[-1] in {int(i) for i in eos_ids} else 0)
 
@@ -291,9 +359,9 @@ def generate_ids(
     """Continue already tokenised prompts with `model.generate`: the core of every transformers generation here.
 
     Args:
-        model:
+        model (`PreTrainedModel`):
             A causal LM (run in eval mode, under `torch.inference_mode`; its training mode is restored).
-        tokenizer:
+        tokenizer (`PreTrainedTokenizerBase`):
             Its tokenizer (EOS and pad ids).
         prompt_ids (`Sequence[Sequence[int]]`):
             One id list per prompt, e.g. from [`render_prompt_ids`].
@@ -369,14 +437,22 @@ def make_vllm_engine(
     """A `vllm.LLM` engine for [`generate_completions`] (`vllm_engine=`), built once and reused across calls.
 
     Args:
-        model_path: a local folder or Hub id.
-        seed: the engine seed (each request also gets its own seed, see [`generate_completions`]).
-        tensor_parallel_size: GPUs per engine (tensor parallel inside the engine).
-        external_launcher: the process is one of several started by `accelerate launch` / `torchrun`: vLLM then
-            joins the existing process group (`distributed_executor_backend="external_launcher"`, as TRL's colocate
-            mode does); every `tensor_parallel_size` consecutive ranks form one engine and must send it the same
-            prompts in the same order; the world size must be a multiple of `tensor_parallel_size`.
-        vllm_kwargs: extra `vllm.LLM` arguments (e.g. `gpu_memory_utilization`, `max_model_len`).
+        model_path (`str`):
+            A local folder or Hub id.
+        seed (`int`, *optional*, defaults to `0`):
+            The engine seed (each request also gets its own seed, see [`generate_completions`]).
+        tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            GPUs per engine (tensor parallel inside the engine).
+        external_launcher (`bool`, *optional*, defaults to `False`):
+            The process is one of several started by `accelerate launch` / `torchrun`: vLLM then joins the existing
+            process group (`distributed_executor_backend="external_launcher"`, as TRL's colocate mode does); every
+            `tensor_parallel_size` consecutive ranks form one engine and must send it the same prompts in the same
+            order; the world size must be a multiple of `tensor_parallel_size` (a `ValueError` otherwise).
+        vllm_kwargs (`dict`, *optional*):
+            Extra `vllm.LLM` arguments (e.g. `gpu_memory_utilization`, `max_model_len`).
+
+    Returns:
+        `vllm.LLM`: the engine.
     """
     import os
 
@@ -442,6 +518,10 @@ def free_model(obj) -> None:
     vLLM keeps its engine (and, in V1, an engine-core process) alive until it is shut down; `free_model` shuts it
     down when the engine offers a way to, then (with a GPU) collects garbage and empties the CUDA cache. The caller
     must drop its own references too.
+
+    Args:
+        obj (`PreTrainedModel`, `vllm.LLM` or `None`):
+            The model or engine to release; `None` only collects garbage and empties the CUDA cache (with a GPU).
     """
     import gc
 
@@ -507,45 +587,64 @@ def generate_completions(
 ):
     """Sample `n` completions for every prompt; return a `datasets.Dataset` with `prompt` and `completions`.
 
-    Args:
-        model: a local folder / Hub id, or an already-loaded causal LM (then `tokenizer` is required).
-        prompts: a list of plain strings, or a list of conversational prompts (`[{"role": "user", "content": ...}]`),
-            or a `Dataset` with a `prompt_column` column (its other columns are kept in the result).
-        n: completions per prompt.
-        tokenizer: the tokenizer; loaded from `model` when it is a path and this is None.
-        temperature: sampling temperature; `0` means greedy decoding (the n completions are then identical).
-        top_p: nucleus sampling. No other filter is applied (no top-k, no repetition penalty), whatever the model's
-            generation_config says.
-        max_new_tokens: generation stops at EOS or after this many new tokens.
-        seed: the same call with the same seed gives the same completions (the global RNG state is not changed).
-        batch_size: prompts per `generate` call (each call runs `batch_size * n` sequences). Unused by vLLM.
-        backend: `"auto"` (vLLM when `vllm` is importable, a CUDA GPU is visible and `model` is a path;
-            transformers otherwise), `"transformers"` or `"vllm"`.
-        system_prompt: a system message put before each prompt for generation only (prepended to an existing system
-            message; `text + "\\n\\n"` before a plain prompt when the tokenizer has no chat template). The stored
-            `prompt` stays the user's prompt; the system prompt is stored in a `system_prompt` column.
-        progress: show a tqdm progress bar over batches.
-        prompt_column: the column of a prompts `Dataset` to generate from.
-        model_kwargs: extra `from_pretrained` arguments when `model` is a path (default dtype: bfloat16 on a GPU
-            that supports it, float32 on CPU).
-        vllm_kwargs: extra arguments for `vllm.LLM` (e.g. `gpu_memory_utilization`, `tensor_parallel_size`).
-        vllm_engine: an engine from [`make_vllm_engine`] to reuse across calls (vLLM backend; `model` must still be
-            the path it was built from, for the tokenizer).
-        prompt_offset: the index of the first prompt in a larger prompt list, for calls on one chunk of it: with
-            vLLM prompt `i` of this call is sampled with seed `seed + prompt_offset + i` (transformers is seeded once
-            per call with `seed`; `prompt_offset` does not change it).
-        return_token_ids: also return what was sampled as token ids: `prompt_ids` (the rendered prompt the model
-            continued, see [`render_prompt_ids`]), `completion_ids` (per completion, the sampled ids up to and
-            including the first EOS) and `eos_ids` (the ids that end a reply). Log-probabilities and lengths of the
-            samples must be computed on these ids: decoding and re-encoding the text is not always the identity.
-
-    Returns:
-        A Dataset with the prompts as given (string prompts stay strings, message lists stay message lists) and
-        `completions`: a list of `n` plain strings (the assistant text, special tokens and the EOS removed).
-
     For chat models (the tokenizer has a `chat_template`) the prompt is rendered with the chat template and
     `add_generation_prompt=True`; a string prompt is sent as one user message. Without a chat template the string
     is used as is.
+
+    Args:
+        model (`str`, `Path` or `PreTrainedModel`):
+            A local folder / Hub id, or an already-loaded causal LM (then `tokenizer` is required).
+        prompts (`list[str]`, `list[list[dict]]` or `datasets.Dataset`):
+            A list of plain strings, or a list of conversational prompts (`[{"role": "user", "content": ...}]`), or
+            a `Dataset` with a `prompt_column` column (its other columns are kept in the result).
+        n (`int`, *optional*, defaults to `4`):
+            Completions per prompt.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The tokenizer; loaded from `model` when it is a path and this is `None`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature; `0` means greedy decoding (the n completions are then identical).
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus sampling. No other filter is applied (no top-k, no repetition penalty), whatever the model's
+            generation_config says.
+        max_new_tokens (`int`, *optional*, defaults to `64`):
+            Generation stops at EOS or after this many new tokens.
+        seed (`int`, *optional*, defaults to `0`):
+            The same call with the same seed gives the same completions (the global RNG state is not changed).
+        batch_size (`int`, *optional*, defaults to `16`):
+            Prompts per `generate` call (each call runs `batch_size * n` sequences). Unused by vLLM.
+        backend (`str`, *optional*, defaults to `"auto"`):
+            `"auto"` (vLLM when `vllm` is importable, a CUDA GPU is visible and `model` is a path; transformers
+            otherwise), `"transformers"` or `"vllm"`.
+        system_prompt (`str`, *optional*):
+            A system message put before each prompt for generation only (prepended to an existing system message;
+            `text + "\\n\\n"` before a plain prompt when the tokenizer has no chat template). The stored `prompt`
+            stays the user's prompt; the system prompt is stored in a `system_prompt` column.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a tqdm progress bar over batches.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            The column of a prompts `Dataset` to generate from.
+        model_kwargs (`dict`, *optional*):
+            Extra `from_pretrained` arguments when `model` is a path (default dtype: bfloat16 on a GPU that supports
+            it, float32 on CPU).
+        vllm_kwargs (`dict`, *optional*):
+            Extra arguments for `vllm.LLM` (e.g. `gpu_memory_utilization`, `tensor_parallel_size`); unused with
+            `vllm_engine`.
+        vllm_engine (`vllm.LLM`, *optional*):
+            An engine from [`make_vllm_engine`] to reuse across calls (vLLM backend; `model` must still be the path
+            it was built from, for the tokenizer).
+        prompt_offset (`int`, *optional*, defaults to `0`):
+            The index of the first prompt in a larger prompt list, for calls on one chunk of it: with vLLM prompt
+            `i` of this call is sampled with seed `seed + prompt_offset + i` (transformers is seeded once per call
+            with `seed`; `prompt_offset` does not change it).
+        return_token_ids (`bool`, *optional*, defaults to `False`):
+            Also return what was sampled as token ids: `prompt_ids` (the rendered prompt the model continued, see
+            [`render_prompt_ids`]), `completion_ids` (per completion, the sampled ids up to and including the first
+            EOS) and `eos_ids` (the ids that end a reply). Log-probabilities and lengths of the samples must be
+            computed on these ids: decoding and re-encoding the text is not always the identity.
+
+    Returns:
+        `datasets.Dataset`: the prompts as given (string prompts stay strings, message lists stay message lists) and
+        `completions`: a list of `n` plain strings (the assistant text, special tokens and the EOS removed).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}.")
@@ -657,6 +756,15 @@ class RewardModelScorer:
     the tokenizer's own special tokens, e.g. BOS). Batches are right padded; the score is `logits[:, 0]`.
     [`score_batched`] sorts the texts by token length first, so that a batch holds texts of similar length (little
     padding); [`score_completions`] uses it.
+
+    Args:
+        model (`PreTrainedModel`):
+            The reward model, with one output (`num_labels=1`; anything else raises `ValueError`). When its config
+            has no `pad_token_id`, it is set (with a warning) to the tokenizer's pad id, or its first EOS id.
+        tokenizer (`PreTrainedTokenizerBase`):
+            The reward model's tokenizer (its chat template decides the text scored).
+        max_length (`int`, *optional*):
+            Truncate the rendered texts to this many tokens (`None`: no truncation).
     """
 
     def __init__(self, model, tokenizer, max_length: int | None = None):
@@ -679,6 +787,20 @@ class RewardModelScorer:
         The model keeps its own dtype (the checkpoint's `dtype` on a GPU; float32 on CPU; `model_kwargs={"dtype":
         ...}` overrides it); when that is half precision, the scoring head runs in float32 (its weights and its
         input are cast), so that close rewards are not rounded together.
+
+        Args:
+            path (`str`):
+                A local folder or Hub id of an `AutoModelForSequenceClassification`.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*):
+                The tokenizer; loaded from `path` when `None`.
+            model_kwargs (`dict`, *optional*):
+                Extra `from_pretrained` arguments. Without a `device_map` among them the model is moved to
+                [`default_device`].
+            **kwargs:
+                Passed to the constructor (`max_length`).
+
+        Returns:
+            [`RewardModelScorer`]: the scorer, its model in eval mode.
         """
         from transformers import AutoModelForSequenceClassification
 
@@ -707,7 +829,21 @@ class RewardModelScorer:
         return int(pad)
 
     def render(self, prompt, completion) -> str:
-        """The exact text the reward model scores for one `(prompt, completion)`."""
+        """The exact text the reward model scores for one `(prompt, completion)`.
+
+        Args:
+            prompt (`str` or `list[dict]`):
+                A string or a message list.
+            completion (`str` or `list[dict]`):
+                A string or an assistant message list (its contents are concatenated).
+
+        Returns:
+            `str`: the chat-templated conversation, or `prompt + completion` without a chat template.
+
+        Raises:
+            `ValueError`: the prompt is neither a string nor a message list, or it is a message list and the
+            tokenizer has no chat template.
+        """
         completion = completion_text(completion)
         if not isinstance(prompt, str) and not is_conversational_prompt(prompt):
             raise ValueError(f"A prompt must be a string or a message list, got {type(prompt).__name__}: {prompt!r}.")
@@ -723,7 +859,17 @@ class RewardModelScorer:
         return prompt + completion
 
     def encode(self, prompts: Sequence, completions: Sequence[str]) -> list[list[int]]:
-        """Token ids of the rendered texts (no special tokens added to chat-templated text)."""
+        """Token ids of the rendered texts (see [`render`]; no special tokens added to chat-templated text).
+
+        Args:
+            prompts (`Sequence[str | list[dict]]`):
+                The prompts.
+            completions (`Sequence[str]`):
+                One completion per prompt.
+
+        Returns:
+            `list[list[int]]`: one id list per pair, truncated to `max_length` tokens when it is set.
+        """
         texts = [self.render(p, c) for p, c in zip(prompts, completions)]
         kwargs = {"add_special_tokens": not self.templated}
         if self.max_length is not None:
@@ -740,6 +886,11 @@ class RewardModelScorer:
         return logits[:, 0].float().cpu().tolist()
 
     def __call__(self, prompts: Sequence, completions: Sequence[str]) -> list[float]:
+        """Scores of `(prompt, completion)` pairs in one forward; the arguments are those of [`encode`].
+
+        Returns:
+            `list[float]`: one score per pair, in their order.
+        """
         if len(prompts) == 0:
             return []
         return self._forward(self.encode(prompts, completions))
@@ -747,8 +898,21 @@ class RewardModelScorer:
     def score_batched(
         self, prompts: Sequence, completions: Sequence[str], batch_size: int = 16, progress: bool = False
     ) -> list[float]:
-        """Scores of all `(prompt, completion)` pairs, in their order, computed in batches of `batch_size` texts of
-        similar token length (longest first, so that running out of memory shows at once)."""
+        """Scores of all `(prompt, completion)` pairs, computed in batches of texts of similar token length.
+
+        Args:
+            prompts (`Sequence[str | list[dict]]`):
+                The prompts.
+            completions (`Sequence[str]`):
+                One completion per prompt.
+            batch_size (`int`, *optional*, defaults to `16`):
+                Texts per forward, longest first (so that running out of memory shows at once).
+            progress (`bool`, *optional*, defaults to `False`):
+                Show a tqdm progress bar over the batches.
+
+        Returns:
+            `list[float]`: one score per pair, in their order.
+        """
         from tqdm.auto import tqdm
 
         if len(prompts) == 0:
@@ -786,16 +950,33 @@ def _import_callable(spec: str) -> Callable | None:
 def load_scorer(spec, *, tokenizer=None, model_kwargs: dict | None = None, max_length: int | None = None) -> Callable:
     """Turn a scorer spec into a callable `f(prompts, completions) -> list[float]`.
 
-    `spec` is one of:
-
-    - a Python callable `f(prompts, completions)`, returned as is;
-    - a string `"package.module:function"` naming such a callable (used when the module imports);
-    - a reward model: a path / Hub id of an `AutoModelForSequenceClassification` with `num_labels=1` (any other
-      string), or an already-loaded one (then `tokenizer` is required). It becomes a [`RewardModelScorer`].
-
     `prompts` are passed as stored in the dataset (strings, or message lists for conversational prompts);
     `completions` are always plain strings. The callable must return one real number per completion (see
     [`score_completions`]).
+
+    Args:
+        spec (`Callable`, `str`, `Path` or `torch.nn.Module`):
+            One of:
+
+            - a Python callable `f(prompts, completions)`, returned as is;
+            - a string `"package.module:function"` naming such a callable (used when the module imports);
+            - a reward model: a path / Hub id of an `AutoModelForSequenceClassification` with `num_labels=1` (any
+              other string), or an already-loaded one (then `tokenizer` is required). It becomes a
+              [`RewardModelScorer`].
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The reward model's tokenizer: required for a loaded reward model; for a path, loaded from it when `None`.
+        model_kwargs (`dict`, *optional*):
+            Extra `from_pretrained` arguments for a reward-model path.
+        max_length (`int`, *optional*):
+            Truncate reward-model inputs to this many tokens (`None`: no truncation).
+
+    Returns:
+        `Callable`: `f(prompts, completions) -> list[float]` (a [`RewardModelScorer`] for a reward model).
+
+    Raises:
+        `ValueError`: a `module:function` whose module cannot be imported, has no such attribute or names something
+        that is not callable, or a loaded reward model without `tokenizer`.
+        `TypeError`: `spec` is none of the above.
     """
     import torch
 
@@ -903,23 +1084,35 @@ def score_completions(
 ):
     """Score every completion of a groups dataset; return it with `reward_column` (list[float] per row).
 
-    Args:
-        dataset: a Dataset with `prompt` and `completions` (list of strings) columns, e.g. from
-            [`generate_completions`].
-        scorer: a reward model (path / Hub id / loaded), a callable `f(prompts, completions) -> list[float]`, or a
-            `"module:function"` string (see [`load_scorer`]).
-        batch_size: completions per scorer call (per reward-model forward). A reward model's batches group
-            completions of similar token length (the rewards come back in the dataset's order).
-        tokenizer: the reward model's tokenizer (required for a loaded reward model).
-        progress: show a tqdm progress bar.
-        reward_column: name of the added column (replaced if it exists).
-        model_kwargs: extra `from_pretrained` arguments for a reward-model path.
-        max_length: truncate reward-model inputs to this many tokens (default: no truncation).
-
     `rewards[i][j]` is the score of `completions[i][j]`. Each score must be a real number (an `int` / `float`, a numpy
     number or a 0-d tensor): a string or a boolean raises `ValueError` naming the completion's flat index and the
     type. Non-finite scores (NaN, inf) and None are stored as NaN with a warning giving their count; the trainers skip
     and count such rows.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            A Dataset with `prompt` and `completions` (list of strings) columns, e.g. from [`generate_completions`]
+            (a dict of columns or a list of rows is converted).
+        scorer (`str`, `Path`, `Callable` or `PreTrainedModel`):
+            A reward model (path / Hub id / loaded), a callable `f(prompts, completions) -> list[float]`, or a
+            `"module:function"` string (see [`load_scorer`]).
+        batch_size (`int`, *optional*, defaults to `16`):
+            Completions per scorer call (per reward-model forward). A reward model's batches group completions of
+            similar token length (the rewards come back in the dataset's order).
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The reward model's tokenizer (required for a loaded reward model).
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a tqdm progress bar.
+        reward_column (`str`, *optional*, defaults to `"rewards"`):
+            Name of the added column (replaced if it exists).
+        model_kwargs (`dict`, *optional*):
+            Extra `from_pretrained` arguments for a reward-model path.
+        max_length (`int`, *optional*):
+            Truncate reward-model inputs to this many tokens (`None`: no truncation).
+
+    Returns:
+        `datasets.Dataset`: the dataset with `reward_column` added, one `list[float]` per row aligned with
+        `completions`.
     """
     from tqdm.auto import tqdm
 
@@ -977,12 +1170,22 @@ def _default_judge_name(spec, index: int) -> str:
 
 
 def name_judges(judges) -> list[tuple[str, Any]]:
-    """`[(name, spec), ...]` for several scorers (judges).
+    """Name several scorers (judges).
 
-    `judges` is a dict `{name: spec}`, or a list whose items are specs (see [`load_scorer`]) or strings
-    `"NAME=SPEC"`. Without a name, a judge is named after its function (`module:function`, a callable) or the last
-    part of its reward-model path / Hub id. Names become the columns `rewards_<name>`: letters, digits, `_`, `.`, `-`,
-    unique, and not `mean`.
+    Without a name, a judge is named after its function (`module:function`, a callable) or the last part of its
+    reward-model path / Hub id. Names become the columns `rewards_<name>`: letters, digits, `_`, `.`, `-`, unique, and
+    not `mean`.
+
+    Args:
+        judges (`dict[str, Any]`, `list` or one spec):
+            A dict `{name: spec}`, or a list whose items are specs (see [`load_scorer`]) or strings `"NAME=SPEC"`;
+            a single spec (a string, a path or a callable) is one judge.
+
+    Returns:
+        `list[tuple[str, Any]]`: `[(name, spec), ...]` in the order given.
+
+    Raises:
+        `ValueError`: no judge is given, a name is not allowed, or two judges have the same name.
     """
     if isinstance(judges, dict):
         items = [(str(name), spec) for name, spec in judges.items()]
@@ -1014,10 +1217,19 @@ def name_judges(judges) -> list[tuple[str, Any]]:
 
 
 def combine_rewards(columns: dict[str, Sequence[Sequence[float]]], combine: str = "mean") -> list[list[float]]:
-    """The combined `rewards` of several judges' reward columns (`{name: rewards per row}`, rows aligned).
+    """The combined `rewards` of several judges' reward columns.
 
-    `combine="mean"`: the mean of the judges' scores of each completion (NaN when any judge gave NaN); a judge's
-    name: that judge's scores. The judges' scales are not normalised: use judges on comparable scales for the mean.
+    The judges' scales are not normalised: use judges on comparable scales for the mean.
+
+    Args:
+        columns (`dict[str, Sequence[Sequence[float]]]`):
+            `{name: rewards per row}`, rows aligned.
+        combine (`str`, *optional*, defaults to `"mean"`):
+            `"mean"`: the mean of the judges' scores of each completion (NaN when any judge gave NaN); a judge's
+            name: that judge's scores.
+
+    Returns:
+        `list[list[float]]`: the combined rewards, one list per row.
     """
     if combine != "mean" and combine not in columns:
         raise ValueError(f"combine must be 'mean' or one of the judges {sorted(columns)}, got {combine!r}.")
@@ -1047,16 +1259,26 @@ def score_with_judges(
     """Score a groups dataset with several judges, one model in memory at a time.
 
     Args:
-        dataset: a groups Dataset (`prompt`, `completions`).
-        judges: see [`name_judges`] (a dict `{name: spec}` or a list of specs / `"NAME=SPEC"` strings). Each
-            reward model is loaded with its own tokenizer (and so its own chat template), used, and released before
-            the next one is loaded.
-        combine: how the `rewards` column is made: `"mean"` or one judge's name (see [`combine_rewards`]).
-        batch_size, progress, model_kwargs, max_length: as for [`score_completions`].
+        dataset (`datasets.Dataset`):
+            A groups Dataset (`prompt`, `completions`).
+        judges (`dict[str, Any]`, `list` or one spec):
+            See [`name_judges`] (a dict `{name: spec}` or a list of specs / `"NAME=SPEC"` strings). Each reward
+            model is loaded with its own tokenizer (and so its own chat template), used, and released before the
+            next one is loaded.
+        combine (`str`, *optional*, defaults to `"mean"`):
+            How the `rewards` column is made: `"mean"` or one judge's name (see [`combine_rewards`]).
+        batch_size (`int`, *optional*, defaults to `16`):
+            As for [`score_completions`].
+        progress (`bool`, *optional*, defaults to `True`):
+            As for [`score_completions`].
+        model_kwargs (`dict`, *optional*):
+            As for [`score_completions`].
+        max_length (`int`, *optional*):
+            As for [`score_completions`].
 
     Returns:
-        With one judge, the [`score_completions`] result (`rewards` only). With several, a `rewards_<name>` column
-        per judge and the combined `rewards`.
+        `datasets.Dataset`: with one judge, the [`score_completions`] result (`rewards` only). With several, a
+        `rewards_<name>` column per judge and the combined `rewards`.
     """
     items = name_judges(judges)
     kwargs = dict(batch_size=batch_size, progress=progress, model_kwargs=model_kwargs, max_length=max_length)
@@ -1097,9 +1319,9 @@ def generate_with_goal(
     tokenizer with its special tokens, e.g. BOS, for strings), then continued by [`generate_ids`].
 
     Args:
-        model:
+        model (`PreTrainedModel`):
             A causal LM (`generate` is called on it, in eval mode, without gradients).
-        tokenizer:
+        tokenizer (`PreTrainedTokenizerBase`):
             The training tokenizer (pad token, or EOS when it has none, for the left padding).
         prompts (`str`, `list[dict]` or a list of them):
             One prompt or a list (strings or message lists).
@@ -1109,7 +1331,7 @@ def generate_with_goal(
             The training `system_role`.
         template (`str`, *optional*):
             The training `goal_template`.
-        attributes (*optional*):
+        attributes (`dict` or `list`, *optional*):
             The training `attribute_columns` (see `build_goal_prompt`).
         **generate_kwargs:
             Passed to `model.generate` (default `max_new_tokens=64`).
