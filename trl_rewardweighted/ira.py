@@ -75,33 +75,51 @@ def implicit_reward_relabel(
 ):
     """Write DPO implicit rewards of both responses as 1–10 scores (IRA), ready for `reward_augment_dataset`.
 
-    Args:
-        dataset (`datasets.Dataset`): preference pairs (any format `reward_augment_dataset` accepts, e.g. binarized
-            data without scores).
-        model: the DPO-trained policy: a path, a `PreTrainedModel`, or a `PeftModel` (then `ref_model=None`
-            means the reference is the same model with adapters disabled).
-        ref_model: the reference π_ref the DPO run used (path or model). Required unless `model` is a PEFT model.
-        tokenizer: the tokenizer (loaded from `model` when it is a path and this is None).
-        beta: the DPO β. It only scales the raw rewards; after the min/max map it drops out.
-        batch_size: pairs per forward pass.
-        score_range_out: the goal scale the rewards are mapped to, linearly from the dataset's finite min/max
-            (`lo + (hi - lo) (r - r_min) / (r_max - r_min)`, one map for both columns).
-        round_digits: decimals of the written scores (`None`: no rounding).
-        max_length: truncation of prompt+completion, as in `DPOConfig.max_length` (`keep_start`). A response
-            with no completion token left gets a NaN score (`reward_augment_dataset` then drops the pair).
-        score_columns: the columns written (overwritten if present, with a warning).
-        prompt_column, chosen_column, rejected_column: input column names.
-        model_init_kwargs: `from_pretrained` kwargs for models given as paths (default `dtype=float32`).
-        device: where models loaded from paths go (default: CUDA if available, else CPU).
-        accelerator: an `accelerate.Accelerator` to shard the scoring over processes (rows are gathered back, every
-            process gets the full columns); `None` scores everything in this process.
-
-    Returns:
-        The dataset with `score_chosen`/`score_rejected` (the mapped scores) and `implicit_reward_chosen` /
-        `implicit_reward_rejected` (the raw `β log π/π_ref`) added; rows, order and other columns unchanged.
-
     Models you pass in are patched in place with `trl.trainer.utils.add_fused_lm_head` (unless already patched);
     a patched model behaves as before when `fused_lm_head` is not passed.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            Preference pairs (any format `reward_augment_dataset` accepts, e.g. binarized data without scores).
+        model (`str`, `PreTrainedModel` or `PeftModel`):
+            The DPO-trained policy: a path, a `PreTrainedModel`, or a `PeftModel` (then `ref_model=None` means the
+            reference is the same model with adapters disabled).
+        ref_model (`str` or `PreTrainedModel`, *optional*):
+            The reference π_ref the DPO run used (path or model). Required unless `model` is a PEFT model.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The tokenizer; loaded from `model` when it is a path and this is `None` (required otherwise).
+        beta (`float`, *optional*, defaults to `0.1`):
+            The DPO β. It only scales the raw rewards; after the min/max map it drops out.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Pairs per forward pass.
+        score_range_out (`tuple[float, float]`, *optional*, defaults to `(1.0, 10.0)`):
+            The goal scale the rewards are mapped to, linearly from the dataset's finite min/max
+            (`lo + (hi - lo) (r - r_min) / (r_max - r_min)`, one map for both columns).
+        round_digits (`int`, *optional*, defaults to `2`):
+            Decimals of the written scores (`None`: no rounding).
+        max_length (`int`, *optional*, defaults to `1024`):
+            Truncation of prompt+completion, as in `DPOConfig.max_length` (`keep_start`). A response with no
+            completion token left gets a NaN score (`reward_augment_dataset` then drops the pair).
+        score_columns (`Sequence[str]`, *optional*, defaults to `("score_chosen", "score_rejected")`):
+            The columns written (overwritten if present, with a warning).
+        prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            Input column name of the prompts.
+        chosen_column (`str`, *optional*, defaults to `"chosen"`):
+            Input column name of the chosen responses.
+        rejected_column (`str`, *optional*, defaults to `"rejected"`):
+            Input column name of the rejected responses.
+        model_init_kwargs (`dict`, *optional*):
+            `from_pretrained` kwargs for models given as paths (default `dtype=float32`).
+        device (`str` or `torch.device`, *optional*):
+            Where models loaded from paths go (default: the `accelerator`'s device when one is given, else CUDA if
+            available, else CPU).
+        accelerator (`accelerate.Accelerator`, *optional*):
+            Shards the scoring over processes (rows are gathered back, every process gets the full columns); `None`
+            scores everything in this process.
+
+    Returns:
+        `datasets.Dataset`: the dataset with `score_columns` (the mapped scores) and `implicit_reward_chosen` /
+        `implicit_reward_rejected` (the raw `β log π/π_ref`) added; rows, order and other columns unchanged.
     """
     from accelerate.utils import is_peft_model
     from datasets import Dataset
