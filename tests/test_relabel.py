@@ -561,6 +561,49 @@ def test_augment_options_one_validation():
     assert (stats["pairs_in"], stats["dropped_ties"], stats["rows_out"]) == (4, 1, len(out)) == (4, 1, 6)
 
 
+def test_relabel_fields_defined_once(tmp_path):
+    """The config's relabeling fields are `RewardAugmentFields`' own (same objects: name, default, help, choices), and
+    `AugmentOptions` takes them by name or by the short names, with the same values."""
+    import dataclasses
+
+    from trl_rewardweighted.data.relabel import AugmentOptions, RewardAugmentFields
+    from trl_rewardweighted.trainers.ra_dpo_config import RewardAugmentedDPOConfig
+
+    relabel = dataclasses.fields(RewardAugmentFields)
+    assert [f.name for f in relabel] == [
+        "augment_mode", "augment_fraction", "ties", "score_chosen_column", "score_rejected_column", "score_range",
+        "round_digits", "goal_template", "system_role", "attribute_columns",
+    ]  # fmt: skip
+    config_fields = {f.name: f for f in dataclasses.fields(RewardAugmentedDPOConfig)}
+    assert all(config_fields[f.name] is f for f in relabel)
+    assert issubclass(RewardAugmentedDPOConfig, RewardAugmentFields) and issubclass(AugmentOptions, RewardAugmentFields)
+    assert {f.name for f in dataclasses.fields(AugmentOptions)} == {f.name for f in relabel}
+    # every relabeling field is documented once, and the config's docstring shows it
+    for f in relabel:
+        assert RewardAugmentFields.__doc__.count(f"        {f.name} (`") == 1
+        assert RewardAugmentedDPOConfig.__doc__.count(f"        {f.name} (`") == 1
+    short = AugmentOptions(mode="chosen_only", fraction=0.5, score_columns=("a", "b"), attributes=None, ties="keep")
+    long = AugmentOptions(
+        augment_mode="chosen_only", augment_fraction=0.5, score_chosen_column="a", score_rejected_column="b", ties="keep"
+    )
+    assert short == long and (short.mode, short.fraction, short.score_columns) == ("chosen_only", 0.5, ("a", "b"))
+    config = RewardAugmentedDPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, augment_mode="chosen_only", augment_fraction=0.5,
+        score_chosen_column="a", score_rejected_column="b", ties="keep",
+    )  # fmt: skip
+    assert config.augment_options() == long
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        long.ties = "drop"
+    assert dataclasses.replace(long, ties="drop").ties == "drop"
+    with pytest.raises(TypeError, match=re.escape("The relabeling option 'augment_mode' is given twice")):
+        AugmentOptions(mode="both", augment_mode="both")
+    with pytest.raises(
+        ValueError,
+        match=re.escape("`score_columns` (config: `score_chosen_column / score_rejected_column`) must be a pair"),
+    ):
+        AugmentOptions(score_columns="score")
+
+
 def test_implicit_prompts_split_by_trl_extract_prompt():
     """Implicit prompts are TRL's `extract_prompt` split (what DPOTrainer does without a `prompt` column)."""
     from trl.data_utils import extract_prompt

@@ -12,7 +12,8 @@ goal describes, never on which response was originally preferred. The result tra
 Public functions:
 
 - [`reward_augment_dataset`]: the dataset transform (RA, RA+, Half-RA, ties, rescaling, multi-attribute goals), with
-  its options grouped in [`AugmentOptions`] (validated once, also by `RewardAugmentedDPOConfig`);
+  its options defined once in [`RewardAugmentFields`] (which `RewardAugmentedDPOConfig` inherits) and validated once
+  in an [`AugmentOptions`];
 - [`build_goal_prompt`]: the goal-conditioned prompt for one prompt, built by the same code as training (use it at
   inference with `score=10`);
 - [`condition_dataset_on_goal`]: put one fixed goal (default 10) into every prompt of a dataset, without doubling or
@@ -33,7 +34,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,9 @@ from .utils import check_float_column, check_prompt_and_completion, check_text_o
 
 __all__ = [
     "AugmentOptions",
+    "RewardAugmentFields",
+    "OPTION_ALIASES",
+    "canonical_option_names",
     "reward_augment_dataset",
     "build_goal_prompt",
     "condition_dataset_on_goal",
@@ -314,19 +318,41 @@ def build_goal_prompt(
 # Options
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Option names of `reward_augment_dataset` whose `RewardAugmentedDPOConfig` field has another name: error messages
-# name both, so the same message reads right from either entry point.
-_CONFIG_NAMES = {
+# Short keyword names that `reward_augment_dataset` and `AugmentOptions` accept for some `RewardAugmentFields` fields
+# (the names of the first releases). Error messages name both, so they read right from either entry point.
+OPTION_ALIASES = {
     "mode": "augment_mode",
     "fraction": "augment_fraction",
     "attributes": "attribute_columns",
-    "score_columns": "score_chosen_column / score_rejected_column",
+    "score_columns": ("score_chosen_column", "score_rejected_column"),
 }
+_SHORT_NAMES = {"augment_mode": "mode", "augment_fraction": "fraction", "attribute_columns": "attributes"}
 
 
-def _opt(name: str) -> str:
-    other = _CONFIG_NAMES.get(name)
-    return f"`{name}` (config: `{other}`)" if other else f"`{name}`"
+def _opt(field_name: str) -> str:
+    short = _SHORT_NAMES.get(field_name)
+    return f"`{short}` (config: `{field_name}`)" if short else f"`{field_name}`"
+
+
+def canonical_option_names(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with the short keyword names (`OPTION_ALIASES`) replaced by the `RewardAugmentFields` field names;
+    a name given twice (e.g. `mode` and `augment_mode`) raises."""
+    out = {}
+    for name, value in options.items():
+        if name == "score_columns":
+            if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
+                raise ValueError(
+                    "`score_columns` (config: `score_chosen_column / score_rejected_column`) must be a pair (chosen "
+                    f"column, rejected column), got {value!r}."
+                )
+            renamed = dict(zip(OPTION_ALIASES[name], value))
+        else:
+            renamed = {OPTION_ALIASES.get(name, name): value}
+        for key, item in renamed.items():
+            if key in out:
+                raise TypeError(f"The relabeling option {key!r} is given twice (by its name and by {name!r}).")
+            out[key] = item
+    return out
 
 
 def _is_none_string(value: Any) -> bool:
@@ -383,78 +409,124 @@ def _normalise_attributes(attributes: Any) -> dict[str, tuple[str, str]] | None:
     return out
 
 
-@dataclass(frozen=True)
-class AugmentOptions:
+@dataclass
+class RewardAugmentFields:
     r"""
-    The relabeling options of [`reward_augment_dataset`], validated and normalised once, on construction.
-
-    [`RewardAugmentedDPOConfig`] builds one from its fields (`augment_mode` -> `mode`, `augment_fraction` ->
-    `fraction`, `score_chosen_column`/`score_rejected_column` -> `score_columns`, `attribute_columns` ->
-    `attributes`), so the function and the config accept the same values and raise the same messages.
+    The relabeling options of reward augmentation, defined once: [`RewardAugmentedDPOConfig`] inherits these fields
+    (with their `--help` text and choices for [`~trl.TrlParser`]), and [`AugmentOptions`], what
+    [`reward_augment_dataset`] takes, is a validated, immutable copy of them. The function and `AugmentOptions` also
+    accept the short names `mode`, `fraction`, `attributes` and `score_columns` (a pair for the two score columns),
+    see `OPTION_ALIASES`; error messages name both spellings.
 
     Parameters:
-        mode (`str`, *optional*, defaults to `"both"`):
-            `"both"` (RA: both goals, 2 rows per pair) or `"chosen_only"` (RA+: the chosen goal only).
-        fraction (`float`, *optional*, defaults to `1.0`):
-            Half-RA. Keep and augment only the FIRST `floor(fraction * len(dataset))` input rows (input order, no
-            sampling), so `fraction=0.5` with `mode="both"` gives as many rows as the input (minus drops). The drops
-            below apply within that share.
+        augment_mode (`str`, *optional*, defaults to `"both"`):
+            `"both"` (RA: one copy conditioned on each response's score, 2 rows per pair) or `"chosen_only"` (RA+:
+            only the chosen response's goal; same size as the input).
+        augment_fraction (`float`, *optional*, defaults to `1.0`):
+            Half-RA: keep and augment only the FIRST `floor(fraction * N)` input pairs (input order, no sampling),
+            so `0.5` with `augment_mode="both"` gives as many rows as the input (minus drops). The drops below apply
+            within that share.
         ties (`str`, *optional*, defaults to `"drop"`):
-            `"drop"` (equal goals after rescaling and rounding, on the full attribute vector, mean both responses meet
-            the goal, so the pair has no preference) or `"keep"` (the released code: contradictory twin pairs).
-        score_columns (`tuple[str, str]`, *optional*, defaults to `("score_chosen", "score_rejected")`):
-            (chosen score column, rejected score column). Ignored when `attributes` is given.
+            Pairs whose goals are equal after rescaling and rounding (on the full attribute vector) carry no
+            preference under the paper's indicator reward: `"drop"` removes them, `"keep"` follows the released code
+            (contradictory twin pairs).
+        score_chosen_column (`str`, *optional*, defaults to `"score_chosen"`):
+            Column with the chosen response's score. Ignored when `attribute_columns` is given.
+        score_rejected_column (`str`, *optional*, defaults to `"score_rejected"`):
+            Column with the rejected response's score. Ignored when `attribute_columns` is given.
         score_range (`str`, `tuple`, `dict` or `None`, *optional*, defaults to `None`):
-            How scores become goals on the 1-10 scale. `None`: used as they are; they must lie in [1, 10] (a clear
-            error names the first row outside). `(lo, hi)` or `"lo,hi"`: linear map `s' = 1 + 9 (s - lo) / (hi - lo)`;
-            scores outside [lo, hi] raise. `"auto"`: the same map with the min/max of the whole input (both columns,
-            finite values). A dict `{attribute: spec}` sets it per attribute (unknown names raise).
+            How scores become goals on the 1-10 scale. `None`: used as they are; they must lie in [1, 10], as
+            UltraFeedback's (a clear error names the first row outside). `(lo, hi)` or `"lo,hi"`: linear map
+            `s' = 1 + 9 (s - lo) / (hi - lo)`; scores outside [lo, hi] raise. `"auto"`: the same map with the min/max
+            of the whole input (both columns, finite values; for reward-model scores). With `attribute_columns`, a
+            dict `{attribute: spec}` sets it per attribute (unknown names raise).
         round_digits (`int` or `None`, *optional*, defaults to `2`):
             Goals are rounded to this many decimals (`numpy.round`, half to even) after rescaling; `None` = no
             rounding (the released code does not round its 0.5-step UltraFeedback scores). Numbers print like the
             released code: integer-valued `8.0` -> `"8"`, otherwise `"7.5"`.
         goal_template (`str` or `None`, *optional*, defaults to `None`):
-            `None` = the released code's text (`DEFAULT_GOAL_TEMPLATE`), or a `str.format` template with `{scores}`
-            (one `"<name>: <value>."` line per attribute) and/or `{score}`.
+            `None` = the released code's text (`DEFAULT_GOAL_TEMPLATE`: "You are an assistant that generates
+            responses for the instruction while implicitly achieving the following target scores (on a scale of
+            1-10, where 1 is lowest and 10 is highest):\nOverall score: {score}."), or a `str.format` template with
+            `{scores}` (one `"<name>: <value>."` line per attribute) and/or `{score}`. Use the same one at inference.
         system_role (`str`, *optional*, defaults to `"auto"`):
             Where the goal goes in conversational prompts. `"system"`: a system message (merged into an existing
             leading system message as `goal + "\n\n" + existing`, never a second one). `"prefix"`: `goal + "\n\n"`
             before the first user turn. `"auto"`: `"system"` if the tokenizer's chat template renders a probe system
             message, `"prefix"` if it raises (Gemma: "System role not supported") or drops it; `"system"` when no
             tokenizer is given. String prompts always get the prefix.
-        attributes (`dict`, `str` or `None`, *optional*, defaults to `None`):
-            Multi-attribute goals, `{name: (chosen column, rejected column)}` in display order (a JSON string is
-            parsed). Each attribute is rescaled on its own; the goal text has one `"<name>: <value>."` line each.
+        attribute_columns (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Multi-attribute goals, `{name: [chosen column, rejected column]}` in display order (a JSON string on the
+            command line). Each attribute is rescaled on its own; the goal text has one `"<name>: <value>."` line
+            each, replacing the single overall score.
     """
 
-    mode: str = "both"
-    fraction: float = 1.0
-    ties: str = "drop"
-    score_columns: tuple[str, str] = ("score_chosen", "score_rejected")
-    score_range: Any = None
-    round_digits: int | None = 2
-    goal_template: str | None = None
-    system_role: str = "auto"
-    attributes: Any = None
+    augment_mode: str = field(
+        default="both",
+        metadata={
+            "help": "'both' (RA: both goals, 2N rows) or 'chosen_only' (RA+: the chosen goal only, N rows).",
+            "choices": list(AUGMENT_MODES),
+        },
+    )
+    augment_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Half-RA: augment only the first floor(fraction*N) training pairs (0.5 keeps the size)."},
+    )
+    ties: str = field(
+        default="drop",
+        metadata={
+            "help": "Pairs with equal goal scores: 'drop' (paper's indicator reward) or 'keep' (released code).",
+            "choices": list(TIE_POLICIES),
+        },
+    )
+    score_chosen_column: str = field(default="score_chosen", metadata={"help": "Score column of the chosen response."})
+    score_rejected_column: str = field(
+        default="score_rejected", metadata={"help": "Score column of the rejected response."}
+    )
+    score_range: str | None = field(
+        default=None,
+        metadata={
+            "help": "None (scores already on 1-10), 'lo,hi' (linear map to 1-10) or 'auto' (training-set min/max)."
+        },
+    )
+    round_digits: int | None = field(
+        default=2, metadata={"help": "Decimals the goal scores are rounded to after rescaling (None: no rounding)."}
+    )
+    goal_template: str | None = field(
+        default=None,
+        metadata={"help": "Goal text template with {scores} and/or {score}; None = the released code's wording."},
+    )
+    system_role: str = field(
+        default="auto",
+        metadata={
+            "help": "Goal placement for conversational prompts: 'auto', 'system' or 'prefix'.",
+            "choices": list(SYSTEM_ROLES),
+        },
+    )
+    attribute_columns: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": 'Multi-attribute goals as JSON: {"Helpfulness": ["help_chosen", "help_rejected"], ...}.'},
+    )
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Check every option and store the normalised values (ranges as float pairs, attributes as a dict)."""
-        set_ = object.__setattr__  # frozen: normalise in place once, here
-        if self.mode not in AUGMENT_MODES:
+    def normalise_augment_fields(self) -> None:
+        """Check every relabeling field and store the normalised values in place (`score_range` as `None`, `"auto"`,
+        a float pair or a dict of them; `attribute_columns` as a dict of column pairs)."""
+        set_ = object.__setattr__  # also on the immutable `AugmentOptions`: normalised once, here
+        if self.augment_mode not in AUGMENT_MODES:
             raise ValueError(
-                f"{_opt('mode')} must be one of {AUGMENT_MODES} ('both' = RA, 'chosen_only' = RA+), got {self.mode!r}."
+                f"{_opt('augment_mode')} must be one of {AUGMENT_MODES} ('both' = RA, 'chosen_only' = RA+), got "
+                f"{self.augment_mode!r}."
             )
         if self.ties not in TIE_POLICIES:
             raise ValueError(f"{_opt('ties')} must be one of {TIE_POLICIES}, got {self.ties!r}.")
         if self.system_role not in SYSTEM_ROLES:
             raise ValueError(f"{_opt('system_role')} must be one of {SYSTEM_ROLES}, got {self.system_role!r}.")
-        fraction = self.fraction
+        fraction = self.augment_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"{_opt('fraction')} must be a number in (0, 1] (0.5 = Half-RA), got {fraction!r}.")
-        set_(self, "fraction", float(fraction))
+            raise ValueError(
+                f"{_opt('augment_fraction')} must be a number in (0, 1] (0.5 = Half-RA), got {fraction!r}."
+            )
+        set_(self, "augment_fraction", float(fraction))
         digits = self.round_digits
         if digits is not None and (isinstance(digits, bool) or not isinstance(digits, int) or digits < 0):
             raise ValueError(
@@ -462,13 +534,9 @@ class AugmentOptions:
                 "goals to tens: 7.5 -> 10, 2 -> 0)."
             )
         _check_template(self.goal_template)
-        columns = self.score_columns
-        if isinstance(columns, str) or not isinstance(columns, Sequence) or len(columns) != 2:
-            raise ValueError(
-                f"{_opt('score_columns')} must be a pair (chosen column, rejected column), got {columns!r}."
-            )
-        set_(self, "score_columns", (str(columns[0]), str(columns[1])))
-        set_(self, "attributes", _normalise_attributes(self.attributes))
+        set_(self, "score_chosen_column", str(self.score_chosen_column))
+        set_(self, "score_rejected_column", str(self.score_rejected_column))
+        set_(self, "attribute_columns", _normalise_attributes(self.attribute_columns))
         names = self.attribute_names
         spec = self.score_range
         if isinstance(spec, Mapping):
@@ -485,9 +553,9 @@ class AugmentOptions:
     def attribute_map(self) -> dict[str, tuple[str, str]]:
         """`{attribute name: (chosen column, rejected column)}` in display order (one `"Overall score"` entry for
         single-score goals)."""
-        if self.attributes is not None:
-            return dict(self.attributes)
-        return {DEFAULT_ATTRIBUTE_NAME: tuple(self.score_columns)}
+        if self.attribute_columns is not None:
+            return dict(self.attribute_columns)
+        return {DEFAULT_ATTRIBUTE_NAME: (self.score_chosen_column, self.score_rejected_column)}
 
     @property
     def attribute_names(self) -> list[str]:
@@ -496,7 +564,7 @@ class AugmentOptions:
     @property
     def multi(self) -> bool:
         """Multi-attribute goals (`goal_scores` list column instead of `goal_score`)."""
-        return self.attributes is not None
+        return self.attribute_columns is not None
 
     def range_for(self, name: str):
         """The normalised `score_range` of one attribute: `None`, `"auto"` or `(lo, hi)`."""
@@ -504,9 +572,55 @@ class AugmentOptions:
             return self.score_range.get(name)
         return self.score_range
 
+    def augment_options(self) -> AugmentOptions:
+        """These fields as a validated [`AugmentOptions`] (what [`reward_augment_dataset`] takes)."""
+        return AugmentOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RewardAugmentFields)})
+
+
+class AugmentOptions(RewardAugmentFields):
+    r"""
+    The relabeling options of [`reward_augment_dataset`]: the fields of [`RewardAugmentFields`] (documented there),
+    validated and normalised once, on construction, and immutable afterwards (change one with
+    `dataclasses.replace`). [`RewardAugmentedDPOConfig`] builds one with `augment_options()`, so the function and the
+    config accept the same values and raise the same messages.
+
+    Besides the field names, the short names of `OPTION_ALIASES` are accepted as keywords and readable as attributes:
+    `mode` (`augment_mode`), `fraction` (`augment_fraction`), `attributes` (`attribute_columns`) and `score_columns`
+    (the pair `(score_chosen_column, score_rejected_column)`).
+
+    Example:
+
+    ```python
+    >>> AugmentOptions(mode="chosen_only", score_range="0,1").score_range
+    (0.0, 1.0)
+    ```
+    """
+
+    def __init__(self, **options):
+        super().__init__(**canonical_option_names(options))
+        self.normalise_augment_fields()
+        object.__setattr__(self, "_sealed", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_sealed", False):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign to field {name!r}: AugmentOptions is validated once; use dataclasses.replace."
+            )
+        object.__setattr__(self, name, value)
+
+    validate = RewardAugmentFields.normalise_augment_fields  # the name of the first releases
+
+    mode = property(lambda self: self.augment_mode, doc="`augment_mode`.")
+    fraction = property(lambda self: self.augment_fraction, doc="`augment_fraction`.")
+    attributes = property(lambda self: self.attribute_columns, doc="`attribute_columns`.")
+    score_columns = property(
+        lambda self: (self.score_chosen_column, self.score_rejected_column),
+        doc="`(score_chosen_column, score_rejected_column)`.",
+    )
+
 
 def _options_from(options: AugmentOptions | None, option_kwargs: dict[str, Any]) -> AugmentOptions:
-    known = {f.name for f in dataclasses.fields(AugmentOptions)}
+    known = {f.name for f in dataclasses.fields(RewardAugmentFields)} | set(OPTION_ALIASES)
     unknown = sorted(set(option_kwargs) - known)
     if unknown:
         raise TypeError(f"reward_augment_dataset got unknown option(s) {unknown}; the options are {sorted(known)}.")
@@ -514,7 +628,7 @@ def _options_from(options: AugmentOptions | None, option_kwargs: dict[str, Any])
         return AugmentOptions(**option_kwargs)
     if not isinstance(options, AugmentOptions):
         raise TypeError(f"`options` must be an AugmentOptions, got {type(options).__name__}.")
-    return dataclasses.replace(options, **option_kwargs) if option_kwargs else options
+    return dataclasses.replace(options, **canonical_option_names(option_kwargs)) if option_kwargs else options
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -967,7 +1081,8 @@ def reward_augment_dataset(
             Used only when `system_role="auto"`, to check whether its chat template renders a system role.
         options ([`AugmentOptions`], *optional*):
             The relabeling options (mode, fraction, ties, score columns and range, rounding, goal template, system
-            role, attributes); `RewardAugmentedDPOConfig` builds one. Keyword options (below) override it.
+            role, attributes); `RewardAugmentedDPOConfig.augment_options()` builds one. Keyword options (below)
+            override it.
         prompt_column (`str`, *optional*, defaults to `"prompt"`):
             Input prompt column. The output always uses `prompt`, `chosen`, `rejected` (what `DPOTrainer` reads).
         chosen_column (`str`, *optional*, defaults to `"chosen"`):
@@ -988,8 +1103,8 @@ def reward_augment_dataset(
             Also return the counts (`pairs_in`, `pairs_selected`, `dropped_nonfinite`, `ties`, `dropped_ties`,
             `rows_out`, ...), as `(dataset, stats)`.
         **option_kwargs:
-            The fields of [`AugmentOptions`]: `mode`, `fraction`, `ties`, `score_columns`, `score_range`,
-            `round_digits`, `goal_template`, `system_role`, `attributes` (see there).
+            The fields of [`RewardAugmentFields`] (see there), by their names or the short ones: `mode`, `fraction`,
+            `ties`, `score_columns`, `score_range`, `round_digits`, `goal_template`, `system_role`, `attributes`.
 
     Returns:
         A new `Dataset` with `prompt` (goal-conditioned), `chosen`, `rejected`, every other input column copied into
@@ -1034,7 +1149,7 @@ def reward_augment_dataset(
 
     # Half-RA keeps the first rows; "auto" rescaling still uses the whole input's min/max.
     full_c, full_r = _score_matrices(dataset, options)
-    n_keep = _first_rows(len(dataset), options.fraction)
+    n_keep = _first_rows(len(dataset), options.augment_fraction)
     if n_keep < len(dataset):
         dataset = dataset.select(range(n_keep))
     stats["pairs_selected"] = len(dataset)
@@ -1056,7 +1171,7 @@ def reward_augment_dataset(
         goals_chosen=goals_c,
         goals_rejected=goals_r,
         keep=keep,
-        both=options.mode == "both",
+        both=options.augment_mode == "both",
         names=options.attribute_names,
         template=options.goal_template,
         placement=placement,
@@ -1086,8 +1201,8 @@ def reward_augment_dataset(
     logger.info(
         "Reward augmentation (mode=%s, fraction=%s, ties=%s): %d input pairs, %d selected, %d dropped (non-finite), "
         "%d tied (%s), %d rows out; goal placement: %s.",
-        options.mode,
-        options.fraction,
+        options.augment_mode,
+        options.augment_fraction,
         options.ties,
         stats["pairs_in"],
         stats["pairs_selected"],
