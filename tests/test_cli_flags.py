@@ -94,6 +94,15 @@ def _plain(value):
     return repr(value)
 
 
+@pytest.fixture(autouse=True)
+def _hub_ids_pass(monkeypatch):
+    """The `org/...` model ids these tests give pass the model check as Hub ids (offline, the check refuses an id
+    with no cached copy: tested on its own below)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 def _run(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     try:
@@ -351,9 +360,21 @@ def test_missing_model_path_names_the_flag_before_loading(tmp_path, files, capsy
     )
 
 
-def test_hub_ids_and_reward_functions_pass_the_model_check():
+def test_hub_ids_and_reward_functions_pass_the_model_check(monkeypatch):
+    from huggingface_hub import constants
+
     from trl_rewardweighted.model_utils import check_model_source
 
+    # Offline with no cached copy, a Hub-like id cannot load: refused with the reason.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert check_model_source("smollm2", "--model", builtin=("smollm2", "tiny")) == "builtin"
+    with pytest.raises(FileNotFoundError) as err:
+        check_model_source("out/var", "model_name_or_path")
+    assert str(err.value) == (
+        "model_name_or_path out/var: no such local folder, and the Hub is offline (HF_HUB_OFFLINE=1) with no cached "
+        "copy of that model id. Give the path of a local model folder."
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online: a Hub id is left to transformers
     assert check_model_source("HuggingFaceTB/SmolLM2-135M-Instruct", "--model") == "hub"
     assert check_model_source("gpt2", "--model") == "hub"
     assert check_model_source(FUNCTION, "--scorer") == "function"
@@ -361,6 +382,16 @@ def test_hub_ids_and_reward_functions_pass_the_model_check():
     for value in ("./out/var", "../var", "~/var", "a/b/c"):
         with pytest.raises(FileNotFoundError, match=re.escape(f"--model {value}: the local path does not exist")):
             check_model_source(value, "--model")
+
+
+def test_train_refuses_a_missing_model_path_before_loading(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {tmp_path}/missing\ndataset_name: {tmp_path}/data.jsonl\nuse_cpu: true\nbf16: false\n"
+    )
+    code, err = _run(["train", "var", "--config", recipe, "--output_dir", tmp_path / "out"], capsys)
+    assert code == 2
+    assert f"model_name_or_path {tmp_path}/missing: the local path does not exist" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------------

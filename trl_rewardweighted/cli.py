@@ -479,10 +479,11 @@ def _cmd_compare(args) -> None:
     from trl_rewardweighted.compare import run_compare
     from trl_rewardweighted.methods import DEPRECATED_NAMES
     from trl_rewardweighted.model_utils import check_model_source
+    from trl_rewardweighted.quickstart import BUILTIN_MODELS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     _refuse_method_options(args, [DEPRECATED_NAMES.get(m, m) for m in methods], _COMPARE_METHOD_OPTIONS, "--methods")
-    check_model_source(args.model, "--model")
+    check_model_source(args.model, "--model", builtin=BUILTIN_MODELS)
     check_model_source(args.reward, "--reward")
     run_compare(args)
 
@@ -505,10 +506,11 @@ def _add_iterate_parser(subparsers) -> None:
 def _cmd_iterate(args) -> None:
     from trl_rewardweighted.iterate import resolve_options, run_iterate
     from trl_rewardweighted.model_utils import check_model_source
+    from trl_rewardweighted.quickstart import BUILTIN_MODELS
 
     opts = resolve_options(args)  # the recipe and the flags: the method may come from the recipe
     _refuse_method_options(args, [opts.method], _ITERATE_METHOD_OPTIONS, "--method")
-    check_model_source(opts.model, "--model")
+    check_model_source(opts.model, "--model", builtin=BUILTIN_MODELS)
     check_model_source(opts.reward, "--reward")
     run_iterate(args)
 

@@ -528,7 +528,7 @@ class CheckpointedCountersMixin:
         )
 
 
-def check_model_source(spec, option: str) -> str:
+def check_model_source(spec, option: str, builtin: Sequence[str] = ()) -> str:
     """Check a model named on the command line before anything is loaded: a local path that does not exist is refused,
     naming `option` and the path, instead of the Hub error that `from_pretrained` would give for it.
 
@@ -542,14 +542,17 @@ def check_model_source(spec, option: str) -> str:
             where it is used).
         option (`str`):
             The flag or key the value came from (e.g. `"--model"`), for the message.
+        builtin (`Sequence[str]`, *optional*, defaults to `()`):
+            Names the command resolves itself (e.g. the quickstart's `"smollm2"`): they pass as `"builtin"`.
 
     Returns:
-        `str`: `"local"` (an existing path), `"function"` (a `module:function` spec) or `"hub"` (a Hub id left to
-        transformers).
+        `str`: `"local"` (an existing path), `"function"` (a `module:function` spec), `"builtin"` or `"hub"` (a Hub id
+        left to transformers).
 
     Raises:
         `FileNotFoundError`: `"--model ./out/var: the local path does not exist (a Hub model id is 'name' or
-        'org/name')."`
+        'org/name')."`; with `HF_HUB_OFFLINE=1`, also for a Hub-like id (`out/var`) that is neither a local folder nor
+        in the Hub cache.
     """
     import re
     from pathlib import Path
@@ -560,12 +563,21 @@ def check_model_source(spec, option: str) -> str:
     text = os.fspath(spec)
     if Path(text).exists():
         return "local"
+    if text in builtin:
+        return "builtin"
     if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
         return "function"
     try:
         validate_repo_id(text)
-        return "hub"
     except HFValidationError:
         raise FileNotFoundError(
             f"{option} {text}: the local path does not exist (a Hub model id is 'name' or 'org/name')."
         ) from None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(text, "config.json"), str):
+        raise FileNotFoundError(
+            f"{option} {text}: no such local folder, and the Hub is offline (HF_HUB_OFFLINE=1) with no cached copy "
+            "of that model id. Give the path of a local model folder."
+        )
+    return "hub"

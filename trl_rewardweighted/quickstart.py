@@ -36,6 +36,10 @@ def read_prompts(path: Path = PROMPTS_FILE) -> list[str]:
     return list(read_prompt_file(path)["prompt"])
 
 
+# Model names `resolve_model` builds or converts itself (no folder of that name is needed).
+BUILTIN_MODELS = ("smollm2", "tiny")
+
+
 def resolve_model(name: str, output_dir: Path) -> str:
     if name == "smollm2":
         from .offline import smollm2_is_cached, smollm2_path

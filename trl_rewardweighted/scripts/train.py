@@ -208,6 +208,17 @@ def resolve_resume_checkpoint(value, output_dir: str) -> str | None:
     return str(value)
 
 
+def check_model_sources(model_args, script_args) -> None:
+    """Refuse a model, tokenizer or reward-model path of the recipe that does not exist locally, naming its key, before
+    anything is loaded (a Hub id is left to transformers)."""
+    from trl_rewardweighted.model_utils import check_model_source
+
+    check_model_source(model_args.model_name_or_path, "model_name_or_path")
+    for spec in getattr(script_args, "reward_funcs", None) or []:
+        if isinstance(spec, str):
+            check_model_source(spec, "reward_funcs")
+
+
 def main(method: str, argv: list[str] | None = None):
     """Parse a recipe and the command line (`argv`, default `sys.argv[1:]`) for `method`, train, save the model."""
     from trl_rewardweighted.methods import build_trainer, check_reward_funcs
@@ -219,6 +230,7 @@ def main(method: str, argv: list[str] | None = None):
     # Resolved before the (slow) model and data loading, so that a missing checkpoint fails at once.
     resume_from_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_reward_funcs(spec.name, script_args.reward_funcs)  # before the (slow) data loading
+    check_model_sources(model_args, script_args)
     train_dataset, eval_dataset = load_splits(script_args, mixture_args)
     trainer = build_trainer(
         spec.name,
