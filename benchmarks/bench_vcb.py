@@ -23,7 +23,6 @@ Both trainers use the fused LM head exactly as DPOTrainer patches it (VCB leaves
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     StepTimer,
     bench_args,
+    child_json,
     device_name,
     interleaved_step_medians,
     train_peak_memory,
@@ -227,7 +227,7 @@ def main(argv=None):
             res = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), *child_argv], capture_output=True, text=True, check=True
             )
-            memory[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+            memory[kind] = child_json(res.stdout)
     cuda = torch.cuda.is_available()
     header = f"{'trainer':<30}{'median step (s)':>16}{'s/completion':>14}{'cost ratio':>12}"
     if memory:

@@ -67,6 +67,13 @@ BENCHMARKS = {
         "quick": ["--pairs", "2000", "--repeats", "1", "--steps", "3", "--rounds", "2", "--memory-steps", "2"],
         "gpu": ["--bf16", "--skip-relabel"],
     },
+    # Same prompts, generations (learning rate 0, one seed) and lengths; online VAR against GRPO with beta 0 and 0.04.
+    "bench_online_var": {
+        "title": "Online VAR vs GRPOTrainer",
+        "default": [],
+        "quick": ["--rounds", "1", "--steps-per-round", "3", "--memory-steps", "1"],
+        "gpu": ["--bf16"],
+    },
     "bench_padding_free": {
         "title": "Padding-free vs padded (VAR, VCB) and VAR vs SFTTrainer padding-free",
         "default": [],

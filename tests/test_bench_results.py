@@ -165,3 +165,51 @@ def test_benchmark_arguments_default_quick_gpu_and_override():
     quick = Namespace(quick=True, args=["bench_vcb=--rounds 7 --no-memory"], gpu_model="smollm2")
     assert run_all.benchmark_args("bench_vcb", quick, gpu=False) == ["--rounds", "7", "--no-memory"]
     assert run_all.benchmark_args("bench_var", quick, gpu=False)[:2] == ["--rounds", "2"]
+
+
+def test_child_json_reads_an_indented_value_after_library_output():
+    """The memory children print `dumps_json(...)` (indented): the parent reads the whole value, not its last line
+    (which is `}`), whatever the libraries printed before it."""
+    from _common import child_json
+
+    out = '[WARNING] Setting accelerator to CPU.\n{\n "peak_mib": 561.5,\n "train_mib": null\n}\n'
+    assert child_json(out) == {"peak_mib": 561.5, "train_mib": None}
+    assert child_json('noise\n{"peak_mib": 2.0}') == {"peak_mib": 2.0}
+    with pytest.raises(ValueError, match="no JSON value"):
+        child_json("Traceback (most recent call last):\n  boom\n")
+
+
+def test_online_var_pair_rows_and_run_all_arguments():
+    """bench_online_var's JSON: online VAR against GRPO beta=0 and beta=0.04, in the schema run_all renders, with its
+    goal (<= 1.05x) in the summary; run_all runs it in the CPU and GPU passes."""
+    from argparse import Namespace
+
+    import bench_online_var
+
+    opts = Namespace(model="tiny", beta=1.0, grpo_kl_beta=0.04, batch_size=8, kinds=("grpo", "grpo_kl", "online_var"))
+    times = {"grpo": 0.100, "grpo_kl": 0.110, "online_var": 0.104}
+    tokens = {"grpo": 5000.4, "grpo_kl": 4545.0, "online_var": None}
+    memory = {k: {"peak_mib": v, "train_mib": None} for k, v in (("grpo", 500.0), ("grpo_kl", 520.0),
+                                                                   ("online_var", 525.0))}  # fmt: skip
+    data = bench_online_var.json_results(opts, "CPU (1 threads)", times, tokens, memory, True)
+    assert data["benchmark"] == "bench_online_var" and data["settings"]["same_generations"] is True
+    assert [(r["name"], r["baseline"], r["time_ratio"], r.get("mem_ratio")) for r in data["rows"]] == [
+        ("GRPOTrainer (TRL), beta=0", None, 1.0, 1.0),
+        ("OnlineVARTrainer, beta=1", "GRPOTrainer (TRL), beta=0", 1.04, 1.05),
+        ("GRPOTrainer (TRL), beta=0.04", None, 1.0, 1.0),
+        ("OnlineVARTrainer, beta=1", "GRPOTrainer (TRL), beta=0.04", 0.9455, 1.0096),
+    ]
+    assert data["rows"][0]["tokens_per_s"] == 5000 and data["rows"][1]["tokens_per_s"] is None
+    run = _run()
+    run["benchmarks"]["bench_online_var"] = {"command": "python benchmarks/bench_online_var.py", "json": data}
+    text = run_all.render_results(run)
+    assert (
+        "| `bench_online_var` | OnlineVARTrainer, beta=1 | GRPOTrainer (TRL), beta=0 | 1.040× | 1.050× | "
+        "step time ≤ 1.05×, peak memory ≤ 1.05× | time ≤ 1.05×: yes; memory ≤ 1.05×: yes |"
+    ) in text
+    assert "## Online VAR vs GRPOTrainer — `benchmarks/bench_online_var.py`" in text
+
+    gpu = Namespace(quick=False, args=None, gpu_model="smollm2")
+    assert "bench_online_var" in run_all.benchmark_names(None)
+    assert run_all.benchmark_args("bench_online_var", gpu, gpu=False) == []
+    assert run_all.benchmark_args("bench_online_var", gpu, gpu=True) == ["--model", "smollm2", "--bf16"]
