@@ -46,7 +46,7 @@ import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .data.utils import write_json
+from .data.utils import dumps_json, write_json
 from .methods import DEPRECATED_NAMES
 from .scripts.iterate_config import METHODS, IterateConfig, make_parser
 
@@ -435,7 +435,7 @@ def run_iterate(opts) -> dict:
     check = bool(getattr(opts, "check", False))
     opts = resolve_options(opts)
     if check:
-        print(json.dumps(asdict(opts), indent=1))
+        print(dumps_json(asdict(opts)))
         return {"args": _fingerprint(opts)}
     out = Path(opts.output_dir)
     initial = resolve_model(opts.model, out)

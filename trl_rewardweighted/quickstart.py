@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
+
+from .data.utils import write_json
 
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_k, _v)
@@ -224,7 +225,7 @@ def main(argv=None) -> dict:
         "train_steps": trainer.state.global_step,
         "seconds": round(time.time() - t_start, 1),
     }
-    (out / "summary.json").write_text(json.dumps({**summary, "examples": examples[:: opts.eval_samples]}, indent=2))
+    write_json(out / "summary.json", {**summary, "examples": examples[:: opts.eval_samples]}, indent=2)
     print(f"[quickstart] plot: {out / 'quickstart.png'}   summary: {out / 'summary.json'}   ({summary['seconds']} s)")
     return summary
 
