@@ -148,3 +148,12 @@ def test_version_is_the_installed_metadata():
     declared = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["version"]
     assert trl_rewardweighted.__version__ == version("trl-rewardweighted") == declared
     assert f'"{declared}"' not in (PACKAGE / "__init__.py").read_text()  # not kept by hand a second time
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_json_files_are_written_through_write_json(path):
+    """Every JSON file goes through `data.utils.write_json` (standard JSON: `null`, never the bare token `NaN`)."""
+    text = path.read_text()
+    assert "json.dump(" not in text and "write_text(json.dumps" not in text, (
+        f"{path.relative_to(PACKAGE)} writes JSON itself: use trl_rewardweighted.data.utils.write_json"
+    )
