@@ -23,6 +23,7 @@ RANKS = {
     "offline": 0,
     "rewards": 1,
     "metrics": 0,
+    "launch": 0,  # builds `accelerate launch` command lines; imports nothing of the package
     "model_utils": 1,
     "trainers": 2,
     "sampling": 2,
