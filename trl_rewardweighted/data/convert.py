@@ -12,20 +12,18 @@ with string prompts they are plain strings. In groups, completions are always pl
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import logging
 import math
-import os
 import random
 import re
-import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .utils import completion_text, is_messages, to_float
+from .utils import completion_text, is_messages, replace_atomically, to_float
 
 __all__ = [
     "groups_to_rows",
@@ -339,68 +337,21 @@ def check_output_path(path, overwrite: bool = False, option: str = "overwrite=Tr
     return path
 
 
-def _sibling(path: Path, tag: str) -> Path:
-    """A hidden, unique name next to `path` (same folder, so that `os.replace` is a rename)."""
-    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.{tag}"
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+def _write(ds, path: Path, fmt: str) -> None:
+    if fmt == "json":
+        ds.to_json(str(path), lines=True, force_ascii=False)
+    elif fmt == "parquet":
+        ds.to_parquet(str(path))
     else:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _write_temporary(ds, path: Path) -> Path:
-    """Write `ds` in the format of `path` to a hidden temporary next to it; return the temporary. On any failure
-    (an error, Ctrl-C) the temporary is removed and the error re-raised."""
-    tmp = _sibling(path, "tmp")
-    fmt = _format_of(path)
-    try:
-        if fmt == "json":
-            ds.to_json(str(tmp), lines=True, force_ascii=False)
-        elif fmt == "parquet":
-            ds.to_parquet(str(tmp))
-        else:
-            ds.save_to_disk(str(tmp))
-    except BaseException:
-        _remove(tmp)
-        raise
-    return tmp
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    """Replace `path` by the complete temporary `tmp` (removed on failure).
-
-    A file is replaced atomically (`os.replace`). A folder cannot be renamed over a non-empty one, so the old
-    folder is first renamed aside, the new one renamed into place, then the old one removed (restored on failure).
-    """
-    try:
-        if not tmp.is_dir() or not _exists(path):
-            os.replace(tmp, path)
-            return
-        old = _sibling(path, "old")
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(old)
+        ds.save_to_disk(str(path))
 
 
 def save_datasets(items: Sequence[tuple[Any, Any]], overwrite: bool = True) -> list[str]:
     """Write several `(dataset, path)` pairs as [`save_dataset`] does, all or nothing.
 
     Every dataset is first written to a temporary next to its path; only when all writes succeeded are they moved
-    into place. A failure (or Ctrl-C) while writing leaves every existing output as it was and no temporary behind.
-    Returns the paths as strings.
+    into place (with [`~data.utils.replace_atomically`]). A failure (or Ctrl-C) while writing leaves every existing
+    output as it was and no temporary behind. Returns the paths as strings.
     """
     paths = [Path(path) for _, path in items]
     seen: dict[Path, Path] = {}
@@ -410,22 +361,10 @@ def save_datasets(items: Sequence[tuple[Any, Any]], overwrite: bool = True) -> l
             raise ValueError(f"The output path {path} is given twice; give each output its own path.")
         seen[key] = path
         check_output_path(path, overwrite)
-    written: list[tuple[Path, Path]] = []
-    try:
+    with contextlib.ExitStack() as outputs:  # every temporary is written before any output is replaced
         for (ds, _), path in zip(items, paths):
             path.parent.mkdir(parents=True, exist_ok=True)
-            written.append((_write_temporary(ds, path), path))
-    except BaseException:
-        for tmp, _ in written:
-            _remove(tmp)
-        raise
-    for k, (tmp, path) in enumerate(written):
-        try:
-            _move_into_place(tmp, path)
-        except BaseException:
-            for later, _ in written[k + 1 :]:
-                _remove(later)
-            raise
+            _write(ds, outputs.enter_context(replace_atomically(path)), _format_of(path))
     return [str(path) for path in paths]
 
 

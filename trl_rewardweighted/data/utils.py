@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ __all__ = [
     "dumps_json",
     "json_safe",
     "write_json",
+    "replace_atomically",
     "check_prompt_and_completion",
     "check_text_or_messages",
     "completion_text",
@@ -212,15 +216,63 @@ def dumps_json(value: Any, indent: int | None = 1, **kwargs) -> str:
 
 
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 1, **kwargs) -> Path:
-    """Write `value` as standard JSON to `path`, atomically: the text goes to a hidden temporary in the same folder,
-    which is then renamed over `path` (a reader sees the old file or the new one, never half of one). Returns the
-    path. Non-finite floats are written as `null` (see [`json_safe`])."""
+    """Write `value` as standard JSON to `path`, atomically (see [`replace_atomically`]: a reader sees the old file or
+    the new one, never half of one). Returns the path. Non-finite floats are written as `null` (see [`json_safe`])."""
     path = Path(path)
     text = dumps_json(value, indent=indent, **kwargs) + "\n"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
+    with replace_atomically(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replace_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """The one way this package replaces a file or a folder: write the new content to the yielded path, a hidden,
+    unique temporary next to `path` (same folder, so that moving it is a rename); when the `with` block ends without
+    an error, the temporary replaces `path`.
+
+    A file is replaced atomically (`os.replace`): a reader sees the old file or the new one. A folder cannot be
+    renamed over a non-empty one, so the old folder is first renamed aside, the new one renamed into place (the old
+    one is put back if that fails), then the old one removed. On any error (Ctrl-C included), in the block or while
+    moving, the temporary is removed, `path` is left as it was, and the error propagates. Nesting several of these in
+    one `contextlib.ExitStack` replaces several outputs all or nothing as far as the writes go: a failed write removes
+    every temporary before any output is touched.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            The file or folder to write; its parent folder must exist.
+
+    Example:
+
+    ```python
+    >>> with replace_atomically("out/rows.jsonl") as tmp:
+    ...     dataset.to_json(tmp)
+    ```
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    old = None
+    try:
+        yield tmp
+        if tmp.is_dir() and (path.exists() or path.is_symlink()):
+            old = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.old"
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    if old is not None:
+        _remove(old)
