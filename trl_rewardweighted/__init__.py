@@ -6,6 +6,8 @@
   the normaliser estimated per prompt (built on TRL's `GRPOTrainer`).
 - `RewardAugmentedDPOTrainer` / `RewardAugmentedDPOConfig` and `reward_augment_dataset`: reward-conditioned
   relabeling of preference pairs, then DPO (arXiv 2410.08067).
+- `WeightedSFTTrainer` / `WeightedSFTConfig` and `WeightedDPOTrainer` / `WeightedDPOConfig`: TRL's SFT and DPO with a
+  `sample_weight` per row, normalised over the whole optimizer step (see `docs/weights.md`).
 
 Names are imported lazily so that `import trl_rewardweighted` stays cheap.
 """
@@ -30,6 +32,10 @@ _LAZY = {
     "OnlineVARTrainer": "trl_rewardweighted.trainers.online_var_trainer",
     "RewardAugmentedDPOConfig": "trl_rewardweighted.trainers.ra_dpo_config",
     "RewardAugmentedDPOTrainer": "trl_rewardweighted.trainers.ra_dpo_trainer",
+    "WeightedSFTConfig": "trl_rewardweighted.trainers.weighted_sft_config",
+    "WeightedSFTTrainer": "trl_rewardweighted.trainers.weighted_sft_trainer",
+    "WeightedDPOConfig": "trl_rewardweighted.trainers.weighted_dpo_config",
+    "WeightedDPOTrainer": "trl_rewardweighted.trainers.weighted_dpo_trainer",
     "reward_augment_dataset": "trl_rewardweighted.data.relabel",
     "AugmentOptions": "trl_rewardweighted.data.relabel",
     "build_goal_prompt": "trl_rewardweighted.data.relabel",
@@ -55,6 +61,10 @@ __all__ = [
     "VARTrainer",
     "VCBConfig",
     "VCBTrainer",
+    "WeightedDPOConfig",
+    "WeightedDPOTrainer",
+    "WeightedSFTConfig",
+    "WeightedSFTTrainer",
     "__version__",
     "build_goal_prompt",
     "generate_completions",
@@ -99,3 +109,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .trainers.var_trainer import VARTrainer
     from .trainers.vcb_config import VCBConfig
     from .trainers.vcb_trainer import VCBTrainer
+    from .trainers.weighted_dpo_config import WeightedDPOConfig
+    from .trainers.weighted_dpo_trainer import WeightedDPOTrainer
+    from .trainers.weighted_sft_config import WeightedSFTConfig
+    from .trainers.weighted_sft_trainer import WeightedSFTTrainer

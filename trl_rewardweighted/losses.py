@@ -18,6 +18,7 @@ __all__ = [
     "online_var_weights",
     "vcb_loss",
     "vcb_pair_stats",
+    "sample_weight_factors",
     "VCB_PAIR_MODES",
 ]
 
@@ -403,3 +404,37 @@ def vcb_pair_stats(
         "sigma_sum": (sigma * group_ok).sum(),
         "num_groups": group_ok.sum().float(),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sample weights: a mean turned into a weighted mean over the whole optimizer step
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sample_weight_factors(weights: torch.Tensor, count, total) -> torch.Tensor:
+    """Per-item loss multipliers `w_i * count / total` (all 0 when `total` is 0) that turn a plain mean into a weighted
+    mean.
+
+    A loss computed as `(1 / count) * sum_i l_i` becomes `sum_i w_i l_i / total` once every `l_i` is multiplied by its
+    factor. `count` is what the plain mean divides by (items of a micro-batch, or tokens of an optimizer step) and
+    `total` the sum of the weights over the set the weighted mean runs over (the whole optimizer step: every
+    micro-batch on every process), so the result does not depend on how that set is split. With every weight 1 and
+    `total == count`, every factor is exactly 1.
+
+    Args:
+        weights (`torch.Tensor`):
+            Sample weights `>= 0`, any shape (no gradient flows through them).
+        count (`float` or `torch.Tensor`):
+            The divisor of the plain mean.
+        total (`float` or `torch.Tensor`):
+            Sum of the weights of the normalisation set, `>= 0`.
+
+    Returns:
+        `torch.Tensor`: float32 factors of the shape of `weights`.
+    """
+    weights = weights.detach().float()
+    total = torch.as_tensor(total, dtype=torch.float64, device=weights.device)
+    count = torch.as_tensor(count, dtype=torch.float64, device=weights.device)
+    if total.item() <= 0:
+        return torch.zeros_like(weights)
+    return (weights.double() * (count / total)).float()
