@@ -18,6 +18,10 @@ stay comparable across machines), then a second time on the GPU in bf16 with `--
 local folder of a ~0.5B model, e.g. Qwen2.5-0.5B-Instruct, for the 0.5B rows), which adds GPU rows (tokens/s, peak
 `max_memory_allocated`).
 
+The results of `make gpu-check` (`benchmarks/gpu_check.py`: bf16 benchmarks, ZeRO-3 launches and a LoRA compare on one
+GPU) get a section of their own, read from `--gpu-check-json` (default: `benchmarks/gpu_check.json` when it exists);
+`gpu_check.py --record` writes that section into the existing RESULTS.md without running anything else.
+
 The RESULTS.md writer is [`render_results`]: it only reads the collected dict, so it can be re-run on a saved one
 (`--raw PATH` saves it, `--from-raw PATH` renders it again without running anything). `--quick` writes its file under
 the temp dir, not over `benchmarks/RESULTS.md` (`--output` picks the file).
@@ -343,6 +347,71 @@ def render_compare(compare: dict | None) -> list[str]:
     return lines
 
 
+GPU_CHECK_TITLE = "## GPU check — `make gpu-check`"
+
+
+def render_gpu_check(check: dict | None) -> list[str]:
+    """The GPU-check section: the JSON of `benchmarks/gpu_check.py` (its benchmark rows per model, then every part's
+    status), or how to get one."""
+    lines = [GPU_CHECK_TITLE, ""]
+    if not check:
+        return lines + [
+            "No GPU check recorded: `make gpu-check` on a machine with a GPU writes `benchmarks/gpu_check.json` and "
+            "this section (README, section GPU).",
+            "",
+        ]
+    versions = ", ".join(f"{k} {v}" for k, v in (check.get("versions") or {}).items())
+    facts = f"{check.get('date', '–')}, commit {check.get('git', '–')}, command `{check.get('command', '–')}`"
+    if check.get("dry_run"):
+        lines += [f"A dry run (no GPU), {facts}: only the checks ran.", ""]
+        lines += ["| check | passed | detail |", "|---|---|---|"]
+        lines += [f"| {c['check']} | {fmt_value(c['ok'])} | {fmt_value(c['detail'])} |" for c in check["checks"]]
+        return lines + [""]
+    lines += [
+        f"Run on {check.get('device')}, {facts}, wall time {fmt_duration(check.get('wall_s'))} (budget "
+        f"{fmt_duration(check.get('budget_s'))}). Versions: {versions}.",
+        "",
+        "Step time, tokens/s and peak `torch.cuda.max_memory_allocated` of each trainer beside TRL's, in bf16 "
+        "(`benchmarks/bench_*.py` with reduced rounds):",
+        "",
+    ]
+    rows, goals = [], {}
+    for part in check.get("parts") or []:
+        model = {"smollm2": "SmolLM2-135M-Instruct"}.get(part.get("model"), Path(part.get("model") or "–").name)
+        for group, goal in (part.get("goals") or {}).items():
+            goals[f"{model}: {group}"] = goal
+        rows += [dict(r, group=f"{model}: {r.get('group') or part['name']}") for r in part.get("rows") or []]
+    lines += render_rows(rows, goals) if rows else ["No benchmark part finished.", ""]
+    lines += ["| part | status | seconds (budget) | detail |", "|---|---|---|---|"]
+    for part in check.get("parts") or []:
+        seconds = "–" if part.get("seconds") is None else f"{part['seconds']:.0f} ({part['budget_s']:.0f})"
+        lines.append(f"| {part['name']} | {part['status']} | {seconds} | {fmt_value(part.get('detail') or '')} |")
+    counts = check.get("counts") or {}
+    lines += ["", ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
+    return lines
+
+
+def splice_gpu_check(text: str, check: dict) -> str:
+    """`text` (a RESULTS.md) with its GPU-check section replaced by one rendered from `check` (inserted before the
+    compare section, or at the end, when it has none)."""
+    section = wrap_prose("\n".join(render_gpu_check(check)))
+    lines = text.rstrip("\n").split("\n")
+    if GPU_CHECK_TITLE in lines:
+        start = lines.index(GPU_CHECK_TITLE)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))), len(lines))
+    else:
+        start = end = next((i for i, line in enumerate(lines) if line.startswith("## `trl-rw compare`")), len(lines))
+    out = lines[:start] + section.rstrip("\n").split("\n") + [""] + lines[end:]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def record_gpu_check(check: dict, path: Path = RESULTS) -> None:
+    """Write the GPU-check section of `path` (RESULTS.md) from `check`, leaving the rest of the file as it is."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    path.write_text(splice_gpu_check(text, check))
+
+
 def render_results(run: dict) -> str:
     """RESULTS.md from a collected run (see `collect` in `main`): header, summary, one section per benchmark, the
     phase times of `trl-rw compare`."""
@@ -413,6 +482,7 @@ def render_results(run: dict) -> str:
             lines += render_benchmark(name, title, entry, suffix)
     if run.get("gpu_benchmarks") is None:
         lines += ["No GPU was available for this run: no GPU rows.", ""]
+    lines += render_gpu_check(run.get("gpu_check"))
     lines += render_compare(run.get("compare"))
     return wrap_prose("\n".join(lines).rstrip() + "\n")
 
@@ -681,6 +751,10 @@ def main(argv=None) -> int:
         "--output", help="the file to write (default: benchmarks/RESULTS.md; with --quick a file under the temp dir)"
     )
     parser.add_argument("--note", help="a sentence to add under the header (e.g. what else loaded the host)")
+    parser.add_argument(
+        "--gpu-check-json",
+        help="the `make gpu-check` results to show (default: benchmarks/gpu_check.json when it exists)",
+    )
     parser.add_argument("--raw", help="also save the collected results (JSON) here")
     parser.add_argument("--from-raw", help="render RESULTS.md from a file saved with --raw, running nothing")
     opts = parser.parse_args(argv)
@@ -690,6 +764,8 @@ def main(argv=None) -> int:
     output = Path(opts.output) if opts.output else RESULTS
     if opts.from_raw:
         run = json.loads(Path(opts.from_raw).read_text())
+        if opts.gpu_check_json:
+            run["gpu_check"] = read_gpu_check(opts.gpu_check_json)
     else:
         run = collect(opts, argv if argv is not None else sys.argv[1:])
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -698,6 +774,14 @@ def main(argv=None) -> int:
         write_json(opts.raw, run)
     print(f"[run_all] wrote {output} ({fmt_duration(run.get('wall_s'))})")
     return 0
+
+
+def read_gpu_check(path: str | None) -> dict | None:
+    """The JSON of `benchmarks/gpu_check.py`: `path`, else `benchmarks/gpu_check.json` when it exists, else `None`."""
+    if path:
+        return json.loads(Path(path).read_text())
+    default = HERE / "gpu_check.json"
+    return json.loads(default.read_text()) if default.exists() else None
 
 
 def collect(opts, argv: list[str]) -> dict:
@@ -712,6 +796,7 @@ def collect(opts, argv: list[str]) -> dict:
         "versions": versions(),
         "git": git_commit(),
         "note": opts.note,
+        "gpu_check": read_gpu_check(opts.gpu_check_json),
     }
     sampler = LoadSampler().start()
     tmp = Path(tempfile.mkdtemp(prefix="trl_rw_bench_"))
