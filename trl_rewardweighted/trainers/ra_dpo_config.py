@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..data.relabel import RewardAugmentFields
+from ..data.weights import SAMPLE_WEIGHT_COLUMN
 
 __all__ = ["RewardAugmentedDPOConfig"]
 
@@ -52,6 +53,13 @@ class RewardAugmentedDPOConfig(RewardAugmentFields, DPOConfig):
             was dropped (e.g. by `max_length`) are shuffled and placed after all pairs of the epoch; with an odd row
             count, accelerate completes the last batch with rows from the start of the epoch, which may split one
             pair there. See `docs/reward_augmented_dpo.md`.
+        sample_weight_column (`str`, *optional*, defaults to `"sample_weight"`):
+            Column with one weight per pair, a finite number >= 0 that multiplies the pair's loss (both of its
+            goal-conditioned twins carry it); the loss is then `sum_i w_i l_i / sum_i w_i` over the pairs of the
+            optimizer step (see `docs/weights.md`). A dataset without a column of the default name is unweighted (and
+            trains exactly as without this option); a name you set must exist. Negative, NaN or missing weights, and a
+            training column of zeros only, are refused naming the rows. `loss_type` `"aot"` / `"aot_unpaired"` cannot
+            carry weights.
     """
 
     augment_eval: bool = field(
@@ -68,9 +76,17 @@ class RewardAugmentedDPOConfig(RewardAugmentFields, DPOConfig):
             "help": "Keep each pair's two goal-conditioned twins in the same micro-batch (pairs still shuffled)."
         },
     )
+    sample_weight_column: str = field(
+        default=SAMPLE_WEIGHT_COLUMN,
+        metadata={"help": "Column with one sample weight (a finite number >= 0) per pair; optional."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.sample_weight_column, str) or not self.sample_weight_column:
+            raise ValueError(
+                f"`sample_weight_column` must be a non-empty column name, got {self.sample_weight_column!r}."
+            )
         if self.keep_twins_together:
             if self.augment_mode != "both":
                 raise ValueError(

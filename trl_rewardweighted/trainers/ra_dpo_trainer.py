@@ -31,8 +31,11 @@ from ..data.relabel import (
     twin_units,
 )
 from ..data.utils import first_row
+from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_columns
 from ..model_utils import CheckpointedCountersMixin, compute_rowwise_distributed, resolve_reference_model
 from .ra_dpo_config import RewardAugmentedDPOConfig
+from .weighted_dpo_config import check_pairwise_loss_types
+from .weighted_dpo_trainer import SampleWeightedDPOMixin
 
 __all__ = ["RewardAugmentedDPOTrainer", "TwinPairSampler"]
 
@@ -87,7 +90,7 @@ class TwinPairSampler(torch.utils.data.Sampler):
                 yield from group[k]
 
 
-class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, DPOTrainer):
+class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, SampleWeightedDPOMixin, DPOTrainer):
     """
     DPO on reward-augmented pairs (arXiv 2410.08067).
 
@@ -106,6 +109,10 @@ class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, DPOTrainer):
     With `precompute_ref_log_probs=True` the reference log-probs are computed on every process (rows sharded over
     processes, gathered on all) and added as the `ref_chosen_logps` / `ref_rejected_logps` columns DPO reads, so
     in-memory datasets work on several processes.
+
+    With a `sample_weight` column (see `sample_weight_column`), each pair's weight is copied into both of its
+    goal-conditioned twins and multiplies their DPO losses, and the loss is the weighted mean over the pairs of the
+    whole optimizer step, as in [`WeightedDPOTrainer`]. Without the column the trainer is unchanged.
 
     Example:
 
@@ -185,6 +192,16 @@ class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, DPOTrainer):
                 _check_not_empty(dataset, _dataset_label(key, False))
         elif eval_dataset is not None:
             _check_not_empty(eval_dataset, "eval dataset")
+        self._sample_weight_column = args.sample_weight_column
+        self._sample_weights_on = check_weight_columns(
+            train_dataset,
+            eval_dataset,
+            args.sample_weight_column,
+            train_required=False,
+            default_name=args.sample_weight_column == SAMPLE_WEIGHT_COLUMN,
+        )
+        if self._sample_weights_on:
+            check_pairwise_loss_types(args.loss_type, "RewardAugmentedDPOTrainer")
         ref_model = resolve_reference_model(model, ref_model, args, peft_config, quantization_config)
         self._ra_train_seen = False
         self._ra_pending_log: dict[str, float] = {}
@@ -203,6 +220,7 @@ class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        self._wrap_collator_with_weights()
 
     # DPOTrainer calls this for the training dataset first (name "train"), then for each evaluation dataset (name
     # "eval" or the key of the eval dict), and again from `evaluate()` for datasets passed there. The first "train"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from ..data.weights import SAMPLE_WEIGHT_COLUMN
 from ..losses import VCB_PAIR_MODES
 
 __all__ = ["VCBConfig"]
@@ -62,6 +63,11 @@ class VCBConfig(DPOConfig):
         rewards_column (`str`, *optional*, defaults to `"rewards"`):
             Column holding, per row, a list with one reward (float) per completion, in the same order. NaN/inf/None
             entries are masked out of the loss and counted.
+        sample_weight_column (`str`, *optional*, defaults to `"sample_weight"`):
+            Column with one weight per prompt group, a finite number >= 0 that multiplies the group's loss; the loss
+            is then `sum_g w_g l_g / sum_g w_g` over the valid groups of the optimizer step (see `docs/weights.md`).
+            A dataset without a column of the default name is unweighted (every group weighs 1); a name you set must
+            exist. Negative, NaN or missing weights, and a training column of zeros only, are refused naming the rows.
 
         > Not used
 
@@ -75,7 +81,7 @@ class VCBConfig(DPOConfig):
         - The training loss is the mean over the valid groups (at least 2 completions with a finite reward) of the
           whole optimizer step, over every gradient-accumulation micro-batch and every process, so the gradient does
           not depend on how the step is split. (The paper sums over prompts; the mean only rescales the learning
-          rate.)
+          rate.) With sample weights it is the weighted mean over the same groups.
         - The DPO-only `loss_type`, `loss_weights`, `label_smoothing`, `f_divergence_type`, `ld_alpha` and
           `use_weighting` must stay at their `DPOConfig` defaults.
         - `accelerator_config.split_batches` and `dispatch_batches=True` are not supported (they would cut groups
@@ -109,6 +115,10 @@ class VCBConfig(DPOConfig):
         default="rewards",
         metadata={"help": "Column with a list of one reward per completion (same order)."},
     )
+    sample_weight_column: str = field(
+        default=SAMPLE_WEIGHT_COLUMN,
+        metadata={"help": "Column with one sample weight (a finite number >= 0) per prompt group; optional."},
+    )
     sigma_eps_abs: float = field(
         default=1e-6,
         metadata={"help": "Absolute threshold under which a group's reward std counts as 0 (reward gaps set to 0)."},
@@ -134,7 +144,7 @@ class VCBConfig(DPOConfig):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
-        for name in ("completions_column", "rewards_column"):
+        for name in ("completions_column", "rewards_column", "sample_weight_column"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"`{name}` must be a non-empty column name, got {value!r}.")

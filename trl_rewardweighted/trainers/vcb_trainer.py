@@ -31,6 +31,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
 
 from ..data.utils import check_float_column, first_row, to_float
+from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_columns, sample_weight_value
 from ..losses import vcb_loss, vcb_pair_stats
 from ..model_utils import (
     CheckpointedCountersMixin,
@@ -55,6 +56,8 @@ PROMPT_IDS = "prompt_ids"
 COMPLETION_IDS = "completion_ids"
 COMPLETION_REWARDS = "completion_rewards"
 REF_LOGPS = "ref_logps"
+# The batch tensor with one sample weight per prompt group (from the `sample_weight_column`).
+GROUP_WEIGHTS = "group_weights"
 
 # Sums accumulated per logging window (gathered over processes), see `VCBTrainer._record_metrics`.
 _STAT_KEYS = (
@@ -70,6 +73,7 @@ _STAT_KEYS = (
     "masked_completions",
     "num_tokens",
     "loss_sum",
+    "weight_sum",
 )
 # Training metrics logged as running totals; saved with each checkpoint (`CheckpointedCountersMixin`) and restored on resume.
 _CUMULATIVE_KEYS = ("groups_skipped", "masked_completions", "num_tokens")
@@ -91,6 +95,8 @@ class DataCollatorForVCB(DataCollatorMixin):
 
     - `rewards` (G, n_max) float32 (0 on padding) and `group_mask` (G, n_max) bool (True on real completions);
     - `ref_logps` (G, n_max) float32 when every example carries them;
+    - `group_weights` (G,) float32, each group's sample weight, when `sample_weight_column` is set (an example
+      without the field weighs 1);
     - `input_ids`, `attention_mask`, `completion_mask` (G, n_max, T): row `[g, j]` is prompt g followed by its
       completion j, right-padded, truncated to `max_length` like DPO's collator; padding slots (`group_mask` False)
       are all padding.
@@ -110,6 +116,8 @@ class DataCollatorForVCB(DataCollatorMixin):
             Pad the sequence length to a multiple of this value.
         return_tensors (`str`, *optional*, defaults to `"pt"`):
             Only `"pt"` is supported.
+        sample_weight_column (`str`, *optional*):
+            Field with each group's sample weight; `None` (default) returns no `group_weights`.
     """
 
     pad_token_id: int
@@ -117,6 +125,7 @@ class DataCollatorForVCB(DataCollatorMixin):
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
+    sample_weight_column: str | None = None
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         num_groups = len(examples)
@@ -162,6 +171,17 @@ class DataCollatorForVCB(DataCollatorMixin):
         output = {"rewards": rewards, "group_mask": group_mask}
         if has_ref:
             output["ref_logps"] = ref_logps
+        column = self.sample_weight_column
+        if column is not None:
+            output[GROUP_WEIGHTS] = torch.tensor(
+                [
+                    sample_weight_value(ex[column], f"Column `{column}`, group {g} of a batch")
+                    if column in ex
+                    else 1.0
+                    for g, ex in enumerate(examples)
+                ],
+                dtype=torch.float32,
+            )
         for key, rows, value in (
             ("input_ids", input_ids, self.pad_token_id),
             ("attention_mask", attention_mask, 0),
@@ -247,8 +267,8 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
             As for [`~trl.DPOTrainer`].
     """
 
-    # Rewards and reference log-probs stay float32 under DeepSpeed's bf16 input cast.
-    _float32_input_keys = ("rewards", REF_LOGPS)
+    # Rewards, reference log-probs and sample weights stay float32 under DeepSpeed's bf16 input cast.
+    _float32_input_keys = ("rewards", REF_LOGPS, GROUP_WEIGHTS)
 
     # The loss is normalised over the whole optimizer step in `_compute_vcb_loss` (see `get_batch_samples`).
     loss_is_scaled_for_ga = True
@@ -327,6 +347,15 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
         elif eval_dataset is not None:
             _first_row(eval_dataset, "eval", args)
 
+        # Sample weights: used when the train dataset has the column (a name the user set must exist).
+        self.sample_weighted = check_weight_columns(
+            train_dataset,
+            eval_dataset,
+            args.sample_weight_column,
+            train_required=False,
+            default_name=args.sample_weight_column == SAMPLE_WEIGHT_COLUMN,
+        )
+
         # A dataset that already carries reference log-probs needs no reference model.
         if REF_LOGPS in _column_names(train_dataset, first) and not args.precompute_ref_log_probs:
             logger.info(
@@ -392,6 +421,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
                 max_length=args.max_length,
                 truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of,
+                sample_weight_column=args.sample_weight_column if self.sample_weighted else None,
             )
         return self._default_vcb_collator
 
@@ -522,6 +552,8 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = [PROMPT_IDS, COMPLETION_IDS, COMPLETION_REWARDS, REF_LOGPS]
+            if self.sample_weighted:
+                self._signature_columns.append(self.args.sample_weight_column)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Reference log-probs
@@ -609,27 +641,46 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _valid_groups(batch) -> int:
-        """Groups of a collated batch with at least 2 completions whose reward (and reference log-prob) is finite."""
+    def _valid_group_mask(batch) -> torch.Tensor:
+        """(G,) True on the groups of a collated batch with at least 2 completions whose reward (and reference
+        log-prob) is finite."""
         valid = batch["group_mask"].bool() & torch.isfinite(batch["rewards"])
         if "ref_logps" in batch:
             valid &= torch.isfinite(batch["ref_logps"])
-        return int((valid.sum(dim=1) >= 2).sum())
+        return valid.sum(dim=1) >= 2
+
+    def _group_weights(self, batch) -> torch.Tensor:
+        """(G,) float32 sample weights of a collated batch's groups (all 1 without a weight column)."""
+        if GROUP_WEIGHTS in batch:
+            return batch[GROUP_WEIGHTS].float()
+        if self.sample_weighted:
+            raise ValueError(
+                f"The data collator returned no `{GROUP_WEIGHTS}` although the train dataset has the sample weight "
+                f"column `{self.args.sample_weight_column}`: a custom collator must return them (see "
+                "`DataCollatorForVCB(sample_weight_column=...)`), or drop the column."
+            )
+        return torch.ones(batch["group_mask"].shape[0])
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the micro-batches of one optimizer step and count their valid groups over all processes.
 
-        The count is returned as `num_items_in_batch`: `_compute_vcb_loss` divides the sum of the group losses of each
-        micro-batch by it (times the number of processes, since DDP averages gradients), so the step's loss is the
-        mean over all its valid groups whatever the micro-batch / process layout.
+        The count (with sample weights: the sum of the weights of the valid groups) is returned as
+        `num_items_in_batch`: `_compute_vcb_loss` divides the (weighted) sum of the group losses of each micro-batch
+        by it (times the number of processes, since DDP averages gradients), so the step's loss is the (weighted) mean
+        over all its valid groups whatever the micro-batch / process layout.
 
         With an `IterableDataset` (not checked at init), a first optimizer step without any valid group raises on
         every process at once (the count is the same everywhere): the reward column is most likely unusable.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        count = torch.tensor(float(sum(self._valid_groups(b) for b in batch_samples)), device=device)
+        sums = torch.zeros(2, dtype=torch.float64)  # valid groups, their summed weights
+        for batch in batch_samples:
+            valid = self._valid_group_mask(batch)
+            sums += torch.stack([valid.sum(), (self._group_weights(batch) * valid).sum()]).double().cpu()
+        sums = sums.to(device)
         if self.accelerator.num_processes > 1:
-            count = self.accelerator.gather(count.reshape(1)).sum()
+            sums = self.accelerator.gather(sums.reshape(1, 2)).sum(dim=0)
+        count, total = sums[0], sums[1]
         if (
             self.state.global_step == 0
             and isinstance(self.train_dataset, IterableDataset)
@@ -643,7 +694,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
                 "VCB would train on a zero loss. Fix the reward column, or filter out the rows with fewer than 2 "
                 "finite rewards."
             )
-        return batch_samples, count
+        return batch_samples, total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, grid = self._compute_vcb_loss(model, inputs, num_items_in_batch)
@@ -676,14 +727,16 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
             policy, ref, rewards, lam=args.lam, mask=group_mask, reduction="none", **self._vcb_kwargs()
         )
         valid = group_mask & torch.isfinite(rewards) & torch.isfinite(ref) & torch.isfinite(policy.detach())
-        local_groups = int((valid.sum(dim=1) >= 2).sum())
+        weights = self._group_weights(inputs).to(per_group.device)
+        local_weight = float((weights * (valid.sum(dim=1) >= 2)).sum())
+        per_group = per_group * weights  # the sample weights (all 1 without a weight column)
 
         if mode == "train" and num_items_in_batch is not None:
-            # Mean over the valid groups of the whole optimizer step (all micro-batches, all processes).
-            denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=per_group.device).clamp(min=1.0)
-            loss = per_group.sum() * self.accelerator.num_processes / denom
+            # (Weighted) mean over the valid groups of the whole optimizer step (all micro-batches, all processes).
+            denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=per_group.device)
+            loss = per_group.sum() * self.accelerator.num_processes / denom if denom > 0 else per_group.sum() * 0.0
         else:
-            loss = per_group.sum() / max(local_groups, 1)
+            loss = per_group.sum() / local_weight if local_weight > 0 else per_group.sum() * 0.0
             if mode == "train":
                 # Not called through `get_batch_samples` (e.g. a custom loop): per-micro-batch mean, scaled for GA.
                 if not self._warned_fallback:
@@ -694,7 +747,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
                 loss = loss / getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
 
         self._record_metrics(
-            mode, policy.detach(), ref, rewards, group_mask, valid, attention_mask, per_group.detach()
+            mode, policy.detach(), ref, rewards, group_mask, valid, attention_mask, per_group.detach(), local_weight
         )
         return loss, policy.detach()
 
@@ -703,7 +756,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _record_metrics(self, mode, policy, ref, rewards, group_mask, valid, attention_mask, per_group):
+    def _record_metrics(self, mode, policy, ref, rewards, group_mask, valid, attention_mask, per_group, weight_sum):
         stats = vcb_pair_stats(policy, ref, rewards, mask=group_mask, **self._vcb_kwargs())
         logratio = torch.where(valid, policy - ref, torch.zeros_like(policy))
         real_groups = group_mask.any(dim=1)
@@ -715,6 +768,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
             "masked_completions": (group_mask & ~valid).sum(),
             "num_tokens": attention_mask.sum(),
             "loss_sum": per_group.sum(),
+            "weight_sum": torch.tensor(weight_sum),
         }
         vec = torch.stack([values[k].float().to(policy.device) for k in _STAT_KEYS])
         if self.accelerator.num_processes > 1:
@@ -739,11 +793,11 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
         else:
             logs["groups_skipped"] = s["groups_skipped"]
             logs["masked_completions"] = s["masked_completions"]
-            if s["num_groups"] > 0:
-                # The mean over every valid group of the evaluation, gathered over processes. It replaces the
-                # Trainer's, which averages per-batch means: each batch counts as `per_device_eval_batch_size` groups
-                # (the last one too, unless the dataset has a length), so it depends on the batching.
-                logs["loss"] = s["loss_sum"] / s["num_groups"]
+            if s["weight_sum"] > 0:
+                # The (weighted) mean over every valid group of the evaluation, gathered over processes. It replaces
+                # the Trainer's, which averages per-batch means: each batch counts as `per_device_eval_batch_size`
+                # groups (the last one too, unless the dataset has a length), so it depends on the batching.
+                logs["loss"] = s["loss_sum"] / s["weight_sum"]
         return logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

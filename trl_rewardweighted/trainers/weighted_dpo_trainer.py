@@ -82,11 +82,12 @@ class _PairWeightedForward:
         if not kwargs.get("fused_lm_head") or log_probs is None:
             return outputs
         self.log_probs = log_probs
-        base = outputs.log_sum_sq_probs if self.wpo else log_probs
-        base = base.detach()
+        # float64, so that TRL's `log_probs - log_sum_sq_probs` (promoted to float64) gives back each shift to ~1e-16
+        # instead of to the float32 rounding of the log-probs.
+        base = (outputs.log_sum_sq_probs if self.wpo else log_probs).detach().double()
         # Half of log(factor) on each response of a pair: exp(mean over its completion tokens) = sqrt(factor).
-        half = 0.5 * torch.log(self.factors.to(device=base.device, dtype=torch.float32)).clamp(min=_LOG_ZERO)
-        half = torch.cat([half, half]).to(base.dtype)  # the batch is [chosen..., rejected...]
+        half = 0.5 * torch.log(self.factors.to(device=base.device, dtype=torch.float64)).clamp(min=_LOG_ZERO)
+        half = torch.cat([half, half])  # the batch is [chosen..., rejected...]
         mask = self.completion_mask[:, 1:].to(base.device).bool()
         tail = base[:, -mask.shape[1] :]
         shifted = torch.where(mask, tail - half[:, None], tail)

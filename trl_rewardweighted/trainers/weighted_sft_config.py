@@ -46,7 +46,9 @@ class WeightedSFTConfig(SFTConfig):
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.sample_weight_column, str) or not self.sample_weight_column:
-            raise ValueError(f"`sample_weight_column` must be a non-empty column name, got {self.sample_weight_column!r}.")
+            raise ValueError(
+                f"`sample_weight_column` must be a non-empty column name, got {self.sample_weight_column!r}."
+            )
         refused = {
             "loss_type": (
                 self.loss_type != "nll",
