@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install install-torch install-dev install-demo demo test test-slow lint bench clean
+.PHONY: install install-torch install-dev install-demo demo test test-slow lint bench gpu-check clean
 
 # torch first, from the pinned build, so that resolving `torch>=2.4` never pulls a multi-GB GPU build on a CPU machine.
 install-torch:
@@ -51,6 +51,13 @@ lint: install-dev
 # BENCH_ARGS="--quick" for a smoke check (written under the temp dir); see `python benchmarks/run_all.py --help`.
 bench: install-dev install-demo
 	$(PYTHON) benchmarks/run_all.py $(BENCH_ARGS)
+
+# The GPU check (benchmarks/gpu_check.py): bf16 benchmarks, a ZeRO-3 launch of each quickstart recipe and a LoRA
+# compare on one GPU, under 8 minutes, offline, then its section of benchmarks/RESULTS.md. Installs nothing (the GPU
+# machine may be offline: `make install-demo` first where it is not). Without a GPU: a dry run of its checks.
+# GPU_CHECK_ARGS="--model-dir /models/Qwen2.5-0.5B-Instruct" adds the rows of a local ~0.5B model.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --record $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache quickstart_output

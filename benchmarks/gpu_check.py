@@ -13,7 +13,7 @@ gets at most its own budget and what is left of the whole; a part that no longer
 1. `bench_var`, `bench_vcb`, `bench_ra_dpo`, `bench_online_var` with `--model smollm2 --bf16` (reduced rounds):
    VAR vs SFT, VCB vs DPO, reward-augmented DPO vs DPO, online VAR vs GRPO: step time, tokens/s and the peak
    `torch.cuda.max_memory_allocated` of each trainer side by side (the benchmarks' own JSON rows);
-2. one DeepSpeed ZeRO-3 launch per quickstart recipe (`recipes/quickstart/<method>.yaml`), a single process under
+2. one DeepSpeed ZeRO-3 launch per quickstart recipe (`quickstart/<method>`, the packaged one), a single process under
    `accelerate launch --config_file zero3.yaml --num_processes 1`, bf16, 2 steps, the model saved at the end;
 3. a reduced `trl-rw compare` on SmolLM2 with a LoRA block in bf16 (`--config`); recorded as skipped while
    `trl-rw compare` has no `--config` option (read from its `--help` at run time);
@@ -57,7 +57,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUTPUT = HERE / "gpu_check.json"
-RECIPES = ROOT / "recipes" / "quickstart"
+
+
+def quickstart_dir() -> Path:
+    """The quickstart recipes: packaged (`trl_rewardweighted/recipes/quickstart/`), else this checkout's
+    `recipes/quickstart/`."""
+    spec = importlib.util.find_spec("trl_rewardweighted")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "recipes" / "quickstart").is_dir():
+            return Path(location) / "recipes" / "quickstart"
+    return ROOT / "recipes" / "quickstart"
+
+
+RECIPES = quickstart_dir()
 METHODS = ("var", "vcb", "reward_augmented_dpo", "online_var")
 DEFAULT_BUDGET_S = 470  # 8 minutes less the start-up and the report
 
@@ -144,8 +156,12 @@ class Part:
 
     def shown(self) -> str:
         """The command line as one would type it from the repository root."""
-        prefix = str(ROOT) + os.sep
-        return shlex.join(["python" if c == sys.executable else str(c).removeprefix(prefix) for c in self.command])
+        return shlex.join(["python" if c == sys.executable else shown_path(c) for c in self.command])
+
+
+def shown_path(path) -> str:
+    """`path` relative to the repository root when it lies under it."""
+    return str(path).removeprefix(str(ROOT) + os.sep)
 
 
 def bench_part(name: str, model: str, label: str, work: Path) -> Part:
@@ -276,24 +292,44 @@ def write_launch_recipe(method: str, model: str, work: Path) -> Path:
 
     source = RECIPES / f"{method}.yaml"
     recipe = yaml.safe_load(source.read_text())
+    recipe["dataset_name"] = str(data_file(source, recipe.get("dataset_name")) or recipe.get("dataset_name"))
     recipe.update(ZERO3_OVERRIDES, model_name_or_path=model, output_dir=str(work / f"zero3_{method}"))
     target = work / f"zero3_{method}.yaml"
-    target.write_text(f"# recipes/quickstart/{method}.yaml with the GPU check's overrides\n" + yaml.safe_dump(recipe))
+    target.write_text(f"# {shown_path(source)} with the GPU check's overrides\n" + yaml.safe_dump(recipe))
     return target
 
 
+def data_file(recipe: Path, value) -> Path | None:
+    """The file a recipe's relative `dataset_name` names, looked up from the recipe's folder upwards (the packaged
+    recipes name their data relative to the recipes folder), or `None`."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return Path(value) if isinstance(value, str) and Path(value).is_file() else None
+    return next((folder / value for folder in recipe.resolve().parents if (folder / value).is_file()), None)
+
+
 def check_launch_recipe(method: str, model: str, work: Path) -> str | None:
-    """`None` when `recipes/quickstart/<method>.yaml` and the launch recipe built from it pass `check-recipe`."""
+    """`None` when the quickstart recipe of `method` and the launch recipe built from it pass `check-recipe` and its
+    data file exists."""
     from trl_rewardweighted.scripts.check_recipe import check_recipe
 
     source = RECIPES / f"{method}.yaml"
     if not source.is_file():
-        return f"{source.relative_to(ROOT)}: no such recipe"
+        return f"{shown_path(source)}: no such recipe"
     problems = []
+    dataset = yaml_value(source, "dataset_name")
+    if data_file(source, dataset) is None:
+        problems.append(f"{shown_path(source)}: dataset_name {dataset}: no such file next to the recipe")
     for path in (source, write_launch_recipe(method, model, work)):
         report = check_recipe(path, method)
         problems += report.problems
     return "; ".join(problems) or None
+
+
+def yaml_value(path: Path, key: str):
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def compare_help() -> str:
@@ -331,7 +367,7 @@ def check_bench_options(part: Part) -> str | None:
     """`None` when the benchmark script exists and has every option the part passes."""
     script = Path(part.command[1])
     if not script.is_file():
-        return f"{script.relative_to(ROOT)}: no such script"
+        return f"{shown_path(script)}: no such script"
     source = script.read_text()
     unknown = [a for a in part.command[2:] if a.startswith("--") and f'"{a}"' not in source]
     return f"{script.name} has no option {', '.join(unknown)}" if unknown else None
@@ -384,7 +420,7 @@ def run_checks(opts, work: Path, parts: list[Part], missing: dict) -> list[dict]
             record(
                 f"recipe {method}",
                 check_launch_recipe(method, p.model, work),
-                f"recipes/quickstart/{method}.yaml and its launch overrides pass check-recipe",
+                f"{shown_path(RECIPES / method)}.yaml and its launch overrides pass check-recipe",
                 [p],
             )
     zero3_parts = [p for p in parts if p.kind == "zero3"]

@@ -213,3 +213,74 @@ def test_online_var_pair_rows_and_run_all_arguments():
     assert "bench_online_var" in run_all.benchmark_names(None)
     assert run_all.benchmark_args("bench_online_var", gpu, gpu=False) == []
     assert run_all.benchmark_args("bench_online_var", gpu, gpu=True) == ["--model", "smollm2", "--bf16"]
+
+
+def _gpu_check():
+    rows = [
+        {"name": "SFTTrainer (TRL)", "group": "VAR vs SFTTrainer", "baseline": None, "median_step_ms": 21.5,
+         "time_ratio": 1.0, "tokens_per_s": 190000, "peak_mib": 2100.0, "mem_ratio": 1.0},
+        {"name": "VAR, precomputed reference", "group": "VAR vs SFTTrainer", "baseline": "SFTTrainer (TRL)",
+         "median_step_ms": 22.0, "time_ratio": 1.0233, "tokens_per_s": 185700, "peak_mib": 2110.0, "mem_ratio": 1.0048},
+    ]  # fmt: skip
+    part = {"name": "bench_var smollm2", "kind": "bench", "status": "ok", "seconds": 41.2, "budget_s": 90,
+            "model": "/cache/SmolLM2-135M-Instruct", "detail": "", "rows": rows,
+            "goals": {"VAR vs SFTTrainer": {"time_ratio": 1.10, "mem_ratio": 1.05}}}  # fmt: skip
+    return {
+        "benchmark": "gpu_check", "date": "2026-02-03 04:05 UTC", "command": "python benchmarks/gpu_check.py --record",
+        "device": "NVIDIA H100 80GB HBM3, 80 GiB (1 visible)", "dry_run": False, "budget_s": 470, "wall_s": 402.0,
+        "versions": {"torch": "2.13.0 (CUDA 12.8)", "deepspeed": "0.19.8"}, "git": "abc1234 (2026-02-01) x",
+        "checks": [], "counts": {"ok": 2, "failed": 1, "timed out": 0, "skipped": 1, "ready": 0},
+        "parts": [
+            part,
+            {"name": "zero3 vcb", "kind": "zero3", "status": "ok", "seconds": 38.0, "budget_s": 75, "rows": [],
+             "detail": "2 logged step(s), losses 0.69, 0.68; model saved: True"},
+            {"name": "zero3 online_var", "kind": "zero3", "status": "failed", "seconds": 20.5, "budget_s": 75,
+             "rows": [], "detail": "exit code 1: ImportError: vaderSentiment | x"},
+            {"name": "compare lora", "kind": "compare", "status": "skipped", "seconds": None, "budget_s": 150,
+             "rows": [], "detail": "compare has no --config"},
+        ],
+    }  # fmt: skip
+
+
+def test_results_gpu_check_section():
+    text = run_all.render_results(dict(_run(), gpu_check=_gpu_check()))
+    section = text[text.index("## GPU check — `make gpu-check`") : text.index("## `trl-rw compare` phase times")]
+    assert "Run on NVIDIA H100 80GB HBM3, 80 GiB (1 visible), 2026-02-03 04:05 UTC" in section
+    assert "wall time 6 min 42 s (budget 7 min 50 s)" in section and "torch 2.13.0 (CUDA 12.8)" in section
+    # The benchmark rows, one table per model and group, with the goal verdicts.
+    assert "**SmolLM2-135M-Instruct: VAR vs SFTTrainer** (goal: step time ≤ 1.10×, peak memory ≤ 1.05×)" in section
+    assert _table_row(section, "VAR, precomputed reference") == [
+        "VAR, precomputed reference", "SFTTrainer (TRL)", "22.0", "1.023×", "185,700", "2,110", "1.005×",
+        "time ≤ 1.10×: yes; memory ≤ 1.05×: yes",
+    ]  # fmt: skip
+    # Every part, with its status, time within its budget and detail (pipes escaped).
+    assert _table_row(section, "zero3 vcb") == ["zero3 vcb", "ok", "38 (75)", "2 logged step(s), losses 0.69, 0.68; "
+                                                "model saved: True"]  # fmt: skip
+    assert "| zero3 online_var | failed | 20 (75) | exit code 1: ImportError: vaderSentiment \\| x |" in section
+    assert _table_row(section, "compare lora")[1:] == ["skipped", "–", "compare has no --config"]
+    assert "2 ok, 1 failed, 0 timed out, 1 skipped, 0 ready." in section
+    # None recorded: how to get one. A dry run: its checks.
+    assert "No GPU check recorded: `make gpu-check` on a machine with a GPU" in run_all.render_results(_run())
+    dry = dict(_gpu_check(), dry_run=True, checks=[{"check": "recipe var", "ok": True, "detail": "passes"}])
+    assert "| recipe var | yes | passes |" in "\n".join(run_all.render_gpu_check(dry))
+
+
+def test_record_gpu_check_splices_the_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(run_all.render_results(_run()))
+    before = results.read_text()
+    run_all.record_gpu_check(_gpu_check(), results)
+    after = results.read_text()
+    assert "No GPU check recorded" not in after and "| zero3 vcb | ok | 38 (75) |" in after
+    # Only that section changed: the rest of the file is as it was, the compare section still follows it.
+    head, tail = before.split("## GPU check — `make gpu-check`")
+    assert after.startswith(head) and after.endswith("## `trl-rw compare`" + tail.split("## `trl-rw compare`")[1])
+    run_all.record_gpu_check(_gpu_check(), results)  # again: replaced, not added
+    assert results.read_text() == after and after.count("## GPU check") == 1
+    # A file without the section (an older RESULTS.md): inserted before the compare section.
+    old = tmp_path / "OLD.md"
+    old.write_text("# Benchmark results\n\n## Summary\n\nx\n\n## `trl-rw compare` phase times\n\ny\n")
+    run_all.record_gpu_check(_gpu_check(), old)
+    text = old.read_text()
+    assert text.index("## Summary") < text.index("## GPU check") < text.index("## `trl-rw compare`")
+    assert text.endswith("## `trl-rw compare` phase times\n\ny\n")
