@@ -45,7 +45,7 @@ from .metrics import (
 )
 from .model_utils import completion_logps_from_ids, tokenize_prompt_completions
 
-__all__ = ["EvalConfig", "ModelSpec", "evaluate_models", "write_report", "markdown_table"]
+__all__ = ["EvalConfig", "ModelSpec", "evaluate_models", "eval_manifest", "write_report", "markdown_table"]
 
 REFERENCE = "reference"
 GOAL_SUFFIX = " + goal"
@@ -85,6 +85,17 @@ class EvalConfig:
             Bootstrap resamples.
         progress (`bool`, *optional*, defaults to `True`):
             Progress bars for generation and scoring.
+        chunk_size (`int`, *optional*, defaults to `64`):
+            Prompts per chunk, `>= 1`: the unit of work written to disk, split across processes and resumed. Chunk
+            `k` is sampled with `chunk_seed(seed, k)` (transformers), so the samples depend on it, not on the number
+            of processes; one chunk samples what one `generate_completions(..., seed=seed)` call samples.
+        backend (`str`, *optional*, defaults to `"auto"`):
+            Generation backend: `"auto"` (vLLM when it is installed, a GPU is visible and every model is a path),
+            `"transformers"` or `"vllm"`. Rewards and log-probs are always computed with transformers.
+        tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            vLLM: GPUs per engine; under `accelerate launch` every this many consecutive processes share one engine.
+        vllm_kwargs (`dict`, *optional*):
+            vLLM: extra `vllm.LLM` arguments.
     """
 
     num_samples: int = 4
@@ -101,12 +112,21 @@ class EvalConfig:
     tie_tolerance: float = 0.0
     n_resamples: int = 2000
     progress: bool = True
+    chunk_size: int = 64
+    backend: str = "auto"
+    tensor_parallel_size: int = 1
+    vllm_kwargs: dict | None = None
 
     def __post_init__(self):
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}.")
         if self.batch_size < 1 or self.score_batch_size < 1:
             raise ValueError("batch_size and score_batch_size must be >= 1.")
+        if self.chunk_size < 1 or self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"chunk_size and tensor_parallel_size must be >= 1, got {self.chunk_size} and "
+                f"{self.tensor_parallel_size}."
+            )
 
 
 @dataclass
@@ -144,8 +164,11 @@ def completion_logps(model, tokenizer, prompts: Sequence, groups: Sequence[Seque
         ids, group = tokenize_prompt_completions(tokenizer, prompt, completions, row=row)
         prompt_ids.append(ids)
         completion_ids.append(group)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return completion_logps_from_ids(model, prompt_ids, completion_ids, batch_size, pad)
+    return completion_logps_from_ids(model, prompt_ids, completion_ids, batch_size, _pad_id(tokenizer))
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def _per_prompt_mean(values: Sequence[Sequence[float]]) -> np.ndarray:
@@ -157,6 +180,306 @@ def _interval(values, n_resamples, seed=0) -> dict:
     return {"mean": est, "low": low, "high": high}
 
 
+@dataclass
+class _Entry:
+    """One row of the report: `name` answers `answered` with `model`; its KL is measured against the reference on
+    `ref_prompts`; `baseline` is the row it is compared with; `uses_reference`: `model` is the reference itself."""
+
+    name: str
+    model: Any
+    answered: list
+    ref_prompts: list
+    baseline: str | None
+    uses_reference: bool = False
+
+
+# The columns of an entry's chunks, in the order `eval.json` stores them.
+RUN_COLUMNS = (
+    "completions",
+    "rewards",
+    "prompt_ids",
+    "completion_ids",
+    "token_lengths",
+    "greedy",
+    "greedy_rewards",
+    "logps",
+    "ref_logps",
+)
+# One reward per prompt for the dataset's reference response (stored with the reference's chunks).
+DATASET_REWARDS = "dataset_rewards"
+
+
+class _Shared:
+    """What every stage of one process uses: the reference model and the scorer, loaded on first use and kept until
+    [`evaluate_models`] returns (one evaluated model in memory at a time besides them)."""
+
+    def __init__(self, reference, scorer, scorer_tokenizer):
+        self._specs = (reference, scorer, scorer_tokenizer)
+        self._reference = self._scorer = None
+
+    def reference(self):
+        if self._reference is None:
+            self._reference = _load(self._specs[0])
+        return self._reference
+
+    def scorer(self):
+        from .sampling import load_scorer
+
+        if self._scorer is None:
+            self._scorer = load_scorer(self._specs[1], tokenizer=self._specs[2])
+        return self._scorer
+
+    def release(self) -> None:
+        from .sampling import free_model
+
+        self._reference = self._scorer = None
+        free_model(None)
+
+
+def _describe(spec) -> str:
+    """How a model or scorer is named in the manifest: its path / Hub id / `module:function`, a function's qualified
+    name, or the class of a loaded object (not fingerprinted)."""
+    if isinstance(spec, (str, Path)):
+        return str(spec)
+    if callable(spec) and hasattr(spec, "__qualname__"):
+        return f"{spec.__module__}:{spec.__qualname__}"
+    return f"<loaded {type(spec).__name__}>"
+
+
+def _fingerprint(value) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def eval_manifest(
+    models: Sequence[ModelSpec],
+    reference,
+    prompts: Sequence,
+    scorer,
+    config: EvalConfig,
+    backend: str,
+    reference_responses: Sequence[str] | None = None,
+) -> dict:
+    """The manifest of a chunked evaluation (see [`~shards.run_chunks`]): the settings that decide the chunks, under
+    the names of the `trl-rw eval` options (`score_batch_size` and `system_role`, which have none, under their
+    field names), and fingerprints of the prompts and of the models. A resumed run must match it; the bootstrap
+    settings (`n_resamples`, `tie_tolerance`) are applied to the merged samples and are not part of it.
+
+    Args:
+        models (`Sequence[ModelSpec]`):
+            The models evaluated.
+        reference:
+            The reference (a path / Hub id or a loaded model).
+        prompts (`Sequence`):
+            The prompts.
+        scorer:
+            The reward (a path / Hub id / `module:function`, or a callable).
+        config ([`EvalConfig`]):
+            The settings.
+        backend (`str`):
+            The resolved generation backend.
+        reference_responses (`Sequence[str]`, *optional*):
+            The dataset's reference responses.
+
+    Returns:
+        `dict`: `{"command": "eval", "settings": {...}, "inputs": {...}}`. Local model folders are fingerprinted by
+        their files' names, sizes and times, loaded models and callables only by their class or name.
+    """
+    from .shards import model_fingerprint
+
+    settings = {
+        "--model": [f"{m.name}={_describe(m.model)}" for m in models if not m.goal_conditioned],
+        "--goal-model": [f"{m.name}={_describe(m.model)}" for m in models if m.goal_conditioned],
+        "--reference": _describe(reference),
+        "--reward": _describe(scorer),
+        "--num-samples": config.num_samples,
+        "--no-greedy": not config.greedy,
+        "--max-new-tokens": config.max_new_tokens,
+        "--temperature": config.temperature,
+        "--top-p": config.top_p,
+        "--seed": config.seed,
+        "--batch-size": config.batch_size,
+        "score_batch_size": config.score_batch_size,
+        "--goal-score": config.goal_score,
+        "--goal-template": config.goal_template,
+        "system_role": config.system_role,
+        "--backend": backend,
+        "--tensor-parallel-size": config.tensor_parallel_size,
+        "--vllm-kwargs": config.vllm_kwargs or {},
+        "--chunk-size": config.chunk_size,
+    }
+    described = [("--reference", reference), ("--reward", scorer)]
+    described += [(f"--{'goal-' if m.goal_conditioned else ''}model {m.name}", m.model) for m in models]
+    inputs = {
+        option: {"path": _describe(spec), "fingerprint": model_fingerprint(spec) if isinstance(spec, (str, Path))
+                 else _describe(spec)}
+        for option, spec in described
+    }  # fmt: skip
+    what = f"({len(prompts)} prompts{', with reference responses' if reference_responses is not None else ''})"
+    inputs["prompts"] = {"path": what, "fingerprint": _fingerprint([list(prompts), reference_responses])}
+    return {"command": "eval", "settings": settings, "inputs": inputs}
+
+
+def _resolve_backend(config: EvalConfig, reference, models: Sequence[ModelSpec]) -> str:
+    from .sampling import resolve_backend
+
+    paths = all(isinstance(m, (str, Path)) for m in [reference, *(spec.model for spec in models)])
+    backend = resolve_backend(config.backend, str(reference) if paths else None)
+    if backend == "vllm" and not paths:
+        raise ValueError("The vLLM backend needs every model and the reference as a path or Hub id: vLLM cannot use "
+                         "a loaded model.")  # fmt: skip
+    if backend != "vllm" and (config.tensor_parallel_size != 1 or config.vllm_kwargs):
+        raise ValueError("tensor_parallel_size and vllm_kwargs are for the vLLM backend.")
+    return backend
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
+
+
+def _sample_chunk(
+    generator, entry: _Entry, k: int, start: int, end: int, tokenizer, config, backend, progress
+) -> dict:
+    """Sampled (and greedy) replies of rows `start..end - 1` with their token ids. transformers: chunk `k` is seeded
+    with `chunk_seed(seed, k)`; vLLM: prompt `i` with `seed + i`. The same for every model: sample `j` of a prompt
+    is paired across models."""
+    from .sampling import generate_completions, reply_length
+    from .shards import chunk_seed
+
+    common = dict(
+        tokenizer=tokenizer,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        progress=progress,
+        return_token_ids=True,
+    )
+    if backend == "vllm":
+        model = str(entry.model)
+        common.update(backend="vllm", vllm_engine=generator, seed=config.seed, prompt_offset=start)
+    else:
+        model = generator
+        common.update(backend="transformers", seed=chunk_seed(config.seed, k))
+    chunk = entry.answered[start:end]
+    samples = generate_completions(
+        model, chunk, n=config.num_samples, temperature=config.temperature, top_p=config.top_p, **common
+    )
+    eos_ids = samples["eos_ids"][0]
+    out = {
+        "completions": list(samples["completions"]),
+        # What was sampled: the context the model continued and the sampled ids (EOS included when it stopped).
+        "prompt_ids": list(samples["prompt_ids"]),
+        "completion_ids": list(samples["completion_ids"]),
+    }
+    out["token_lengths"] = [[reply_length(ids, eos_ids) for ids in group] for group in out["completion_ids"]]
+    if config.greedy:
+        greedy = generate_completions(model, chunk, n=1, temperature=0.0, **common)
+        out["greedy"] = [g[0] for g in greedy["completions"]]
+    return out
+
+
+def _measure_chunk(context, entry: _Entry, start, end, sampled, tokenizer, config, references, progress) -> dict:
+    """Rewards and log-probs of the replies of rows `start..end - 1`. Every reply is scored on its sampled ids, in
+    the context it was sampled in (the rendered prompt); the reference sees the same ids after its own context (the
+    same rendering of `ref_prompts`)."""
+    from .sampling import render_prompt_ids, score_completions
+
+    score = context["scorer"]
+    chunk = entry.answered[start:end]
+
+    def rewards(groups):
+        return score_completions(
+            {"prompt": chunk, "completions": groups}, score, batch_size=config.score_batch_size, progress=progress
+        )["rewards"]
+
+    out = {"rewards": list(rewards(sampled["completions"]))}
+    if config.greedy:
+        out["greedy_rewards"] = [r[0] for r in rewards([[g] for g in sampled["greedy"]])]
+    pad = _pad_id(tokenizer)
+    out["logps"] = completion_logps_from_ids(
+        context["model"], sampled["prompt_ids"], sampled["completion_ids"], config.batch_size, pad
+    )
+    if entry.uses_reference and entry.ref_prompts is entry.answered:
+        out["ref_logps"] = out["logps"]
+    else:
+        same = entry.ref_prompts is entry.answered
+        ref_context = sampled["prompt_ids"] if same else render_prompt_ids(entry.ref_prompts[start:end], tokenizer)
+        out["ref_logps"] = completion_logps_from_ids(
+            context["reference"], ref_context, sampled["completion_ids"], config.batch_size, pad
+        )
+    if references is not None:
+        out[DATASET_REWARDS] = [float(s) for s in score(chunk, list(references[start:end]))]
+    return out
+
+
+def _stages(entries, shared: _Shared, tokenizer, config, backend, references, work_dir, progress) -> list:
+    """transformers: one stage per entry (generation, rewards and log-probs with the model loaded once). vLLM: one
+    generation stage per entry (an engine per model, built and shut down in turn), then one measuring stage per
+    entry (transformers models: the reference and the scorer stay loaded across them)."""
+    from datasets import Dataset
+
+    from .sampling import free_model, make_vllm_engine
+    from .shards import Stage, chunk_path, launched_processes, read_chunk, use_local_device
+
+    def measuring_setup(entry):
+        def setup():
+            use_local_device()
+            reference = shared.reference()
+            model = reference if entry.uses_reference else _load(entry.model)
+            return {"model": model, "reference": reference, "scorer": shared.scorer()}
+
+        return setup
+
+    def measuring_teardown(context):
+        free_model(context.pop("model"))
+        context.clear()
+
+    def measure(entry, i, k, start, end, context, sampled):
+        refs = references if i == 0 else None  # the dataset's responses are scored once, with the reference
+        return _measure_chunk(context, entry, start, end, sampled, tokenizer, config, refs, progress)
+
+    several = launched_processes() > 1
+    stages = []
+    for i, entry in enumerate(entries):
+        name = f"{i:02d}-{_slug(entry.name)}"
+        if backend != "vllm":
+
+            def run(context, k, start, end, entry=entry, i=i):
+                sampled = _sample_chunk(context["model"], entry, k, start, end, tokenizer, config, backend, progress)
+                return Dataset.from_dict({**sampled, **measure(entry, i, k, start, end, context, sampled)})
+
+            stages.append(Stage(f"eval-{name}", measuring_setup(entry), run, measuring_teardown))
+            continue
+
+        def engine(entry=entry):
+            use_local_device()
+            return make_vllm_engine(
+                str(entry.model),
+                seed=config.seed,
+                tensor_parallel_size=config.tensor_parallel_size,
+                external_launcher=several,
+                vllm_kwargs=config.vllm_kwargs,
+            )
+
+        def sample(context, k, start, end, entry=entry):
+            return Dataset.from_dict(
+                _sample_chunk(context, entry, k, start, end, tokenizer, config, backend, progress)
+            )
+
+        def measure_stored(context, k, start, end, entry=entry, i=i, name=name):
+            sampled = read_chunk(chunk_path(work_dir, f"sample-{name}", k)).to_dict()
+            return Dataset.from_dict(measure(entry, i, k, start, end, context, sampled))
+
+        stages.insert(
+            i, Stage(f"sample-{name}", engine, sample, free_model, collective_setup=several, whole_group=True)
+        )
+        stages.append(Stage(f"measure-{name}", measuring_setup(entry), measure_stored, measuring_teardown))
+    return stages
+
+
 def evaluate_models(
     models: Sequence[ModelSpec],
     reference,
@@ -166,27 +489,57 @@ def evaluate_models(
     tokenizer=None,
     reference_responses: Sequence[str] | None = None,
     scorer_tokenizer=None,
-) -> dict:
+    *,
+    work_dir=None,
+    restart: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> dict | None:
     """Generate, score and measure every model of `models` and the `reference` on `prompts`; see the module docstring.
 
+    The prompts are processed in chunks of `config.chunk_size` with [`~shards.run_chunks`], split over the processes
+    of an `accelerate launch` (every process calls this function; the main process merges the chunks in prompt order
+    and computes the summaries on the merged samples). Chunk `k` is sampled with `chunk_seed(config.seed, k)` for every
+    model, so the result does not depend on the number of processes.
+
     Args:
-        models (`Sequence[ModelSpec]`): the models to evaluate (their names must be distinct).
-        reference: path / Hub id / loaded causal LM of the reference (usually the starting model).
-        prompts (`Sequence`): strings or conversational prompts (message lists).
-        scorer: a reward model path, a `"module:function"` string or a callable `f(prompts, completions)`.
-        config ([`EvalConfig`], *optional*): the settings.
-        tokenizer (*optional*): the tokenizer shared by the models (loaded from the reference path when None).
-        reference_responses (`Sequence[str]`, *optional*): one reference response per prompt (e.g. the dataset's);
-            each model's samples also get a win rate against them.
-        scorer_tokenizer (*optional*): the tokenizer of a loaded reward model.
+        models (`Sequence[ModelSpec]`):
+            The models to evaluate (their names must be distinct).
+        reference:
+            Path / Hub id / loaded causal LM of the reference (usually the starting model).
+        prompts (`Sequence`):
+            Strings or conversational prompts (message lists).
+        scorer (`Callable` or `str`):
+            A reward model path, a `"module:function"` string or a callable `f(prompts, completions)`.
+        config ([`EvalConfig`], *optional*):
+            The settings (defaults: `EvalConfig()`).
+        tokenizer (*optional*):
+            The tokenizer shared by the models (loaded from the reference path when None).
+        reference_responses (`Sequence[str]`, *optional*):
+            One reference response per prompt (e.g. the dataset's); each model's samples also get a win rate against
+            them.
+        scorer_tokenizer (*optional*):
+            The tokenizer of a loaded reward model.
+        work_dir (`str` or `os.PathLike`, *optional*):
+            The folder of finished chunks and their manifest (`trl-rw eval`: `<output-dir>/.parts`), visible to every
+            process: a rerun resumes the finished chunks, a changed setting or input is refused naming it (see
+            [`eval_manifest`]). It is kept: remove it with [`~shards.remove_work_dir`] once the report is written.
+            `None`: a temporary folder, removed on return (one process only).
+        restart (`bool`, *optional*, defaults to `False`):
+            Discard an unfinished run in `work_dir` and start over.
+        log (`Callable[[str], None]` or `None`, *optional*, defaults to `print`):
+            Where the main process says it resumes a run; `None`: silent.
 
     Returns:
-        `dict` with `config`, `prompts`, and `models`: `{name: {"summary": {...}, "samples": {...}}}`, the reference
-        first (and `<reference> + goal` when a model is goal-conditioned).
+        `dict` or `None`: on the main process, `config` (with the resolved `backend`), `prompts`, and `models`:
+        `{name: {"summary": {...}, "samples": {...}}}`, the reference first (and `<reference> + goal` when a model is
+        goal-conditioned); `None` on the other processes.
     """
+    import shutil
+    import tempfile
+
     from transformers import AutoTokenizer
 
-    from .sampling import generate_completions, load_scorer, render_prompt_ids, reply_length, score_completions
+    from .shards import launched_processes, process_layout, run_chunks
 
     config = config or EvalConfig()
     names = [m.name for m in models]
@@ -198,12 +551,14 @@ def evaluate_models(
         raise ValueError(
             f"reference_responses has {len(reference_responses)} entries for {len(prompts)} prompts: give one per prompt."
         )
+    backend = _resolve_backend(config, reference, models)
+    several = launched_processes() > 1
+    if work_dir is None and several:
+        raise ValueError(f"{launched_processes()} processes need a work folder that all of them see: pass `work_dir`.")
     if tokenizer is None:
         if not isinstance(reference, (str, Path)):
             raise ValueError("The reference is a loaded model: pass its `tokenizer`.")
         tokenizer = AutoTokenizer.from_pretrained(str(reference))
-    ref_model = _load(reference)
-    score_fn = load_scorer(scorer, tokenizer=scorer_tokenizer)
     prompts = list(prompts)
     goal_prompts = None
     if any(m.goal_conditioned for m in models):
@@ -211,83 +566,63 @@ def evaluate_models(
             build_goal_prompt(p, config.goal_score, tokenizer, config.system_role, config.goal_template)
             for p in prompts
         ]
-
-    def sample(model, condition_prompts):
-        common = dict(
-            tokenizer=tokenizer,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size,
-            progress=config.progress,
-        )
-        samples = generate_completions(
-            model,
-            condition_prompts,
-            n=config.num_samples,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            seed=config.seed,
-            return_token_ids=True,
-            **common,
-        )
-        samples = score_completions(
-            samples, score_fn, batch_size=config.score_batch_size, progress=config.progress, reward_column="rewards"
-        )
-        out = {
-            "completions": list(samples["completions"]),
-            "rewards": list(samples["rewards"]),
-            # What was sampled: the context the model continued and the sampled ids (EOS included when it stopped).
-            "prompt_ids": list(samples["prompt_ids"]),
-            "completion_ids": list(samples["completion_ids"]),
-        }
-        eos_ids = samples["eos_ids"][0]
-        out["token_lengths"] = [[reply_length(ids, eos_ids) for ids in group] for group in out["completion_ids"]]
-        if config.greedy:
-            greedy = generate_completions(model, condition_prompts, n=1, temperature=0.0, seed=config.seed, **common)
-            greedy = score_completions(greedy, score_fn, batch_size=config.score_batch_size, progress=config.progress)
-            out["greedy"] = [g[0] for g in greedy["completions"]]
-            out["greedy_rewards"] = [r[0] for r in greedy["rewards"]]
-        return out
-
-    runs: dict[str, dict] = {}
-    # (name, model, the prompts it answers, the prompts of the reference its KL is measured against, baseline)
     # The reference: KL 0 by construction. The reference under the goal prompt: compared with the plain reference
     # (its KL is the shift the goal text alone causes). A goal-conditioned model: compared with the reference under
     # the same goal prompt (what training did).
-    entries = [(REFERENCE, ref_model, prompts, prompts, None)]
+    entries = [_Entry(REFERENCE, reference, prompts, prompts, None, uses_reference=True)]
     if goal_prompts is not None:
-        entries.append((REFERENCE + GOAL_SUFFIX, ref_model, goal_prompts, prompts, REFERENCE))
+        entries.append(_Entry(REFERENCE + GOAL_SUFFIX, reference, goal_prompts, prompts, REFERENCE, True))
     for spec in models:
         if spec.goal_conditioned:
-            entries.append((spec.name, spec.model, goal_prompts, goal_prompts, REFERENCE + GOAL_SUFFIX))
+            entries.append(_Entry(spec.name, spec.model, goal_prompts, goal_prompts, REFERENCE + GOAL_SUFFIX))
         else:
-            entries.append((spec.name, spec.model, prompts, prompts, REFERENCE))
+            entries.append(_Entry(spec.name, spec.model, prompts, prompts, REFERENCE))
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    for name, model, answered, ref_prompts, baseline in entries:
-        lm = ref_model if model is ref_model else _load(model)
-        run = sample(lm, answered)
-        # Every reply is scored on its sampled ids, in the context it was sampled in (the rendered prompt); the
-        # reference sees the same ids after its own context (the same rendering of `ref_prompts`).
-        run["logps"] = completion_logps_from_ids(lm, run["prompt_ids"], run["completion_ids"], config.batch_size, pad)
-        if lm is ref_model and ref_prompts is answered:
-            run["ref_logps"] = run["logps"]
-        else:
-            ref_context = run["prompt_ids"] if ref_prompts is answered else render_prompt_ids(ref_prompts, tokenizer)
-            run["ref_logps"] = completion_logps_from_ids(
-                ref_model, ref_context, run["completion_ids"], config.batch_size, pad
-            )
-        run["baseline"] = baseline
-        runs[name] = run
-        del lm  # one evaluated model in memory at a time (besides the reference)
+    temporary = work_dir is None
+    folder = Path(tempfile.mkdtemp(prefix="trl-rw-eval-")) if temporary else Path(work_dir)
+    group_size = config.tensor_parallel_size if backend == "vllm" and several else 1
+    progress = config.progress and process_layout(group_size).is_main
+    shared = _Shared(reference, scorer, scorer_tokenizer)
+    stages = _stages(entries, shared, tokenizer, config, backend, reference_responses, folder, progress)
+    manifest = eval_manifest(models, reference, prompts, scorer, config, backend, reference_responses)
+    try:
+        chunks = run_chunks(
+            folder,
+            manifest,
+            len(prompts),
+            config.chunk_size,
+            stages,
+            restart=restart or temporary,
+            group_size=group_size,
+            progress=config.progress,
+            log=log,
+        )
+    finally:
+        shared.release()
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+    if chunks is None:  # not the main process
+        return None
 
+    runs: dict[str, dict] = {}
     reference_scores = None
-    if reference_responses is not None:
-        reference_scores = [float(s) for s in score_fn(prompts, list(reference_responses))]
+    for i, entry in enumerate(entries):
+        columns: dict[str, list] = {}
+        for stage in stages:
+            if stage.name.split("-", 1)[1] == f"{i:02d}-{_slug(entry.name)}":
+                for chunk in chunks[stage.name]:
+                    for column, values in chunk.to_dict().items():
+                        columns.setdefault(column, []).extend(values)
+        run = {column: columns[column] for column in RUN_COLUMNS if column in columns}
+        run["baseline"] = entry.baseline
+        runs[entry.name] = run
+        if DATASET_REWARDS in columns:
+            reference_scores = columns[DATASET_REWARDS]
 
     results = {}
     for name, run in runs.items():
         results[name] = {"summary": _summarise(run, runs, config, reference_scores), "samples": _jsonable(run)}
-    return {"config": asdict(config), "prompts": prompts, "models": results}
+    return {"config": {**asdict(config), "backend": backend}, "prompts": prompts, "models": results}
 
 
 def _summarise(run: dict, runs: dict, config: EvalConfig, reference_scores) -> dict:

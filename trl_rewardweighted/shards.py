@@ -48,6 +48,7 @@ __all__ = [
     "launched_processes",
     "partial_state",
     "local_device",
+    "use_local_device",
     "process_layout",
     "chunk_ranges",
     "chunk_seed",
@@ -178,6 +179,21 @@ def local_device():
     if state is not None:
         return state.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_local_device():
+    """Make this process's device the current one, so that models loaded without a `device_map` land there.
+
+    Returns:
+        `torch.device`: [`local_device`]; with a GPU, it is also made the current CUDA device (its local rank's GPU
+        under `accelerate launch`).
+    """
+    import torch
+
+    device = local_device()
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def process_layout(group_size: int = 1) -> Layout:
