@@ -110,20 +110,26 @@ def _add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run_args(parser: argparse.ArgumentParser, vllm: bool = True) -> None:
-    """Chunked, resumable, multi-process runs (`generate`, `score`, `sample`; see trl_rewardweighted.shards)."""
+def _add_run_args(
+    parser: argparse.ArgumentParser,
+    vllm: bool = True,
+    rows: str = "rows",
+    chunk_size: int = 256,
+    work_dir: str = "the first output + '.parts'",
+) -> None:
+    """Chunked, resumable, multi-process runs (`generate`, `score`, `sample`, `eval`; see trl_rewardweighted.shards)."""
     group = parser.add_argument_group("chunks, resuming, several processes")
     group.add_argument(
         "--chunk-size",
         type=int,
-        default=256,
-        help="rows per chunk: the unit of work that is written to disk, split across processes and resumed "
-        "(default: 256). The samples depend on it (not on the number of processes)",
+        default=chunk_size,
+        help=f"{rows} per chunk: the unit of work that is written to disk, split across processes and resumed "
+        f"(default: {chunk_size}). The samples depend on it (not on the number of processes)",
     )
     group.add_argument(
         "--work-dir",
         default=None,
-        help="folder for the finished chunks and the manifest (default: the first output + '.parts'); must be "
+        help=f"folder for the finished chunks and the manifest (default: {work_dir}); must be "
         "shared by all nodes. Removed once the outputs are written",
     )
     group.add_argument(
@@ -363,6 +369,14 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument("--goal-score", type=float, default=10.0, help="goal of --goal-model models (default: 10)")
     p.add_argument("--goal-template", default=None, help="goal text template used at training")
     p.add_argument("--tie-tolerance", type=float, default=0.0)
+    p.add_argument(
+        "--backend",
+        choices=["auto", "transformers", "vllm"],
+        default="auto",
+        help="generation backend (default: auto: vLLM if installed and a GPU is visible); rewards and log-probs are "
+        "computed with transformers",
+    )
+    _add_run_args(p, rows="prompts", chunk_size=64, work_dir="<output-dir>/.parts")
     _add_progress_arg(p)
     _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_eval)
@@ -386,6 +400,8 @@ def _cmd_eval(args) -> None:
     from trl_rewardweighted.evaluation import EvalConfig, ModelSpec, evaluate_models, summary_line, write_report
     from trl_rewardweighted.model_utils import check_model_source
     from trl_rewardweighted.pipeline import check_parent_folders, refuse_unused
+    from trl_rewardweighted.sampling import resolve_backend
+    from trl_rewardweighted.shards import remove_work_dir
 
     specs = [ModelSpec(n, p) for n, p in _named_models(args.model, "--model")]
     specs += [ModelSpec(n, p, goal_conditioned=True) for n, p in _named_models(args.goal_model, "--goal-model")]
@@ -393,8 +409,12 @@ def _cmd_eval(args) -> None:
         raise ValueError("Give at least one --model or --goal-model to evaluate.")
     if not args.goal_model:
         refuse_unused(_given(args, "goal_score", "goal_template"), "without --goal-model")
+    if resolve_backend(args.backend, args.reference) != "vllm":
+        refuse_unused(_given(args, "tensor_parallel_size", "vllm_kwargs"), "with the transformers backend")
     out = Path(args.output_dir)
     check_parent_folders(out / "eval.json", "--output-dir")
+    if args.work_dir:
+        check_parent_folders(args.work_dir, "--work-dir")
     if (out / "eval.json").exists() and not args.overwrite:
         raise FileExistsError(f"{out / 'eval.json'} exists; pass --overwrite to replace it.")
     for spec in specs:
@@ -424,11 +444,27 @@ def _cmd_eval(args) -> None:
         goal_template=args.goal_template,
         tie_tolerance=args.tie_tolerance,
         progress=not args.no_progress,
+        chunk_size=args.chunk_size,
+        backend=args.backend,
+        tensor_parallel_size=args.tensor_parallel_size,
+        vllm_kwargs=_vllm_kwargs(args),
     )
+    work_dir = Path(args.work_dir) if args.work_dir else out / ".parts"
     results = evaluate_models(
-        specs, args.reference, list(ds["prompt"]), args.reward, config, reference_responses=references
+        specs,
+        args.reference,
+        list(ds["prompt"]),
+        args.reward,
+        config,
+        reference_responses=references,
+        work_dir=work_dir,
+        restart=args.restart,
+        log=lambda line: print(f"trl-rw eval: {line}", file=sys.stderr),
     )
+    if results is None:  # not the main process
+        return
     paths = write_report(results, out)
+    remove_work_dir(work_dir)
     print((out / "eval.md").read_text())
     print(summary_line(results))
     print("written: " + ", ".join(paths.values()))

@@ -260,13 +260,9 @@ def prepare_prompts(prompts, generation: GenerationSettings):
 
 def _use_device():
     """Make this process's accelerator device (its local rank's GPU) the default one for model loading."""
-    import torch
+    from .shards import use_local_device
 
-    from .shards import local_device
-
-    device = local_device()
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
+    use_local_device()
 
 
 def generation_manifest(prompts, generation: GenerationSettings, backend: str, chunk_size: int) -> tuple[dict, dict]:
