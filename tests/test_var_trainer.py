@@ -286,7 +286,7 @@ def test_bad_beta(beta):
 
 
 def test_bad_z_scope():
-    with pytest.raises(ValueError, match=r"VARConfig.z_scope must be one of \('step', 'micro_batch'\), got 'global'"):
+    with pytest.raises(ValueError, match=r"VARConfig.z_scope must be one of \('step', 'micro_batch', 'prompt'\), got 'global'"):
         VARConfig(**cpu_args(output_dir="x", z_scope="global"))
 
 
@@ -462,7 +462,7 @@ def test_supported_non_default_sft_options_and_choices():
     )
     assert args.completion_only_loss is True
     z_scope = next(f for f in dataclasses.fields(VARConfig) if f.name == "z_scope")
-    assert z_scope.metadata["choices"] == ["step", "micro_batch"]
+    assert z_scope.metadata["choices"] == ["step", "micro_batch", "prompt"]
 
 
 def test_assistant_only_loss_is_honoured(tiny_model_path, tmp_path):

@@ -15,6 +15,8 @@ __all__ = [
     "var_log_weights",
     "var_weights",
     "var_loss",
+    "var_prompt_weights",
+    "var_prompt_loss",
     "online_var_weights",
     "vcb_loss",
     "vcb_pair_stats",
@@ -35,19 +37,38 @@ def _check_1d(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"`{name}` must be a 1-D tensor (one value per row), got shape {tuple(t.shape)}.")
 
 
+def _check_sample_weights(sample_weights: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """`sample_weights` as float64, after checking that they are finite, `>= 0` and shaped like `rewards`."""
+    _check_1d("sample_weights", sample_weights)
+    if sample_weights.shape != rewards.shape:
+        raise ValueError(
+            f"`sample_weights` has shape {tuple(sample_weights.shape)} but `rewards` has shape {tuple(rewards.shape)}."
+        )
+    s = sample_weights.detach().to(torch.float64)
+    bad = (~torch.isfinite(s) | (s < 0)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"`sample_weights` must be finite and >= 0; rows {bad[:10]} have {s[bad[:10]].tolist()}. A weight of 0 "
+            "leaves a row out; negative or NaN weights have no meaning as prior weights."
+        )
+    return s
+
+
 def var_log_weights(
     rewards: torch.Tensor,
     beta: float,
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Centred VAR log-weights `r_i / beta + log pi_ref(y_i|x_i) - c`, `-inf` on rows outside the normaliser.
+    """Centred VAR log-weights `r_i / beta + log pi_ref(y_i|x_i) + log s_i - c`, `-inf` on rows outside the normaliser.
 
     A row is invalid when its reward or reference log-prob is not finite, or when `mask` is `False` there (e.g. an
-    empty completion, a padding row, or a row repeated by accelerate's `even_batches`). The constant `c` (the largest
-    log-weight of a valid row, which therefore gets `0`) does not change the softmax. The arithmetic runs in float64,
-    dividing `r - max(r)` rather than `r` by `beta`, so neither a large common reward offset nor an `r / beta` beyond
-    the float32 range loses the differences that set the weights.
+    empty completion, a padding row, or a row repeated by accelerate's `even_batches`). A row whose sample weight
+    `s_i` is 0 gets `-inf` too (weight 0). The constant `c` (the largest log-weight of a remaining row, which therefore
+    gets `0`) does not change the softmax. The arithmetic runs in float64, dividing `r - max(r)` rather than `r` by
+    `beta`, so neither a large common reward offset nor an `r / beta` beyond the float32 range loses the differences
+    that set the weights. Sample weights of 1 add exactly 0: the result is then the one without them, bit for bit.
 
     Args:
         rewards (`torch.Tensor`):
@@ -58,6 +79,9 @@ def var_log_weights(
             Summed reference log-probs of shape `(B,)`; `None` leaves out the reference term.
         mask (`torch.Tensor` or `None`, *optional*):
             Boolean `(B,)`; `False` rows are left out.
+        sample_weights (`torch.Tensor` or `None`, *optional*):
+            Prior weights `s_i >= 0` of shape `(B,)` (e.g. importance weights of off-policy data); `log s_i` is added
+            to the log-weight, and a row with `s_i = 0` is left out. `None` means all 1.
 
     Returns:
         `torch.Tensor`: Float32 `(B,)`, detached; finite on every valid row (a log-weight below the float32 range is
@@ -87,6 +111,11 @@ def var_log_weights(
         valid &= torch.isfinite(ref)
     if mask is not None:
         valid &= mask.to(device=r.device, dtype=torch.bool)
+    log_s = None
+    if sample_weights is not None:
+        s = _check_sample_weights(sample_weights, rewards).to(device=r.device)
+        valid &= s > 0
+        log_s = torch.log(torch.where(valid, s, torch.ones_like(s)))  # exactly 0 where s == 1
     log_e = torch.full_like(r, float("-inf"))
     if valid.any():
         zeros = torch.zeros_like(r)
@@ -95,6 +124,8 @@ def var_log_weights(
         x = (r - r[valid].max()) / float(beta)
         if ref is not None:
             x = x + torch.where(valid, ref, zeros)
+        if log_s is not None:
+            x = x + log_s
         x = x - x[valid].max()  # the best row gets exactly 0
         log_e = torch.where(valid, x.clamp(min=torch.finfo(torch.float32).min), log_e)
     return log_e.to(torch.float32)
@@ -105,8 +136,9 @@ def var_weights(
     beta: float,
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """VAR weights `w = softmax(rewards / beta + ref_logps)` over a 1-D batch (see `docs/var.md`).
+    """VAR weights `w = softmax(rewards / beta + ref_logps [+ log sample_weights])` over a 1-D batch (see `docs/var.md`).
 
     `ref_logps=None` gives `softmax(rewards / beta)` (reward-weighted regression, `ref_weighting=False`). Rows whose
     reward or reference log-prob is not finite, or where `mask` is `False`, get weight exactly 0 and the others still
@@ -122,12 +154,14 @@ def var_weights(
             Summed reference log-probs of shape `(B,)`.
         mask (`torch.Tensor` or `None`, *optional*):
             Boolean `(B,)`; `False` rows get weight 0.
+        sample_weights (`torch.Tensor` or `None`, *optional*):
+            Prior weights `>= 0` of shape `(B,)`, see [`var_log_weights`]; rows with weight 0 get weight 0.
 
     Returns:
         `torch.Tensor`: Float32 weights of shape `(B,)`, no gradient.
 
     Raises:
-        `ValueError`: if `beta <= 0` or if no row is valid.
+        `ValueError`: if `beta <= 0`, if a sample weight is negative or not finite, or if no row is valid.
 
     Example:
 
@@ -136,11 +170,12 @@ def var_weights(
     tensor([0.8808, 0.1192])
     ```
     """
-    log_e = var_log_weights(rewards, beta, ref_logps, mask)
+    log_e = var_log_weights(rewards, beta, ref_logps, mask, sample_weights)
     if not torch.isfinite(log_e).any():
         raise ValueError(
             f"No valid row in a VAR batch of {log_e.numel()}: every reward or reference log-prob is NaN/inf (or the "
-            "completion is empty). Drop such rows from the dataset or fix the reward column."
+            "completion is empty, or every sample weight is 0). Drop such rows from the dataset or fix the reward "
+            "column."
         )
     return torch.softmax(log_e, dim=0)
 
@@ -219,6 +254,7 @@ def var_loss(
     beta: float,
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """VAR loss `-(var_weights(rewards, beta, ref_logps, mask) * policy_logps).sum()` (Eq. 21 of arXiv 2502.11026).
 
@@ -227,7 +263,7 @@ def var_loss(
     arguments are those of [`var_weights`].
     """
     _check_1d("policy_logps", policy_logps)
-    w = var_weights(rewards, beta, ref_logps, mask).to(policy_logps.device)
+    w = var_weights(rewards, beta, ref_logps, mask, sample_weights).to(policy_logps.device)
     return weighted_nll(policy_logps, w)
 
 
@@ -237,6 +273,101 @@ def weighted_nll(policy_logps: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     logp = policy_logps.float()
     contrib = torch.where(weights > 0, weights.detach().float() * logp, torch.zeros_like(logp))
     return -contrib.sum()
+
+
+def var_prompt_weights(
+    rewards: torch.Tensor,
+    beta: float,
+    group_ids: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-prompt VAR weights: `softmax_i(r_i / beta [+ log pi_ref(y_i|x)] [+ log s_i])` over the rows of each group.
+
+    Rows with the same `group_ids` value are replies to the same prompt `x`; each group gets its own normaliser
+    `Z(x)`, estimated from its own replies (as online VAR does, see [`online_var_weights`]), so a prompt's weights do
+    not depend on the other prompts' rewards. Each group's log-weights are those of [`var_log_weights`] on its rows
+    (float64 centring per group, then a float32 softmax, i.e. `exp(l_i - logsumexp_g(l))`). Invalid rows (non-finite
+    reward or reference log-prob, `mask` `False`, sample weight 0) get weight exactly 0; the other rows of a group sum
+    to 1; a group without a remaining row gets all zeros. A group of one valid row gives it weight 1.
+
+    The VAR loss of a batch of prompts is then the mean over the groups with a weight of `-sum_i w_i log pi(y_i|x)`
+    ([`var_prompt_loss`]).
+
+    Args:
+        rewards (`torch.Tensor`):
+            Rewards of shape `(B,)` (float64 keeps rewards with a large offset exact).
+        beta (`float`):
+            Temperature `> 0`.
+        group_ids (`torch.Tensor`):
+            Integer group (prompt) id of each row, shape `(B,)`; the rows of a group need not be contiguous.
+        ref_logps (`torch.Tensor` or `None`, *optional*):
+            Summed reference log-probs of shape `(B,)`; `None` leaves out the reference term.
+        mask (`torch.Tensor` or `None`, *optional*):
+            Boolean `(B,)`; `False` rows get weight 0.
+        sample_weights (`torch.Tensor` or `None`, *optional*):
+            Prior weights `>= 0` of shape `(B,)`; `log s_i` is added inside the softmax.
+
+    Returns:
+        `torch.Tensor`: Float32 weights of shape `(B,)`, no gradient.
+
+    Example:
+
+    ```python
+    >>> var_prompt_weights(torch.tensor([0.0, 1.0, 5.0, 5.0]), 1.0, torch.tensor([0, 0, 1, 1]))
+    tensor([0.2689, 0.7311, 0.5000, 0.5000])
+    ```
+    """
+    _check_1d("rewards", rewards)
+    _check_1d("group_ids", group_ids)
+    if group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"`group_ids` has shape {tuple(group_ids.shape)} but `rewards` has shape {tuple(rewards.shape)}."
+        )
+    if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
+        raise ValueError(f"`group_ids` must be an integer tensor, got {group_ids.dtype}.")
+    if sample_weights is not None:
+        _check_sample_weights(sample_weights, rewards)  # row numbers of the whole batch in the message
+    weights = torch.zeros(rewards.shape, dtype=torch.float32, device=rewards.device)
+    ids = group_ids.to(rewards.device)
+    extras = [None if t is None else t.to(rewards.device) for t in (ref_logps, mask, sample_weights)]
+    for g in torch.unique(ids):
+        rows = (ids == g).nonzero().flatten()
+        ref, keep, prior = (None if t is None else t[rows] for t in extras)
+        log_e = var_log_weights(rewards[rows], beta, ref, keep, prior)
+        if torch.isfinite(log_e).any():
+            weights[rows] = torch.exp(log_e - torch.logsumexp(log_e, dim=0))
+    return weights
+
+
+def var_prompt_loss(
+    policy_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    group_ids: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-prompt VAR loss: the mean over prompts of `-sum_i w_i log pi(y_i|x)`, `w` from [`var_prompt_weights`].
+
+    The mean is over the groups that keep a weight (at least one valid row with a sample weight `> 0`); the gradient
+    flows only through `policy_logps` (summed completion log-probs, shape `(B,)`). The other arguments are those of
+    [`var_prompt_weights`].
+
+    Raises:
+        `ValueError`: if no group keeps a weight.
+    """
+    _check_1d("policy_logps", policy_logps)
+    w = var_prompt_weights(rewards, beta, group_ids, ref_logps, mask, sample_weights).to(policy_logps.device)
+    num_groups = torch.unique(group_ids.to(w.device)[w > 0]).numel()
+    if num_groups == 0:
+        raise ValueError(
+            f"No prompt group of a VAR batch of {w.numel()} rows keeps a weight: every reward or reference log-prob "
+            "is NaN/inf, every completion is empty, or every sample weight is 0."
+        )
+    return weighted_nll(policy_logps, w) / num_groups
 
 
 # ----------------------------------------------------------------------------------------------------------------------

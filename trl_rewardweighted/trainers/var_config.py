@@ -10,7 +10,8 @@ from trl import SFTConfig
 
 __all__ = ["VARConfig"]
 
-VAR_Z_SCOPES = ("step", "micro_batch")
+VAR_Z_SCOPES = ("step", "micro_batch", "prompt")
+DEFAULT_SAMPLE_WEIGHT_COLUMN = "sample_weight"
 
 
 def _sft_default(name: str):
@@ -64,9 +65,21 @@ class VARConfig(SFTConfig):
             weights nearly one-hot on the response the reference likes most.
         z_scope (`str`, *optional*, defaults to `"step"`):
             Batch over which the softmax normaliser Z is estimated. `"step"`: every gradient-accumulation micro-batch
-            on every process of one optimizer step, so the update does not depend on how the step is split across
-            devices and accumulation steps. `"micro_batch"`: each per-device micro-batch separately (one reading of
-            the paper's B=8 "mini-batch"); the loss is then averaged over micro-batches and processes.
+            on every process of one optimizer step (the paper's batch normaliser), so the update does not depend on
+            how the step is split across devices and accumulation steps. `"micro_batch"`: each per-device micro-batch
+            separately (one reading of the paper's B=8 "mini-batch"); the loss is then averaged over micro-batches and
+            processes. `"prompt"`: one normaliser per prompt, over the rows that share it (see `group_column`), and
+            the step's loss is the mean over its prompts of `-sum_i w_i log π(y_i|x)`; a sampler keeps each prompt's
+            rows in one optimizer step, so the update does not depend on the layout either. For data with several
+            scored replies per prompt (`trl-rw sample`). See `docs/var.md`.
+        group_column (`str` or `None`, *optional*, defaults to `None`):
+            With `z_scope="prompt"`: the column whose value names each row's prompt group (any hashable value, e.g.
+            an integer id). `None` groups rows with identical prompts. Refused with another `z_scope`.
+        sample_weight_column (`str` or `None`, *optional*, defaults to `"sample_weight"`):
+            Column of prior weights `s_i >= 0` (e.g. importance weights of off-policy data): `log s_i` is added to the
+            softmax logits, for every `z_scope`. The default name is used when a dataset has that column and ignored
+            otherwise; any other name must exist in the train dataset. `None` ignores sample weights. Negative, NaN or
+            infinite weights, or all-zero ones, are refused naming the rows; rows with weight 0 get weight 0.
         length_normalize (`bool`, *optional*, defaults to `False`):
             Use the mean token log-prob instead of the summed one, in both the weight (reference term) and the loss.
             The paper sums (the derivation is over sequences).
@@ -116,8 +129,22 @@ class VARConfig(SFTConfig):
     z_scope: str = field(
         default="step",
         metadata={
-            "help": "Softmax normaliser scope: 'step' (all micro-batches and processes of a step) or 'micro_batch'.",
+            "help": "Softmax normaliser scope: 'step' (all micro-batches and processes of a step), 'micro_batch', "
+            "or 'prompt' (one normaliser per prompt group, its rows kept in one step).",
             "choices": list(VAR_Z_SCOPES),
+        },
+    )
+    group_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "z_scope='prompt': column naming each row's prompt group; None groups rows with identical prompts."
+        },
+    )
+    sample_weight_column: str | None = field(
+        default=DEFAULT_SAMPLE_WEIGHT_COLUMN,
+        metadata={
+            "help": "Column of prior weights s >= 0 (log s is added to the softmax logits); the default name is used "
+            "only when present. None ignores sample weights."
         },
     )
     length_normalize: bool = field(
@@ -140,6 +167,31 @@ class VARConfig(SFTConfig):
             )
         if self.z_scope not in self._VALID_Z_SCOPES:
             raise ValueError(f"VARConfig.z_scope must be one of {self._VALID_Z_SCOPES}, got {self.z_scope!r}.")
+        if self.group_column is not None and self.z_scope != "prompt":
+            raise ValueError(
+                f"VARConfig.group_column={self.group_column!r} is only used with z_scope='prompt' (z_scope is "
+                f"{self.z_scope!r}). Set z_scope='prompt' to normalise per prompt group, or leave group_column unset."
+            )
+        if self.z_scope == "prompt":
+            for name, bad, why in (
+                ("packing", self.packing, "a pack mixes rows of different prompts"),
+                ("eval_packing", self.eval_packing, "a pack mixes rows of different prompts"),
+                (
+                    "dataloader_drop_last",
+                    self.dataloader_drop_last,
+                    "dropping the last incomplete batch would drop part of a prompt group",
+                ),
+                (
+                    "train_sampling_strategy",
+                    getattr(self, "train_sampling_strategy", "random") != "random",
+                    "VAR's prompt-group sampler decides the order (whole groups, shuffled per epoch)",
+                ),
+            ):
+                if bad:
+                    raise ValueError(
+                        f"VARConfig.z_scope='prompt' does not support `{name}={getattr(self, name)!r}`: {why}. Leave "
+                        f"`{name}` at its default, or use z_scope='step'."
+                    )
         if (self.packing or self.eval_packing) and self.max_length is None:
             raise ValueError(
                 "VARConfig.packing / eval_packing need `max_length`: it is the size of the packs. Set `max_length`, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import textwrap
 import warnings
@@ -22,7 +23,7 @@ from trl import SFTTrainer, pack_dataset
 from trl.models.utils import prepare_deepspeed
 
 from ..data.utils import check_float_column, check_prompt_and_completion, first_row, to_float
-from ..losses import var_log_weights, weighted_nll
+from ..losses import var_log_weights, var_prompt_weights, weighted_nll
 from ..model_utils import (
     CheckpointedCountersMixin,
     KeepFloat32InputsMixin,
@@ -34,11 +35,23 @@ from ..model_utils import (
     sequence_logps,
     warn_if_padding_free_attention_is_dense,
 )
-from .var_config import VARConfig
+from .var_config import DEFAULT_SAMPLE_WEIGHT_COLUMN, VARConfig
 
-__all__ = ["VARTrainer", "DataCollatorForVAR", "even_batches_repeats", "unpack_examples"]
+__all__ = [
+    "VARTrainer",
+    "DataCollatorForVAR",
+    "PromptGroupSampler",
+    "check_sample_weights",
+    "even_batches_repeats",
+    "group_slot_size",
+    "prompt_group_ids",
+    "unpack_examples",
+]
 
 REF_LOGPS_COLUMN = "ref_logps"
+# z_scope="prompt": the trainer adds each row's prompt-group index and its row index to the prepared datasets.
+GROUP_ID_COLUMN = "_var_group"
+ROW_ID_COLUMN = "_var_row"
 # Cumulative counters saved next to each checkpoint (`trainer_state.json` has no room for them) and restored on resume.
 # At most this many row indices are listed in a warning.
 _MAX_LISTED_ROWS = 10
@@ -88,19 +101,33 @@ class DataCollatorForVAR:
     Packed examples (a `seq_lengths` list, and one reward per segment, see `VARTrainer._pack`) are split back into
     their rows first; the batch then also holds `pack_ids` (the position in the batch of each row's pack).
 
+    With a sample-weight field (`sample_weight_column`) the batch also holds `sample_weights` (same dtype; a negative,
+    NaN, infinite or missing value is refused naming the row of the batch), and with the prompt-group fields the
+    trainer adds for `z_scope="prompt"`, `group_ids` and `row_ids` (int64).
+
     Args:
         base_collator (`Callable`):
             The language-modeling collator that builds `input_ids`, `attention_mask` and `labels`.
         reward_column (`str`, *optional*, defaults to `"reward"`):
             Name of the reward field of each example.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float64`):
-            Dtype of the `rewards` and `ref_logps` tensors (float32 on devices without float64, such as MPS).
+            Dtype of the `rewards`, `ref_logps` and `sample_weights` tensors (float32 on devices without float64,
+            such as MPS).
+        sample_weight_column (`str` or `None`, *optional*, defaults to `None`):
+            Name of the sample-weight field; `None` (or an example without it) gives no `sample_weights`.
     """
 
-    def __init__(self, base_collator, reward_column: str = "reward", dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        base_collator,
+        reward_column: str = "reward",
+        dtype: torch.dtype = torch.float64,
+        sample_weight_column: str | None = None,
+    ):
         self.base_collator = base_collator
         self.reward_column = reward_column
         self.dtype = dtype
+        self.sample_weight_column = sample_weight_column
 
     def _floats(self, values, column: str, what: str) -> torch.Tensor:
         out = []
@@ -116,9 +143,12 @@ class DataCollatorForVAR:
                 f"A training example has no `{self.reward_column}` field (keys: {sorted(examples[0])}). Add a float "
                 f"reward column or set `reward_column` in VARConfig."
             )
+        weight_column = self.sample_weight_column
         pack_ids = None
         if "seq_lengths" in examples[0]:
-            examples, pack_ids = unpack_examples(examples, [self.reward_column, REF_LOGPS_COLUMN])
+            examples, pack_ids = unpack_examples(
+                examples, [c for c in (self.reward_column, REF_LOGPS_COLUMN, weight_column) if c is not None]
+            )
         batch = self.base_collator(examples)
         _check_one_row_per_example(batch, len(examples))
         if pack_ids is not None:
@@ -128,6 +158,18 @@ class DataCollatorForVAR:
             batch[REF_LOGPS_COLUMN] = self._floats(
                 [ex[REF_LOGPS_COLUMN] for ex in examples], REF_LOGPS_COLUMN, "reference log-prob"
             )
+        if weight_column is not None and weight_column in examples[0]:
+            weights = self._floats([ex[weight_column] for ex in examples], weight_column, "sample weight")
+            bad = (~torch.isfinite(weights) | (weights < 0)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(
+                    f"Column `{weight_column}`, rows {bad} of a batch: sample weights {weights[bad].tolist()}. "
+                    "Sample weights must be finite numbers >= 0 (0 leaves a row out)."
+                )
+            batch["sample_weights"] = weights
+        if GROUP_ID_COLUMN in examples[0]:
+            batch["group_ids"] = torch.tensor([int(ex[GROUP_ID_COLUMN]) for ex in examples], dtype=torch.long)
+            batch["row_ids"] = torch.tensor([int(ex[ROW_ID_COLUMN]) for ex in examples], dtype=torch.long)
         return batch
 
 
@@ -162,7 +204,160 @@ def even_batches_repeats(num_local: int, process_index: int, remainder: int) -> 
     return positions >= remainder
 
 
-_FLOAT32_KEYS = ("rewards", REF_LOGPS_COLUMN, "var_weights")
+def prompt_group_ids(keys: list[Any], column: str) -> list[int]:
+    """Integer group ids (0, 1, ... in order of first appearance) for per-row group keys.
+
+    Equal keys share an id: prompts (strings, or message lists compared by their JSON form) or the values of a group
+    column. A missing key (`None`) is refused, naming the rows.
+
+    Args:
+        keys (`list`):
+            One key per row.
+        column (`str`):
+            Name of the column the keys come from (for the error message).
+
+    Returns:
+        `list[int]`: One group id per row.
+
+    Example:
+
+    ```python
+    >>> prompt_group_ids(["a", "b", "a", [{"role": "user", "content": "a"}]], "prompt")
+    [0, 1, 0, 2]
+    ```
+    """
+    missing = [i for i, key in enumerate(keys) if key is None]
+    if missing:
+        raise ValueError(
+            f"Column `{column}` has no value in rows {_listed(missing)}: with z_scope='prompt' every row needs a "
+            "prompt group. Fill it in, or drop those rows."
+        )
+    index: dict[Any, int] = {}
+    ids = []
+    for key in keys:
+        if isinstance(key, (list, dict)):
+            key = ("json", json.dumps(key, sort_keys=True, ensure_ascii=False, default=str))
+        ids.append(index.setdefault(key, len(index)))
+    return ids
+
+
+def group_slot_size(max_group: int, step_rows: int) -> int:
+    """Rows each prompt group takes in an optimizer step of `step_rows` rows: the smallest divisor of `step_rows`
+    that holds the largest group (`max_group` rows), so that whole groups fill every step exactly.
+
+    Example:
+
+    ```python
+    >>> group_slot_size(3, 8), group_slot_size(4, 8), group_slot_size(5, 12)
+    (4, 4, 6)
+    ```
+    """
+    if max_group > step_rows:
+        raise ValueError(f"A group of {max_group} rows does not fit a step of {step_rows} rows.")
+    return next(d for d in range(max(1, max_group), step_rows + 1) if step_rows % d == 0)
+
+
+class PromptGroupSampler(torch.utils.data.Sampler):
+    """Sampler that keeps the rows of each prompt group together in one optimizer step (VAR `z_scope="prompt"`).
+
+    Each epoch the groups are shuffled (a generator seeded with `seed + epoch`, like accelerate's seedable sampler,
+    so every process draws the same order and a resumed run the same epoch) and each group is laid out in a slot of
+    `slot_size` consecutive indices: its rows, then repeats of its own rows up to `slot_size` (the trainer gives
+    repeats weight 0). With `slot_size` a divisor of the rows of an optimizer step, the step (`per_device_batch x
+    accumulation x processes` consecutive indices, in the order accelerate hands them out) holds whole groups only.
+    The epoch is then padded with repeats of the last group's rows to a multiple of `round_size`
+    (`per_device_batch x processes`), so that accelerate never completes the last batches with rows of other steps.
+
+    Args:
+        group_ids (`list[int]`):
+            Group id of each dataset row.
+        slot_size (`int`):
+            Indices per group (at least the largest group), see [`group_slot_size`].
+        round_size (`int`, *optional*, defaults to `1`):
+            The epoch's length is a multiple of it.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the shuffle.
+        shuffle (`bool`, *optional*, defaults to `True`):
+            Shuffle the groups each epoch (`False`: groups in order of first appearance).
+
+    Example:
+
+    ```python
+    >>> list(PromptGroupSampler([0, 0, 1, 2, 2], slot_size=2, round_size=4, shuffle=False))
+    [0, 1, 2, 2, 3, 4, 3, 4]
+    ```
+    """
+
+    def __init__(self, group_ids: list[int], slot_size: int, round_size: int = 1, seed: int = 0, shuffle: bool = True):
+        groups: dict[int, list[int]] = {}
+        for row, group in enumerate(group_ids):
+            groups.setdefault(int(group), []).append(row)
+        self.groups = list(groups.values())
+        largest = max((len(rows) for rows in self.groups), default=0)
+        if slot_size < largest:
+            raise ValueError(f"slot_size={slot_size} is smaller than the largest group ({largest} rows).")
+        self.slot_size = slot_size
+        self.round_size = round_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        length = len(self.groups) * self.slot_size
+        return length + (-length % self.round_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.groups), generator=generator).tolist()
+        else:
+            order = list(range(len(self.groups)))
+        for g in order:
+            rows = self.groups[g]
+            yield from rows
+            for j in range(self.slot_size - len(rows)):
+                yield rows[j % len(rows)]
+        if order:
+            last = self.groups[order[-1]]
+            for j in range(len(self) - len(self.groups) * self.slot_size):
+                yield last[j % len(last)]
+        self.epoch += 1  # the next epoch differs even if `set_epoch` is not called
+
+
+def check_sample_weights(values: list[Any], column: str, label: str) -> None:
+    """Refuse sample weights that are missing, not finite, negative, or all zero, naming the rows.
+
+    Args:
+        values (`list`):
+            The column's values, one per row.
+        column (`str`):
+            Name of the column (for the message).
+        label (`str`):
+            Which dataset, e.g. `"train"` (for the message).
+    """
+    weights = np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
+    for rows, what in (
+        (np.flatnonzero(~np.isfinite(weights)), "NaN, infinite or missing"),
+        (np.flatnonzero(weights < 0), "negative"),
+    ):
+        if rows.size:
+            raise ValueError(
+                f"Column `{column}` of the {label} dataset has {what} sample weights in rows {_listed(rows.tolist())} "
+                f"(values {weights[rows[:_MAX_LISTED_ROWS]].tolist()}). Sample weights must be finite numbers >= 0; "
+                "a weight of 0 leaves a row out. Fix the column, or set `sample_weight_column=None`."
+            )
+    if weights.size and not (weights > 0).any():
+        raise ValueError(
+            f"Every value of column `{column}` of the {label} dataset is 0 ({weights.size} rows): no row would get a "
+            "weight. Fix the column, or set `sample_weight_column=None`."
+        )
+
+
+_FLOAT32_KEYS = ("rewards", REF_LOGPS_COLUMN, "var_weights", "sample_weights")
 
 
 class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
@@ -279,6 +474,13 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             check_float_column(ds, args.reward_column, f"(eval dataset {name!r}) {fix}")
         for label, ds in [("train", train_dataset), *self._as_dict(eval_dataset).items()]:
             self._warn_missing_rewards(ds, label, args.reward_column)
+        self._var_sample_weight_column = self._check_sample_weight_columns(train_dataset, eval_dataset, args)
+        if args.z_scope == "prompt":
+            self._check_group_columns([("train", train_dataset), *self._as_dict(eval_dataset).items()], args)
+        # z_scope="prompt": rows per group slot in the sampler, rows per sampler round, and each group's size.
+        self._var_slot_size = 1
+        self._var_round_size = 1
+        self._var_group_sizes: torch.Tensor | None = None
         if isinstance(ref_model, str):
             # Loaded like the DPO-based trainers load theirs: `model_init_kwargs`, `trust_remote_code`, no device map
             # when distributed.
@@ -329,8 +531,10 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         # Carry rewards (and reference log-probs) through the collator as float64 tensors (float32 on MPS).
         if not isinstance(self.data_collator, DataCollatorForVAR):
             dtype = torch.float32 if self.args.device.type == "mps" else torch.float64
-            self.data_collator = DataCollatorForVAR(self.data_collator, args.reward_column, dtype)
-        if not args.packing:  # packs hold a varying number of rows
+            self.data_collator = DataCollatorForVAR(
+                self.data_collator, args.reward_column, dtype, self._var_sample_weight_column
+            )
+        if not args.packing and args.z_scope != "prompt":  # packs hold a varying number of rows
             self._warn_single_row_normaliser()
 
         self._precompute_engine = None
@@ -346,6 +550,13 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             if not self._var_external_ref and is_peft_model(self.model) and isinstance(self.train_dataset, Dataset):
                 self._var_base_is_reference = self._base_matches_policy(self.train_dataset)
         self._release_reference()
+        if args.z_scope == "prompt":
+            self.train_dataset = self._add_group_columns(self.train_dataset)
+            self._plan_prompt_groups(self.train_dataset[GROUP_ID_COLUMN])
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._add_group_columns(v) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._add_group_columns(self.eval_dataset)
         if args.packing:
             self.train_dataset = self._pack(self.train_dataset, "train")
         if self._eval_packing and self.eval_dataset is not None:
@@ -359,11 +570,17 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------------
 
     @property
+    def _step_normalised(self) -> bool:
+        """Whether the weights are normalised over the whole optimizer step ("step"; "prompt": each prompt's rows sum
+        to 1 and the step's prompts are averaged), so that micro-batch losses add up to the step's loss."""
+        return self.args.z_scope in ("step", "prompt")
+
+    @property
     def loss_is_scaled_for_ga(self) -> bool:
-        # "step": the weights are normalised over the whole optimizer step, so micro-batch losses add up to the step's
-        # loss (no division by the number of accumulation steps). "micro_batch": each micro-batch is a mean; the Trainer
-        # averages them over accumulation steps.
-        return self.args.z_scope == "step"
+        # "step" / "prompt": the micro-batch losses add up to the step's loss (no division by the number of
+        # accumulation steps). "micro_batch": each micro-batch is a mean; the Trainer averages them over accumulation
+        # steps.
+        return self._step_normalised
 
     @staticmethod
     def _as_dict(eval_dataset) -> dict:
@@ -429,6 +646,120 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 stacklevel=3,
             )
 
+    @staticmethod
+    def _column_names(dataset, label: str) -> list[str]:
+        names = getattr(dataset, "column_names", None)
+        return list(names) if names is not None else list(first_row(dataset, f"{label} dataset"))
+
+    def _check_sample_weight_columns(self, train_dataset, eval_dataset, args: VARConfig) -> str | None:
+        """The sample-weight column to use (None: no weights) after checking its values in every dataset holding it.
+
+        The train dataset decides: the column is used when it has it (evaluation datasets then use theirs when they
+        have it, weight 1 otherwise). A name other than the default must exist in the train dataset.
+        """
+        name = args.sample_weight_column
+        if name is None:
+            return None
+        columns = self._column_names(train_dataset, "train")
+        if name not in columns:
+            if name != DEFAULT_SAMPLE_WEIGHT_COLUMN:
+                raise ValueError(
+                    f"VARConfig.sample_weight_column={name!r}, but the train dataset has no such column (columns: "
+                    f"{columns}). Add the column, or set `sample_weight_column=None` to train without sample weights."
+                )
+            return None
+        fix = f"Sample weights (`sample_weight_column={name!r}`) must be numbers >= 0."
+        for label, ds in [("train", train_dataset), *self._as_dict(eval_dataset).items()]:
+            if name not in self._column_names(ds, label):
+                continue
+            check_float_column(ds, name, fix)
+            if isinstance(ds, Dataset):  # streams are checked batch by batch by the collator
+                check_sample_weights(ds[name], name, label)
+        return name
+
+    @staticmethod
+    def _check_group_columns(datasets: list[tuple[str, Any]], args: VARConfig) -> None:
+        """z_scope="prompt": map-style datasets only (`(label, dataset)` pairs), each with the column that names the
+        prompt groups."""
+        column = args.group_column or "prompt"
+        for label, ds in datasets:
+            if not isinstance(ds, Dataset):
+                raise ValueError(
+                    f"VARConfig.z_scope='prompt' needs map-style datasets, but the {label} dataset is an "
+                    f"{type(ds).__name__}: the prompt groups are found, and kept together in one optimizer step, before "
+                    "training. Load it as a `Dataset`, or use z_scope='step'."
+                )
+            if column not in ds.column_names:
+                how = (
+                    f"set `group_column` to the column that names each row's prompt, or add `{column}`"
+                    if args.group_column is None
+                    else "add it, or set `group_column=None` to group rows with identical prompts"
+                )
+                raise ValueError(
+                    f"VARConfig.z_scope='prompt' groups rows by the `{column}` column, but the {label} dataset has none "
+                    f"(columns: {ds.column_names}): {how}."
+                )
+
+    def _add_group_columns(self, dataset: Dataset) -> Dataset:
+        """Add each row's prompt-group id and its row index (z_scope="prompt")."""
+        column = self.args.group_column or "prompt"
+        ids = prompt_group_ids(dataset[column], column)
+        dataset = dataset.remove_columns([c for c in (GROUP_ID_COLUMN, ROW_ID_COLUMN) if c in dataset.column_names])
+        return dataset.add_column(GROUP_ID_COLUMN, ids).add_column(ROW_ID_COLUMN, list(range(len(ids))))
+
+    def _plan_prompt_groups(self, group_ids: list[int]) -> None:
+        """Size the sampler's group slots for the step layout; refuse groups larger than a step, warn about lone rows
+        and about the repeats that pad groups to their slot."""
+        args = self.args
+        processes = self.accelerator.num_processes
+        step_rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+        layout = (
+            f"per_device_train_batch_size={args.per_device_train_batch_size} x gradient_accumulation_steps="
+            f"{args.gradient_accumulation_steps} x {processes} process(es)"
+        )
+        sizes = np.bincount(np.asarray(group_ids, dtype=np.int64))
+        column = args.group_column or "prompt"
+        largest = int(sizes.max())
+        if largest > step_rows:
+            g = int(sizes.argmax())
+            rows = [i for i, gid in enumerate(group_ids) if gid == g]
+            raise ValueError(
+                f"VAR z_scope='prompt': the prompt group of rows {_listed(rows)} (same `{column}`) has {largest} rows, "
+                f"but an optimizer step holds {step_rows} rows ({layout}). A prompt's rows are normalised together "
+                f"and must fit in one step: raise the step to at least {largest} rows, or split such groups."
+            )
+        self._var_slot_size = group_slot_size(largest, step_rows)
+        self._var_round_size = args.per_device_train_batch_size * processes
+        self._var_group_sizes = torch.as_tensor(sizes, dtype=torch.long)
+        lone = int((sizes == 1).sum())
+        if lone:
+            warnings.warn(
+                f"VAR z_scope='prompt': {lone} of {sizes.size} prompt groups have a single row: each such row gets "
+                "weight 1 within its prompt (plain SFT on that reply, its reward has no effect). Per-prompt "
+                "normalisation needs several scored replies per prompt.",
+                UserWarning,
+                stacklevel=3,
+            )
+        slots = sizes.size * self._var_slot_size
+        repeats = slots - len(group_ids)
+        if repeats > 0:
+            warnings.warn(
+                f"VAR z_scope='prompt': prompt groups have {int(sizes.min())} to {largest} rows; each fills a slot of "
+                f"{self._var_slot_size} rows (the smallest divisor of the {step_rows}-row step that holds the largest "
+                f"group), padded with repeats of its own rows (weight 0): {repeats} repeated row(s) per epoch, "
+                f"{repeats / slots:.0%} of the rows computed. Groups of one size that divides the step ({layout}) "
+                "need none.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.z_scope != "prompt":
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return PromptGroupSampler(dataset[GROUP_ID_COLUMN], self._var_slot_size, self._var_round_size, seed)
+
     def _warn_single_row_normaliser(self) -> None:
         args = self.args
         if args.z_scope == "step":
@@ -452,7 +783,10 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
-            extra = [c for c in (self.args.reward_column, REF_LOGPS_COLUMN) if c not in self._signature_columns]
+            wanted = [self.args.reward_column, REF_LOGPS_COLUMN, self._var_sample_weight_column]
+            if self.args.z_scope == "prompt":
+                wanted += [GROUP_ID_COLUMN, ROW_ID_COLUMN]
+            extra = [c for c in wanted if c is not None and c not in self._signature_columns]
             self._signature_columns = [*self._signature_columns, *extra]
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -573,7 +907,8 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 "IterableDataset (the packs are built from the whole dataset before training). Use a map-style "
                 "Dataset, or `padding_free=True` without packing: it saves the same padding compute."
             )
-        columns = [c for c in (self.args.reward_column, REF_LOGPS_COLUMN) if c in dataset.column_names]
+        kept = (self.args.reward_column, REF_LOGPS_COLUMN, self._var_sample_weight_column)
+        columns = [c for c in kept if c is not None and c in dataset.column_names]
         values = {c: dataset[c] for c in columns}
         # A per-token row index rides along with the tokens, so that each segment of a pack names its row.
         rows = dataset.select_columns(["input_ids", "labels"]).map(
@@ -706,8 +1041,16 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             fix = f"Evaluation needs the `{self.args.reward_column}` column too."
             prepared = {}
             for key, ds in datasets.items():
-                self._check_not_empty(ds, "eval" if key == "eval" else f"eval {key!r}", self.args.reward_column)
+                label = "eval" if key == "eval" else f"eval {key!r}"
+                self._check_not_empty(ds, label, self.args.reward_column)
                 check_float_column(ds, self.args.reward_column, fix)
+                weight_column = self._var_sample_weight_column
+                if weight_column is not None and weight_column in self._column_names(ds, label):
+                    check_float_column(ds, weight_column, "Sample weights must be numbers >= 0.")
+                    if isinstance(ds, Dataset):
+                        check_sample_weights(ds[weight_column], weight_column, label)
+                if self.args.z_scope == "prompt":
+                    self._check_group_columns([(label, ds)], self.args)
                 ds = self._prepare_dataset(ds, self.processing_class, self.args, False, self._formatting_func, key)
                 if self.args.ref_weighting and REF_LOGPS_COLUMN not in (ds.column_names or []):
                     trained = self.state.global_step > 0
@@ -720,6 +1063,8 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                             "or add a `ref_logps` column."
                         )
                     ds = self._maybe_add_ref_logps(ds, key)
+                if self.args.z_scope == "prompt":
+                    ds = self._add_group_columns(ds)
                 if self._eval_packing and "seq_lengths" not in ds.column_names:
                     ds = self._pack(ds, key)
                 prepared[key] = ds
@@ -749,8 +1094,10 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------------
 
     def _row_table(self, batch: dict, repeats: torch.Tensor | None = None) -> torch.Tensor:
-        """A `(B, 4)` float64 table of a collated micro-batch: reward, reference term (0 when unused), whether the row
-        has a completion token, whether it is a repeat added by `even_batches` (not part of the normaliser)."""
+        """A `(B, 7)` float64 table of a collated micro-batch: reward, reference term (0 when unused), whether the row
+        has a completion token, whether it is left out of the normaliser (a repeat added by `even_batches` or by the
+        prompt-group sampler), sample weight (1 when there is none), prompt-group id and row index (-1 when there are
+        none)."""
         labels = batch["labels"]
         num_tokens = (labels[:, 1:] != -100).sum(dim=-1)
         rewards = batch["rewards"].to(torch.float64)
@@ -763,20 +1110,94 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 ref = ref / num_tokens.clamp(min=1).to(ref)
         if repeats is None:
             repeats = torch.zeros_like(rewards, dtype=torch.bool)
-        columns = [rewards, ref, (num_tokens > 0).to(rewards), repeats.to(rewards)]
+
+        def column(key, fill):
+            value = batch.get(key)
+            return torch.full_like(rewards, fill) if value is None else value.to(rewards)
+
+        columns = [
+            rewards,
+            ref,
+            (num_tokens > 0).to(rewards),
+            repeats.to(rewards),
+            column("sample_weights", 1.0),
+            column("group_ids", -1.0),
+            column("row_ids", -1.0),
+        ]
         return torch.stack(columns, dim=1)
 
-    def _log_weights(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Centred log-weights (float32, -inf on rows outside the normaliser) of a row table, and its real rows."""
+    @staticmethod
+    def _valid_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of a row table that belong to the normaliser (`real`), and those of them that can be weighted
+        (a completion token, a finite reward and reference term): `real & ~valid` rows are counted as skipped. A
+        sample weight of 0 does not make a row invalid, it only gives it weight 0."""
         real = table[:, 3] == 0
+        valid = real & (table[:, 2] > 0) & torch.isfinite(table[:, 0]) & torch.isfinite(table[:, 1])
+        return real, valid
+
+    def _log_weights(self, table: torch.Tensor) -> torch.Tensor:
+        """Centred log-weights (float32, -inf on rows outside the normaliser or with sample weight 0) of a row table.
+        A sample weight of 1 adds exactly 0, so data without sample weights give the same log-weights bit for bit."""
+        real, _ = self._valid_rows(table)
         ref = table[:, 1] if self.args.ref_weighting else None
-        log_e = var_log_weights(table[:, 0], self.args.beta, ref, mask=(table[:, 2] > 0) & real)
-        return log_e, real
+        return var_log_weights(
+            table[:, 0], self.args.beta, ref, mask=(table[:, 2] > 0) & real, sample_weights=table[:, 4]
+        )
+
+    def _prompt_weights(self, table: torch.Tensor) -> tuple[torch.Tensor, list[tuple[float, float, float]]]:
+        """z_scope="prompt": per-prompt softmax weights of a row table divided by the number of prompts that keep a
+        weight (so the micro-batch losses add up to the mean over prompts), and each such prompt's statistics."""
+        real, _ = self._valid_rows(table)
+        ref = table[:, 1] if self.args.ref_weighting else None
+        groups = table[:, 5].long()
+        w = var_prompt_weights(
+            table[:, 0], self.args.beta, groups, ref, mask=(table[:, 2] > 0) & real, sample_weights=table[:, 4]
+        )
+        kept = torch.unique(groups[w > 0])
+        stats = [self._weight_stats(torch.log(w[groups == g]), table[groups == g, 0]) for g in kept.tolist()]
+        return w / max(kept.numel(), 1), stats
+
+    @staticmethod
+    def _mark_sampler_repeats(table: torch.Tensor) -> torch.Tensor:
+        """Mark the later occurrences of a row index within a step as repeats (the prompt-group sampler pads groups
+        with their own rows); the first occurrence keeps the row's weight."""
+        rows = table[:, 6]
+        out = table[:, 3] == 0
+        same = (rows[:, None] == rows[None, :]) & out[:, None] & out[None, :] & (rows[:, None] >= 0)
+        later = torch.tril(same, diagonal=-1).any(dim=1)
+        table = table.clone()
+        table[later, 3] = 1.0
+        return table
+
+    def _check_whole_groups(self, table: torch.Tensor) -> None:
+        """Refuse a step that holds only part of a prompt group's rows (z_scope="prompt" during training)."""
+        if self._var_group_sizes is None:
+            return
+        real, _ = self._valid_rows(table)
+        groups = table[real, 5].long()
+        if (groups < 0).any():
+            raise RuntimeError("z_scope='prompt' but a training batch carries no prompt-group ids (internal error).")
+        sizes = self._var_group_sizes.to(groups.device)
+        counts = torch.bincount(groups, minlength=sizes.numel())
+        split = ((counts > 0) & (counts != sizes)).nonzero().flatten().tolist()
+        if split:
+            g = split[0]
+            raise ValueError(
+                f"VAR z_scope='prompt': an optimizer step holds {int(counts[g])} of the {int(sizes[g])} rows of prompt "
+                f"group {g} ({len(split)} group(s) split): a prompt's rows must all be in one step to be normalised "
+                "together. VARTrainer's own sampler keeps them together; a custom train dataloader or sampler, or a "
+                "train dataset changed after the trainer was built, breaks that."
+            )
 
     def _even_batches_repeats(self, num_local: int) -> torch.Tensor | None:
-        """Repeats in this process's last micro-batch of the epoch (see [`even_batches_repeats`]); None if none."""
+        """Repeats in this process's last micro-batch of the epoch (see [`even_batches_repeats`]); None if none.
+
+        With z_scope="prompt" the sampler pads every epoch to whole rounds of batches, so accelerate repeats nothing
+        (its remainder, computed from the dataset length, does not describe the sampler's epoch)."""
         acc = self.accelerator
         state = acc.gradient_state
+        if self.args.z_scope == "prompt":
+            return None
         if acc.num_processes == 1 or not acc.even_batches or not state.end_of_dataloader or state.remainder <= 0:
             return None
         return even_batches_repeats(num_local, acc.process_index, state.remainder)
@@ -790,6 +1211,7 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
     def _assign_step_weights(self, batch_samples: list[dict]) -> None:
         """Compute the VAR weights of one optimizer step and attach them to each micro-batch as `var_weights`."""
         acc = self.accelerator
+        scope = self.args.z_scope
         tables = []
         for i, batch in enumerate(batch_samples):
             # Only the last micro-batch of an epoch can hold rows repeated by `even_batches`. Accelerate repeats
@@ -801,42 +1223,50 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 repeats = repeats[pack_ids.to(repeats.device)]
             tables.append(self._row_table(batch, repeats).to(acc.device))
         sizes = [t.shape[0] for t in tables]
-        if self.args.z_scope == "step":
+        if self._step_normalised:
             all_rows, offset = self._gather_rows(torch.cat(tables))
+            if scope == "prompt":
+                all_rows = self._mark_sampler_repeats(all_rows)
+                self._check_whole_groups(all_rows)
             groups = [all_rows]
         else:
             groups = tables
-        log_weights = [self._log_weights(t) for t in groups]
+        real_valid = [self._valid_rows(t) for t in groups]
         # Decide on validity with the same information on every process, so all raise together (no hang).
-        num_valid = torch.stack([torch.isfinite(lw).sum() for lw, _ in log_weights])
-        num_real = torch.stack([real.sum() for _, real in log_weights])
-        if self.args.z_scope == "micro_batch" and acc.num_processes > 1:
+        num_valid = torch.stack([valid.sum() for _, valid in real_valid])
+        num_real = torch.stack([real.sum() for real, _ in real_valid])
+        if scope == "micro_batch" and acc.num_processes > 1:
             num_valid = acc.gather(num_valid)
             num_real = acc.gather(num_real)
         if ((num_valid == 0) & (num_real > 0)).any():
             raise ValueError(
-                f"A VAR normalisation batch (z_scope={self.args.z_scope!r}) has no valid row: every reward in it is "
+                f"A VAR normalisation batch (z_scope={scope!r}) has no valid row: every reward in it is "
                 f"NaN/inf/None, every reference log-prob is non-finite, or every completion is empty. Drop such rows "
                 f"from the dataset (column `{self.args.reward_column}`), or use a larger batch / z_scope='step'."
             )
-        stats = []  # (ess, max weight, weighted reward) per normalisation group; NaN for a group of repeats only
+        stats = []  # (ess, max weight, weighted reward) per normaliser; NaN for one without any weight
         weights = []
-        for (lw, _), table in zip(log_weights, groups):
-            if torch.isfinite(lw).any():
-                w = torch.softmax(lw, dim=0)
-                stats.append(self._weight_stats(lw, table[:, 0]))
-            else:  # only rows repeated by `even_batches`: no weight
-                w = torch.zeros_like(lw)
-                stats.append((math.nan, math.nan, math.nan))
+        if scope == "prompt":
+            w, stats = self._prompt_weights(groups[0])
             weights.append(w)
-        if self.args.z_scope == "step":
+            self._metrics["train"]["var/prompts"].append(float(len(stats)))
+        else:
+            for table in groups:
+                lw = self._log_weights(table)
+                if torch.isfinite(lw).any():
+                    weights.append(torch.softmax(lw, dim=0))
+                    stats.append(self._weight_stats(lw, table[:, 0]))
+                else:  # only rows repeated by `even_batches`, or sample weights of 0: no weight
+                    weights.append(torch.zeros_like(lw))
+                    stats.append((math.nan, math.nan, math.nan))
+        if self._step_normalised:
             local_w = weights[0][offset : offset + sum(sizes)]
             weights = list(torch.split(local_w, sizes))
         for batch, w in zip(batch_samples, weights):
             batch["var_weights"] = w.detach()
         self._var_rows_skipped += int((num_real - num_valid).sum().item())
-        stats = torch.tensor(stats, dtype=torch.float64, device=acc.device)
-        if self.args.z_scope == "micro_batch" and acc.num_processes > 1:
+        stats = torch.tensor(stats or [(math.nan,) * 3], dtype=torch.float64, device=acc.device)
+        if scope == "micro_batch" and acc.num_processes > 1:
             stats = acc.gather(stats)
         stats = stats[~torch.isnan(stats[:, 0])].mean(dim=0).tolist()
         m = self._metrics["train"]
@@ -869,15 +1299,27 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         return gathered[keep], offset
 
     def _micro_batch_weights(self, inputs: dict, mode: str) -> torch.Tensor:
-        """Weights normalised over one micro-batch (evaluation, or `compute_loss` called outside the training loop)."""
-        log_e, _ = self._log_weights(self._row_table(inputs))
-        if not torch.isfinite(log_e).any():
-            return torch.zeros_like(log_e)
-        w = torch.softmax(log_e, dim=0)
-        ess, max_w, weighted_reward = self._weight_stats(log_e, inputs["rewards"])
-        self._metrics[mode]["var/ess"].append(ess)
-        self._metrics[mode]["var/max_weight"].append(max_w)
-        self._metrics[mode]["var/weighted_reward"].append(weighted_reward)
+        """Weights normalised over one micro-batch (evaluation, or `compute_loss` called outside the training loop);
+        with z_scope="prompt", per prompt within the micro-batch, divided by its number of prompts."""
+        table = self._row_table(inputs)
+        if self.args.z_scope == "prompt":
+            if "group_ids" not in inputs:
+                raise ValueError(
+                    "z_scope='prompt' but this batch has no prompt-group ids: datasets given to VARTrainer (at init or "
+                    "to `evaluate`) get them when they are prepared; a batch built by hand needs `group_ids` (int64)."
+                )
+            w, stats = self._prompt_weights(table)
+        else:
+            log_e = self._log_weights(table)
+            if not torch.isfinite(log_e).any():
+                return torch.zeros_like(log_e)
+            w = torch.softmax(log_e, dim=0)
+            stats = [self._weight_stats(log_e, inputs["rewards"])]
+        if stats:
+            ess, max_w, weighted_reward = np.mean(np.asarray(stats, dtype=np.float64), axis=0).tolist()
+            self._metrics[mode]["var/ess"].append(ess)
+            self._metrics[mode]["var/max_weight"].append(max_w)
+            self._metrics[mode]["var/weighted_reward"].append(weighted_reward)
         return w
 
     def _prepare_inputs(self, inputs):
@@ -893,8 +1335,8 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         if weights is None:
             weights = self._micro_batch_weights(inputs, mode)
         inputs.pop("rewards")
-        inputs.pop(REF_LOGPS_COLUMN, None)
-        inputs.pop("pack_ids", None)
+        for key in (REF_LOGPS_COLUMN, "pack_ids", "sample_weights", "group_ids", "row_ids"):
+            inputs.pop(key, None)
         labels = inputs["labels"]
         logps, num_tokens, outputs = sequence_logps(
             model,
@@ -906,8 +1348,9 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
             padding_free=self.padding_free,
         )
         loss = weighted_nll(logps, weights.to(logps.device))
-        if mode == "train" and self.args.z_scope == "step":
-            # The weights sum to 1 over all processes; DDP averages gradients across processes, so undo that average.
+        if mode == "train" and self._step_normalised:
+            # The weights sum to 1 (per prompt, divided by the step's number of prompts with "prompt") over all
+            # processes; DDP averages gradients across processes, so undo that average.
             loss = loss * self.accelerator.num_processes
 
         # Same per-token diagnostics as SFTTrainer.
