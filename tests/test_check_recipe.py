@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from trl_rewardweighted.packaged import recipes_root
 from trl_rewardweighted.scripts import check_recipe as cr
 
-ROOT = Path(__file__).parent.parent
-SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.y*ml"))
-VAR_BASE = ROOT / "recipes/var/smollm2-135m/config_full.yaml"
-VCB_BASE = ROOT / "recipes/vcb/smollm2-135m/config_full.yaml"
-RA_BASE = ROOT / "recipes/reward_augmented_dpo/smollm2-135m/config_full.yaml"
+RECIPES_ROOT = recipes_root()
+SHIPPED = sorted(p for p in RECIPES_ROOT.rglob("*.y*ml"))
+VAR_BASE = RECIPES_ROOT / "var/smollm2-135m/config_full.yaml"
+VCB_BASE = RECIPES_ROOT / "vcb/smollm2-135m/config_full.yaml"
+RA_BASE = RECIPES_ROOT / "reward_augmented_dpo/smollm2-135m/config_full.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,7 @@ def no_model_data_or_gpu(monkeypatch):
 
 def _recipe(tmp_path, base: Path, extra: str = "", drop=(), folder: str | None = None) -> Path:
     """`base` without the keys in `drop`, plus the raw YAML `extra`, saved under tmp/recipes/<folder>/recipe.yaml."""
-    folder = folder or base.relative_to(ROOT / "recipes").parts[0]
+    folder = folder or base.relative_to(RECIPES_ROOT).parts[0]
     data = {k: v for k, v in yaml.safe_load(base.read_text()).items() if k not in drop}
     path = tmp_path / "recipes" / folder / "recipe.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def _problems(path, method=None) -> list[str]:
 
 def test_every_shipped_recipe_passes(capsys):
     assert len(SHIPPED) >= 7
-    assert cr.check_recipes([str(ROOT / "recipes")]) == 0
+    assert cr.check_recipes([str(RECIPES_ROOT)]) == 0
     out, err = capsys.readouterr()
     assert err == ""
     ok_lines = [line for line in out.splitlines() if ": ok (" in line]

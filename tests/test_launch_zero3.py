@@ -2,7 +2,7 @@
 CPU ranks and every parameter partitioned, one torchrun launch per trainer:
 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 2 tests/distributed/launch_script_zero3.py \
-        var RESULTS --config recipes/quickstart/var.yaml --model_name_or_path TINY --dataset_name rows.jsonl ...
+        var RESULTS --config quickstart/var --model_name_or_path TINY --dataset_name rows.jsonl ...
 
 The quickstart recipes on the 7-row sets of tests/distributed/zero3_trainers.py: 2 ranks x batch 2, so the second
 (last) step is uneven, and the reference pass is sharded 4 / 3 over the ranks in batches of 2 (the last one partial).
@@ -31,11 +31,11 @@ ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "tests" / "distributed" / "launch_script_zero3.py"
 TIMEOUT = 300
 CASES = {
-    "var": ("recipes/quickstart/var.yaml", VAR_ROWS, ["--ref_weighting", "true"]),  # the reference pre-pass
-    "vcb": ("recipes/quickstart/vcb.yaml", VCB_ROWS, []),  # the recipe's own precompute_ref_log_probs: true
+    "var": ("quickstart/var", VAR_ROWS, ["--ref_weighting", "true"]),  # the reference pre-pass
+    "vcb": ("quickstart/vcb", VCB_ROWS, []),  # the recipe's own precompute_ref_log_probs: true
     # chosen_only: one row a pair, 7 rows (`both` would give 14, even over the ranks); live reference model
     "reward_augmented_dpo": (
-        "recipes/quickstart/reward_augmented_dpo.yaml",
+        "quickstart/reward_augmented_dpo",
         RA_DPO_ROWS,
         ["--augment_mode", "chosen_only"],
     ),

@@ -24,6 +24,7 @@ RANKS = {
     "rewards": 1,
     "metrics": 0,
     "launch": 0,  # builds `accelerate launch` command lines; imports nothing of the package
+    "packaged": 0,  # the packaged recipes by name (list, copy, resolve); imports nothing of the package
     "model_utils": 1,
     "trainers": 2,
     "sampling": 2,
@@ -114,7 +115,8 @@ def test_no_citation_outside_the_repository():
     root = PACKAGE.parent
     files = [*PACKAGE.rglob("*.py"), *(root / "docs").rglob("*.md"), root / "README.md", root / "Makefile"]
     files += [p for p in (root / "tests").rglob("*.py") if p.name != "test_layout.py"]
-    files += [*(root / "recipes").rglob("*"), *(root / "benchmarks").rglob("*")]
+    files += [*(PACKAGE / "recipes").rglob("*"), *(PACKAGE / "accelerate_configs").rglob("*")]
+    files += [*(root / "benchmarks").rglob("*")]
     files = [p for p in files if p.is_file()]
     for path in files:
         text = path.read_text()

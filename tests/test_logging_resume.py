@@ -13,7 +13,7 @@ from trl_rewardweighted.scripts.train import main, resolve_resume_checkpoint
 pytest.importorskip("tensorboard", reason="tensorboard is in the `dev` extra")
 
 ROOT = Path(__file__).parent.parent
-VAR_RECIPE = str(ROOT / "recipes/var/smollm2-135m/config_full.yaml")
+VAR_RECIPE = str(ROOT / "trl_rewardweighted/recipes/var/smollm2-135m/config_full.yaml")
 CPU_FLAGS = [
     f"--{k}={v}" for k, v in cpu_args().items() if k not in ("disable_tqdm", "dataloader_num_workers", "logging_steps")
 ]

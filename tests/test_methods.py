@@ -123,12 +123,12 @@ def test_reward_funcs_and_references_are_checked(tiny_model_path, tmp_path):
 
 def test_cli_train_online_var(tiny_model_path, tmp_path):
     out = tmp_path / "online"
-    argv = ["train", "online_var", "--config", str(ROOT / "recipes/quickstart/online_var.yaml")]
+    argv = ["train", "online_var", "--config", "quickstart/online_var"]  # a packaged recipe by name
     argv += [
         "--model_name_or_path",
         tiny_model_path,
         "--dataset_name",
-        str(ROOT / "recipes/quickstart/data/rows.jsonl"),
+        str(ROOT / "trl_rewardweighted/recipes/quickstart/data/rows.jsonl"),
     ]
     argv += ["--output_dir", str(out), "--max_steps", "1", "--max_completion_length", "4", *CPU_FLAGS]
     assert cli_main(argv) == 0
@@ -138,14 +138,14 @@ def test_cli_train_online_var(tiny_model_path, tmp_path):
 def test_deprecated_ra_dpo_name_warns_and_runs(tiny_model_path, tmp_path, monkeypatch):
     """`trl-rw train ra_dpo` and `python -m trl_rewardweighted.scripts.ra_dpo` train reward-augmented DPO with a
     FutureWarning naming the new name; so do compare's and iterate's old names."""
-    recipe = str(ROOT / "recipes/quickstart/reward_augmented_dpo.yaml")
+    recipe = "quickstart/reward_augmented_dpo"  # a packaged recipe by name: its data is read from the package
     flags = ["--model_name_or_path", tiny_model_path, "--max_steps", "1", *CPU_FLAGS]
     message = "'ra_dpo' is deprecated and will be removed; it is now called 'reward_augmented_dpo'"
     with pytest.warns(FutureWarning, match=message):
         assert cli_main(["train", "ra_dpo", "--config", recipe, "--output_dir", str(tmp_path / "cli"), *flags]) == 0
     assert (tmp_path / "cli" / "model.safetensors").exists()
 
-    monkeypatch.chdir(ROOT)  # the recipe's dataset path is relative to the repository
+    monkeypatch.chdir(tmp_path)  # by name, the recipe runs from any folder
     monkeypatch.setattr(sys, "argv", ["ra_dpo", "--config", recipe, "--output_dir", str(tmp_path / "module"), *flags])
     with pytest.warns(FutureWarning, match=message):
         runpy.run_module("trl_rewardweighted.scripts.ra_dpo", run_name="__main__")

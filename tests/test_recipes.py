@@ -1,30 +1,27 @@
 """Every recipe parses strictly against its trainer's config (field-name drift fails here, not silently on a cluster),
 and the launch script trains from a recipe end to end."""
 
-from pathlib import Path
-
 import pytest
 
 from tests._helpers import cpu_args
+from trl_rewardweighted.packaged import recipes_root
 from trl_rewardweighted.scripts.train import LAUNCH_METHODS, main, make_parser
 
-ROOT = Path(__file__).parent.parent
+RECIPES_ROOT = recipes_root()
 # The recipe folders are named after the methods.
-RECIPES = sorted(
-    p for p in (ROOT / "recipes").rglob("*.yaml") if p.relative_to(ROOT / "recipes").parts[0] in LAUNCH_METHODS
-)
+RECIPES = sorted(p for p in RECIPES_ROOT.rglob("*.yaml") if p.relative_to(RECIPES_ROOT).parts[0] in LAUNCH_METHODS)
 CPU_FLAGS = [
     f"--{k}={v}" for k, v in cpu_args().items() if k not in ("disable_tqdm", "dataloader_num_workers", "logging_steps")
 ]
 
 
 def test_recipes_exist_for_every_method():
-    assert {p.relative_to(ROOT / "recipes").parts[0] for p in RECIPES} == set(LAUNCH_METHODS)
+    assert {p.relative_to(RECIPES_ROOT).parts[0] for p in RECIPES} == set(LAUNCH_METHODS)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(RECIPES_ROOT)))
 def test_recipe_parses_strictly(recipe):
-    method = recipe.relative_to(ROOT / "recipes").parts[0]
+    method = recipe.relative_to(RECIPES_ROOT).parts[0]
     script_args, config, model_args = make_parser(method).parse_args_and_config(
         args=["--config", str(recipe), *CPU_FLAGS], fail_with_unknown_args=True
     )[:3]
@@ -33,7 +30,7 @@ def test_recipe_parses_strictly(recipe):
 
 def test_misspelled_recipe_key_is_an_error(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "recipes/var/smollm2-135m/config_full.yaml").read_text() + "\nbetta: 0.5\n")
+    bad.write_text((RECIPES_ROOT / "var/smollm2-135m/config_full.yaml").read_text() + "\nbetta: 0.5\n")
     with pytest.raises(ValueError, match="betta"):
         make_parser("var").parse_args_and_config(args=["--config", str(bad), *CPU_FLAGS], fail_with_unknown_args=True)
 
@@ -48,7 +45,7 @@ def test_var_script_trains_from_recipe(tiny_model_path, tmp_path):
     trainer = main(
         "var",
         [
-            "--config", str(ROOT / "recipes/var/smollm2-135m/config_full.yaml"),
+            "--config", "var/smollm2-135m/config_full",
             "--model_name_or_path", tiny_model_path, "--dataset_name", str(data), "--dtype", "float32",
             "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
             *CPU_FLAGS,
@@ -67,7 +64,7 @@ def test_cli_train_subcommand(tiny_model_path, tmp_path):
     data = tmp_path / "rows.jsonl"
     Dataset.from_dict(ROWS).to_json(data)
     out = tmp_path / "cli-out"
-    argv = ["train", "var", "--config", str(ROOT / "recipes/var/smollm2-135m/config_full.yaml")]
+    argv = ["train", "var", "--config", str(RECIPES_ROOT / "var/smollm2-135m/config_full.yaml")]
     argv += ["--model_name_or_path", tiny_model_path, "--dataset_name", str(data), "--dtype", "float32"]
     argv += ["--output_dir", str(out), "--max_steps", "1", *CPU_FLAGS]
     assert cli_main(argv) == 0
@@ -80,8 +77,8 @@ def test_online_var_script_trains_from_quickstart_recipe(tiny_model_path, tmp_pa
     trainer = main(
         "online_var",
         [
-            "--config", str(ROOT / "recipes/quickstart/online_var.yaml"),
-            "--model_name_or_path", tiny_model_path, "--dataset_name", str(ROOT / "recipes/quickstart/data/rows.jsonl"),
+            "--config", "quickstart/online_var",  # by name: its dataset_name is read from the package
+            "--model_name_or_path", tiny_model_path,
             "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--max_completion_length", "4",
             *CPU_FLAGS,
         ],
@@ -93,12 +90,12 @@ def test_online_var_script_trains_from_quickstart_recipe(tiny_model_path, tmp_pa
 
 
 def test_reward_funcs_belong_to_online_methods(tmp_path):
-    text = (ROOT / "recipes/quickstart/online_var.yaml").read_text()
+    text = (RECIPES_ROOT / "quickstart/online_var.yaml").read_text()
     recipe = tmp_path / "no_reward.yaml"
     recipe.write_text(text.replace("reward_funcs:\n  - trl_rewardweighted.rewards:vader_positivity\n", ""))
     with pytest.raises(ValueError, match=r"online_var samples completions during training and needs `reward_funcs`"):
         main("online_var", ["--config", str(recipe), "--output_dir", str(tmp_path), *CPU_FLAGS])
-    var = str(ROOT / "recipes/quickstart/var.yaml")
+    var = str(RECIPES_ROOT / "quickstart/var.yaml")
     spec = "trl_rewardweighted.rewards:vader_positivity"
     with pytest.raises(ValueError, match=r"`reward_funcs` is used by the online methods \(online_var, grpo\) only"):
         main("var", ["--config", var, "--reward_funcs", spec, "--output_dir", str(tmp_path), *CPU_FLAGS])

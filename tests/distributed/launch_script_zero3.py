@@ -1,5 +1,5 @@
 """The launch script (`trl_rewardweighted.scripts.<method>`) under DeepSpeed ZeRO-3 with CPU ranks: what
-`accelerate launch --config_file accelerate_configs/zero3.yaml -m trl_rewardweighted.scripts.METHOD ...` does on GPUs.
+`trl-rw train METHOD --accelerate-config zero3 ...` (TRL's zero3 config) does on GPUs.
 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 2 tests/distributed/launch_script_zero3.py \
         METHOD RESULT_DIR --config RECIPE.yaml [--flag value ...]
@@ -8,7 +8,7 @@ The set-up of docs/contributing.md ("DeepSpeed ZeRO-3 on CPU"): `ACCELERATE_USE_
 `PartialState(backend="gloo")` before anything else, then the launch script's own entry point (`run(METHOD)`, the
 `__main__` of `trl_rewardweighted.scripts.METHOD`, teardown included) with, ahead of the given arguments,
 `--deepspeed` (the ZeRO-3 config of `zero3_config()`: every parameter partitioned, the 16-bit weights gathered on
-save, no offload as in accelerate_configs/zero3.yaml) and `--accelerator_config '{"use_configured_state": true}'`.
+save, no offload as in TRL's zero3 config) and `--accelerator_config '{"use_configured_state": true}'`.
 
 Each rank writes `RESULT_DIR/rank{R}.json`: world size, distributed type, global step, logged losses, the `ref_logps`
 column when the trainer precomputed it, and the ZeRO-3 partition status of every parameter after training (of the
@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 
 
 def deepspeed_config():
-    """`zero3_config()` with accelerate_configs/zero3.yaml's settings where they apply on CPU: no parameter or
+    """`zero3_config()` with TRL's zero3 config's settings where they apply on CPU: no parameter or
     optimizer offload, the 16-bit weights gathered on save (`zero3_save_16bit_model`). Its `zero3_init_flag` needs
     nothing here: transformers loads the model under `deepspeed.zero.Init` whenever the config is ZeRO-3. Its bf16 does
     not apply (float32 on CPU)."""

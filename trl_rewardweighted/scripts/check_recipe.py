@@ -1,7 +1,8 @@
 """Validate recipes without loading a model or data: `trl-rw check-recipe PATH...`.
 
 ```bash
-trl-rw check-recipe recipes/var/smollm2-135m/config_full.yaml recipes/vcb/   # files or folders (every *.yaml)
+trl-rw check-recipe var/smollm2-135m/config_full vcb   # packaged recipes / folders by name (trl-rw recipes list)
+trl-rw check-recipe my_run/ my_recipe.yaml              # files or folders (every *.yaml)
 python -m trl_rewardweighted.scripts.check_recipe --method var my_recipe.yaml
 ```
 
@@ -486,8 +487,9 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
 
     ```python
     >>> from trl_rewardweighted.scripts.check_recipe import check_recipe
-    >>> check_recipe("recipes/var/smollm2-135m/config_full.yaml").summary()
-    'recipes/var/smollm2-135m/config_full.yaml: ok (var, HuggingFaceTB/SmolLM2-135M-Instruct, quickstart_output/train_rows.jsonl)\n...'
+    >>> from trl_rewardweighted.packaged import find_recipe
+    >>> check_recipe(find_recipe("var/smollm2-135m/config_full")).summary()
+    '.../recipes/var/smollm2-135m/config_full.yaml: ok (var, HuggingFaceTB/SmolLM2-135M-Instruct, quickstart_output/train_rows.jsonl)\n...'
     ```
     """
     path = Path(path)
@@ -582,31 +584,44 @@ def _build_configs(report: RecipeReport, config: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _expand(paths: list[str]) -> list[Path]:
+def _expand(paths: list[str]) -> list[tuple[str, Path]]:
+    """`(label, path)` of every recipe the arguments name: a file; a folder's `*.yaml` / `*.yml`; a packaged recipe or
+    folder by name (labelled by its name). A value that is none of these is kept, to be reported."""
+    from trl_rewardweighted.packaged import find_recipe, recipe_files, recipes_root
+
     out = []
-    for p in map(Path, paths):
-        if p.is_dir():
+    for text in map(str, paths):
+        p = Path(text)
+        packaged = None if p.exists() else find_recipe(text)
+        if packaged is not None:
+            root = recipes_root()
+            out += [(f.relative_to(root).with_suffix("").as_posix(), f) for f in recipe_files(packaged)]
+        elif p.is_dir():
             found = sorted([*p.rglob("*.yaml"), *p.rglob("*.yml")])
-            out += found or [p]  # an empty folder is reported as a problem below
+            out += [(str(f), f) for f in found] or [(text, p)]  # an empty folder is reported as a problem below
         else:
-            out.append(p)
+            out.append((text, p))
     return out
 
 
 def check_recipes(paths: list[str], method: str | None = None, out=None, err=None) -> int:
-    """Check every recipe in `paths` (files, or folders searched for `*.yaml`), print one summary per file (`ok`
-    lines and notes on `out`, problems on `err`) and return the exit code: 0 when all pass, 1 otherwise."""
+    """Check every recipe in `paths` (files, folders searched for `*.yaml`, or packaged recipes and folders by name,
+    see [`trl_rewardweighted.packaged`]), print one summary per file (`ok` lines and notes on `out`, problems on
+    `err`) and return the exit code: 0 when all pass, 1 otherwise."""
     out = out or sys.stdout
     err = err or sys.stderr
     failed = 0
     files = _expand(paths)
-    for path in files:
+    for label, path in files:
         if path.is_dir():
-            report = RecipeReport(str(path), problems=["no *.yaml recipe in this folder"])
+            report = RecipeReport(label, problems=["no *.yaml recipe in this folder"])
         elif not path.exists():
-            report = RecipeReport(str(path), problems=["file not found"])
+            report = RecipeReport(
+                label, problems=["file not found, and not the name of a packaged recipe (`trl-rw recipes list`)"]
+            )
         else:
             report = check_recipe(path, method)
+            report.path = label
         print(report.summary(), file=out if report.ok else err)
         failed += not report.ok
     if failed:
@@ -616,7 +631,12 @@ def check_recipes(paths: list[str], method: str | None = None, out=None, err=Non
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `check-recipe` arguments (shared by `trl-rw check-recipe` and `python -m ...check_recipe`)."""
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="recipe YAML files, or folders (every *.yaml)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="RECIPE",
+        help="recipe YAML files, folders (every *.yaml), or packaged recipes / folders by name (`trl-rw recipes list`)",
+    )
     parser.add_argument(
         "--method",
         choices=[*KINDS, *(old for old, new in DEPRECATED_NAMES.items() if new in KINDS)],

@@ -1,9 +1,11 @@
 """Shared launch logic for the methods (Alignment-Handbook style recipes).
 
-    accelerate launch --config_file accelerate_configs/zero3.yaml -m trl_rewardweighted.scripts.var \
-        --config recipes/var/smollm2-135m/config_full.yaml
+    trl-rw train var --config var/smollm2-135m/config_full --accelerate-config zero3 --num-processes 8
+    accelerate launch --config_file "$(trl-rw recipes path zero3)" -m trl_rewardweighted.scripts.var \
+        --config var/smollm2-135m/config_full
 
-A recipe YAML sets defaults that command-line flags override. Parsing is strict: an unknown or misspelled key is an
+`--config` is a recipe file or the name of a packaged recipe ([`trl_rewardweighted.packaged`]). A recipe YAML sets
+defaults that command-line flags override. Parsing is strict: an unknown or misspelled key is an
 error (TRL's own scripts parse leniently and silently drop such keys). `dataset_name` is a Hub id or a local path
 (`save_to_disk` folder, `.jsonl`/`.json`, `.parquet`). The methods and their trainers come from
 [`trl_rewardweighted.methods`] (`LAUNCH_METHODS`: var, vcb, reward_augmented_dpo, online_var; `trl-rw train METHOD`
@@ -13,6 +15,7 @@ runs the same in one process).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from trl_rewardweighted.methods import get_method, method_names
@@ -219,12 +222,37 @@ def check_model_sources(model_args, script_args) -> None:
             check_model_source(spec, "reward_funcs")
 
 
+def resolve_config_argument(argv: list[str]) -> list[str]:
+    """`argv` with its `--config` (`--config VALUE` or `--config=VALUE`) given as a file: a packaged recipe's name
+    ([`trl_rewardweighted.packaged.resolve_recipe`]) becomes its path, and the files the packaged recipe names
+    relative to the recipes folder come first as absolute-path overrides (so that later flags still override them).
+
+    Raises:
+        `FileNotFoundError`: the value is neither a file nor a packaged recipe name (the message names `--config`).
+        `ValueError`: `--config` without a value.
+    """
+    from trl_rewardweighted.packaged import packaged_overrides, resolve_recipe
+
+    args = [str(a) for a in argv]
+    for i, arg in enumerate(args):
+        if arg == "--config" or arg.startswith("--config="):
+            value = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+            if value is None:
+                raise ValueError("--config needs a value: a recipe file or a packaged recipe name.")
+            (path,) = resolve_recipe(value)
+            rest = args[:i] + args[i + (1 if "=" in arg else 2) :]
+            return [*packaged_overrides(path), "--config", str(path), *rest]
+    return args
+
+
 def main(method: str, argv: list[str] | None = None):
-    """Parse a recipe and the command line (`argv`, default `sys.argv[1:]`) for `method`, train, save the model."""
+    """Parse a recipe and the command line (`argv`, default `sys.argv[1:]`) for `method`, train, save the model.
+    `--config` is a recipe file or a packaged recipe's name (see [`resolve_config_argument`])."""
     from trl_rewardweighted.methods import build_trainer, check_reward_funcs
 
     spec = _method(method)
     parser = make_parser(spec.name)
+    argv = resolve_config_argument(sys.argv[1:] if argv is None else argv)
     parsed = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
     script_args, training_args, model_args, mixture_args = parsed[:4]
     # Resolved before the (slow) model and data loading, so that a missing checkpoint fails at once.
