@@ -475,7 +475,8 @@ def child_env() -> dict:
 
 def run_command(cmd: list[str], timeout: float, log: Path, tail_lines: int = 25) -> tuple[int | None, list[str]]:
     """Run `cmd` from the repository root in a process group of its own, its output to `log`; on timeout kill the
-    whole group (accelerate's launcher and its ranks). Returns the exit code (`None` on timeout) and the last lines."""
+    whole group (accelerate's launcher and its ranks). Returns the exit code (`None` on timeout) and the last
+    `tail_lines` lines."""
     with open(log, "w") as f:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
@@ -490,8 +491,8 @@ def run_command(cmd: list[str], timeout: float, log: Path, tail_lines: int = 25)
     return code, list(tail)
 
 
-def read_outcome(part: Part, code: int | None, tail: list[str]) -> None:
-    """Fill `part`'s status and results from its exit code and output."""
+def read_outcome(part: Part, code: int | None, tail: list[str], log: str = "") -> None:
+    """Fill `part`'s status and results from its exit code, the last lines of its output and the whole of it."""
     part.returncode, part.tail = code, tail
     if code is None:
         part.status, part.detail = "timed out", f"killed after {part.seconds:.0f} s"
@@ -514,7 +515,7 @@ def read_outcome(part: Part, code: int | None, tail: list[str]) -> None:
         part.result = {k: settings[k] for k in ("device", "memory", "same_generations") if k in settings}
     elif part.kind == "zero3":
         saved = Path(part.output, "model.safetensors").exists() or any(Path(part.output).glob("*.safetensors"))
-        losses = re.findall(r"'loss': '?([-+0-9.eEnaif]+)", "\n".join(tail))
+        losses = re.findall(r"'loss': '?([-+0-9.eEnaif]+)", log or "\n".join(tail))
         part.result = {"saved": saved, "losses": [float(x) for x in losses]}
         part.detail = f"{len(losses)} logged step(s), losses {', '.join(losses) or '–'}; model saved: {saved}"
         if not saved:
@@ -543,13 +544,14 @@ def run_parts(parts: list[Part], work: Path, budget_s: float, clock=time.monoton
         timeout = min(part.budget_s, left)
         print(f"[gpu-check] {part.name} (up to {timeout:.0f} s): {part.shown()}", flush=True)
         start = clock()
+        log = work / (part.name.replace(" ", "_") + ".log")
         try:
-            code, tail = run_command(part.command, timeout, work / (part.name.replace(" ", "_") + ".log"))
+            code, tail = run_command(part.command, timeout, log)
         except Exception as exc:  # noqa: BLE001  (a part's failure never stops the others)
             code, tail = 1, [f"{type(exc).__name__}: {exc}"]
         part.seconds = round(clock() - start, 1)
         try:
-            read_outcome(part, code, tail)
+            read_outcome(part, code, tail, log.read_text(errors="replace") if log.exists() else "")
         except Exception as exc:  # noqa: BLE001
             part.status, part.detail = "failed", f"reading its result: {type(exc).__name__}: {exc}"
         print(f"[gpu-check] {part.name}: {part.status} in {part.seconds:.0f} s {part.detail}".rstrip(), flush=True)
@@ -648,6 +650,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--record", action="store_true", help="also write the GPU-check section of RESULTS.md")
     parser.add_argument(
+        "--from-json",
+        help="show the table of an earlier run's JSON (and with --record write its section); run nothing",
+    )
+    parser.add_argument(
         "--work-dir", help="where the parts write (default: a new temporary folder, kept after a GPU run)"
     )
     opts = parser.parse_args(argv)
@@ -655,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--budget-s must be > 0")
     if opts.accelerate_config and not Path(opts.accelerate_config).is_file():
         parser.error(f"--accelerate-config {opts.accelerate_config}: no such file")
+    if opts.from_json:
+        return show_earlier_run(Path(opts.from_json), opts.record)
     started = time.monotonic()
     missing = missing_packages()
     gpu = gpu_description()
@@ -666,6 +674,35 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dry and not opts.work_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def show_earlier_run(path: Path, record: bool) -> int:
+    """`--from-json`: the table of a run saved in `path` (e.g. brought back from a remote GPU machine) and, with
+    `record`, its section of RESULTS.md."""
+    result = json.loads(path.read_text())
+    known = set(Part.__dataclass_fields__)
+    rows = [
+        {k: v for k, v in d.items() if k in known} | {"command": shlex.split(d["command"])} for d in result["parts"]
+    ]
+    parts = [Part(**row) for row in rows]
+    device = result.get("device") or "no GPU (a dry run)"
+    print(f"[gpu-check] {path}: `{result.get('command')}` on {device}, {result.get('date')}")
+    print(table(parts))
+    record_results(result, record)
+    return 0
+
+
+def record_results(result: dict, record: bool) -> None:
+    """With `record`, write the GPU-check section of RESULTS.md from `result` (not for a dry run)."""
+    if not record:
+        return
+    if result.get("dry_run"):
+        print("[gpu-check] --record: a dry run has nothing to record; RESULTS.md is unchanged")
+        return
+    import run_all
+
+    run_all.record_gpu_check(result)
+    print(f"[gpu-check] wrote the GPU-check section of {run_all.RESULTS}")
 
 
 def check_or_run(opts, argv: list[str], work: Path, gpu: str | None, dry: bool, missing: dict, started: float) -> int:
@@ -708,14 +745,7 @@ def check_or_run(opts, argv: list[str], work: Path, gpu: str | None, dry: bool, 
 
         write_json(output, result, indent=2)
         print(f"[gpu-check] wrote {output}")
-    if opts.record:
-        if dry:
-            print("[gpu-check] --record: a dry run has nothing to record; RESULTS.md is unchanged")
-        else:
-            import run_all
-
-            run_all.record_gpu_check(result)
-            print(f"[gpu-check] wrote the GPU-check section of {run_all.RESULTS}")
+    record_results(result, opts.record)
     counts = result["counts"]
     summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n or state != "ready")
     print(f"[gpu-check] parts: {summary}" + ("" if dry else f"; work files in {work}"))

@@ -20,7 +20,8 @@ local folder of a ~0.5B model, e.g. Qwen2.5-0.5B-Instruct, for the 0.5B rows), w
 
 The results of `make gpu-check` (`benchmarks/gpu_check.py`: bf16 benchmarks, ZeRO-3 launches and a LoRA compare on one
 GPU) get a section of their own, read from `--gpu-check-json` (default: `benchmarks/gpu_check.json` when it exists);
-`gpu_check.py --record` writes that section into the existing RESULTS.md without running anything else.
+`gpu_check.py --record` writes that section into the existing RESULTS.md (`--from-json PATH --record`: from a saved
+run), leaving the rest of the file as it is.
 
 The RESULTS.md writer is [`render_results`]: it only reads the collected dict, so it can be re-run on a saved one
 (`--raw PATH` saves it, `--from-raw PATH` renders it again without running anything). `--quick` writes its file under
@@ -405,9 +406,10 @@ def splice_gpu_check(text: str, check: dict) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def record_gpu_check(check: dict, path: Path = RESULTS) -> None:
-    """Write the GPU-check section of `path` (RESULTS.md) from `check`, leaving the rest of the file as it is."""
-    path = Path(path)
+def record_gpu_check(check: dict, path: Path | None = None) -> None:
+    """Write the GPU-check section of `path` (default: RESULTS.md) from `check`, leaving the rest of the file as it
+    is."""
+    path = Path(path or RESULTS)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     path.write_text(splice_gpu_check(text, check))
 

@@ -132,8 +132,35 @@ def test_zero3_outcome_reads_the_logged_losses_and_the_saved_model(tmp_path):
     gpu_check.read_outcome(part, 0, tail)
     assert (part.status, part.result) == ("failed", {"saved": False, "losses": [2.431, 2.402]})
     (tmp_path / "model.safetensors").write_bytes(b"")
-    gpu_check.read_outcome(part, 0, tail)
+    gpu_check.read_outcome(part, 0, tail[-1:], log="\n".join(tail))  # the whole log, not only its last lines
     assert part.status == "ok" and part.detail == "2 logged step(s), losses 2.431, 2.402; model saved: True"
+
+
+def test_from_json_shows_an_earlier_run_and_records_its_section(no_gpu, tmp_path, monkeypatch, capsys):
+    """A run brought back from a GPU machine: its table, and with --record its section of RESULTS.md (not for a dry
+    run)."""
+    import run_all
+
+    saved = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--only", "bench_var", "--output", str(saved)]) == 0
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## `trl-rw compare` phase times\n\nx\n")
+    monkeypatch.setattr(run_all, "RESULTS", results)
+    capsys.readouterr()
+    assert gpu_check.main(["--from-json", str(saved), "--record"]) == 0
+    assert "a dry run has nothing to record; RESULTS.md is unchanged" in capsys.readouterr().out
+    assert "GPU check" not in results.read_text()
+
+    data = json.loads(saved.read_text())
+    row = {"name": "VAR", "group": "VAR vs SFTTrainer", "baseline": "SFT", "median_step_ms": 9.5, "time_ratio": 1.04}
+    data["dry_run"], data["device"] = False, "NVIDIA H100 80GB HBM3, 80 GiB (1 visible)"
+    data["parts"][0].update(status="ok", seconds=30.0, rows=[row])
+    saved.write_text(json.dumps(data))
+    assert gpu_check.main(["--from-json", str(saved), "--record"]) == 0
+    out = capsys.readouterr().out
+    assert "bench_var smollm2  ok      30/90  VAR" in out and "1.040" in out
+    text = results.read_text()
+    assert text.index("## GPU check") < text.index("## `trl-rw compare`") and "| VAR | SFT | 9.5 | 1.040× |" in text
 
 
 def test_gpu_check_sh_runs_the_dry_run_and_reports_the_environment(tmp_path):
