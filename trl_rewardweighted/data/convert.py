@@ -433,21 +433,20 @@ def _a(kind: str) -> str:
     return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
-def _first_char(path: Path) -> str:
-    """The first character of the file that is not whitespace (or a byte-order mark); `""` when there is none."""
-    with open(path, "rb") as f:
-        head = f.read(len(codecs.BOM_UTF8))
-        if head != codecs.BOM_UTF8:
-            f.seek(0)
-        while chunk := f.read(1 << 16):
-            stripped = chunk.lstrip()
-            if stripped:
-                return chr(stripped[0])
-    return ""
-
-
-def _invalid_json(path: Path, line: int, err: json.JSONDecodeError) -> ValueError:
-    return ValueError(f"{path}:{line}: invalid JSON: {err.msg} (column {err.colno}).")
+def _json_layout(path: Path) -> str:
+    """How a JSON file holds its rows, from its first non-blank line: `"array"` (`[{...}, ...]`), `"columns"` (a
+    pretty-printed `{"column": [...]}` object: its first line is not JSON on its own) or `"lines"` (one object per
+    line, the format [`save_dataset`] writes)."""
+    for _, text in read_text_lines(path):
+        if text := text.lstrip():
+            if text.startswith("["):
+                return "array"
+            try:
+                json.loads(text)
+            except json.JSONDecodeError:
+                return "columns" if text.startswith("{") else "lines"
+            return "lines"
+    return "lines"
 
 
 def _not_a_row(path: Path, line: int, value: Any) -> ValueError:
@@ -467,42 +466,20 @@ def _read_json_document(path: Path) -> str:
 def _read_json_array(path: Path) -> tuple[list[dict], list[int]]:
     """Rows of a JSON document `[{...}, {...}, ...]`, each with the line it starts on."""
     text = _read_json_document(path)
-    decoder = json.JSONDecoder()
-    line, counted = 1, 0
-
-    def line_at(pos: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, pos)
-        counted = pos
-        return line
-
-    rows, lines = [], []
-    pos = _JSON_WHITESPACE.match(text, _JSON_WHITESPACE.match(text).end() + 1).end()  # after "["
-    if text.startswith("]", pos):
-        pos += 1
-    else:
-        while True:
-            try:
-                row, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
-                raise _invalid_json(path, err.lineno, err) from None
-            if not isinstance(row, dict):
-                raise _not_a_row(path, line_at(pos), row)
-            rows.append(row)
-            lines.append(line_at(pos))
-            pos = _JSON_WHITESPACE.match(text, end).end()
-            if text.startswith(",", pos):
-                pos = _JSON_WHITESPACE.match(text, pos + 1).end()
-            elif text.startswith("]", pos):
-                pos += 1
-                break
-            else:
-                column = pos - text.rfind("\n", 0, pos)
-                raise ValueError(f"{path}:{line_at(pos)}: invalid JSON: Expecting ',' delimiter (column {column}).")
-    pos = _JSON_WHITESPACE.match(text, pos).end()
-    if pos != len(text):
-        column = pos - text.rfind("\n", 0, pos)
-        raise ValueError(f"{path}:{line_at(pos)}: invalid JSON: Extra data after the closing ']' (column {column}).")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        message = "Extra data after the closing ']'" if err.msg == "Extra data" else err.msg
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {message} (column {err.colno}).") from None
+    decoder, lines = json.JSONDecoder(), []
+    pos, counted, line = text.index("[") + 1, 0, 1
+    for row in rows:  # the document is valid: step from one item to the next to count the lines before each
+        pos = _JSON_WHITESPACE.match(text, pos).end()
+        line, counted = line + text.count("\n", counted, pos), pos
+        if not isinstance(row, dict):
+            raise _not_a_row(path, line, row)
+        lines.append(line)
+        pos = _JSON_WHITESPACE.match(text, decoder.raw_decode(text, pos)[1]).end() + 1  # past the ","
     return rows, lines
 
 
@@ -520,16 +497,13 @@ def _read_json_columns(path: Path) -> list[dict] | None:
     return [dict(zip(doc, values)) for values in zip(*doc.values())]
 
 
-def _read_json_rows(path: Path) -> tuple[list[dict], list[int] | None]:
-    """The rows of a JSON file and the line each starts on (None for a JSON object of columns).
-
-    JSON lines (one object per line; blank lines skipped) is the format [`save_dataset`] writes. A file whose
-    first character is `[` is read as one JSON array of objects; a pretty-printed `{"column": [...]}` object is
-    read as columns.
-    """
-    first = _first_char(path)
-    if first == "[":
+def _read_json_rows(path: Path, layout: str) -> tuple[list[dict], list[int] | None]:
+    """The rows of a JSON file of that [`_json_layout`] and the line each starts on (None for an object of columns;
+    lines: blank lines skipped)."""
+    if layout == "array":
         return _read_json_array(path)
+    if layout == "columns" and (columns := _read_json_columns(path)) is not None:
+        return columns, None
     rows, lines = [], []
     for lineno, text in read_text_lines(path):
         if not text.strip():
@@ -537,11 +511,7 @@ def _read_json_rows(path: Path) -> tuple[list[dict], list[int] | None]:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as err:
-            if not rows and first == "{":
-                columns = _read_json_columns(path)
-                if columns is not None:
-                    return columns, None
-            raise _invalid_json(path, lineno, err) from None
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno}).") from None
         if not isinstance(row, dict):
             raise _not_a_row(path, lineno, row)
         rows.append(row)
@@ -654,6 +624,104 @@ def _dataset_from_rows(path: Path, rows: list[dict], lines: list[int] | None):
         raise ValueError(f"{path}: the rows do not fit one table ({err}); give each column one type.") from None
 
 
+def _item(feature):
+    """The item feature of a list feature (`List`, `Sequence` or `[feature]`); `None` for any other feature."""
+    return feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
+
+
+def _plain_json(feature) -> bool:
+    """Whether `feature` holds JSON values as they are: no timestamps inferred from strings, no mixed-type `Json`."""
+    if isinstance(feature, dict):
+        return all(_plain_json(f) for f in feature.values())
+    if _item(feature) is not None:
+        return _plain_json(_item(feature))
+    return type(feature).__name__ == "Value" and feature.dtype in ("string", "int64", "float64", "bool", "null")
+
+
+def _passes_checks(ds) -> bool:
+    """Whether `ds` passes, by its Arrow types and null counts, the checks `_dataset_from_rows` makes row by row:
+    valid UTF-8; prompts all strings or all non-empty lists of messages with `role` and `content`; reward columns
+    numbers or null (`rewards`: a list of them per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table, features = ds.data.table, ds.features
+    try:
+        table.validate(full=True)  # Arrow's reader lets bytes that are not UTF-8 through
+    except pa.ArrowInvalid:
+        return False
+    if not _plain_json(features):
+        return False
+    if "prompt" in features:
+        prompt, message = table.column("prompt"), _item(features["prompt"])
+        if prompt.null_count:
+            return False
+        if getattr(features["prompt"], "dtype", None) != "string" and not (
+            isinstance(message, dict)
+            and {"role", "content"} <= set(message)
+            and pc.min(pc.list_value_length(prompt)).as_py() > 0
+            and not any(pc.struct_field(pc.list_flatten(prompt), key).null_count for key in ("role", "content"))
+        ):
+            return False
+    for name in set(_FLOAT_COLUMNS) & set(features):
+        feature = features[name]
+        if name == "rewards" and (table.column(name).null_count or _item(feature) is None):
+            return False
+        if getattr(_item(feature) if name == "rewards" else feature, "dtype", None) not in (
+            "int64",
+            "float64",
+            "null",
+        ):
+            return False
+    return True
+
+
+def _load_json_lines(path: Path):
+    """A JSON lines file read by `datasets` (Arrow's JSON reader), reward columns as floats; `None` when `datasets`
+    cannot read it or its result does not pass the checks of `_dataset_from_rows` (which then names the line)."""
+    import tempfile
+
+    import datasets
+    from datasets import Dataset
+    from datasets.packaged_modules.json.json import JsonConfig
+
+    quiet = logging.getLogger("datasets")  # its own error log is replaced by the file:line message
+    level, bars = quiet.level, datasets.are_progress_bars_disabled()
+    quiet.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        # A private cache, dropped after the rows are in memory: a cached copy could outlive an edit of the file.
+        with tempfile.TemporaryDirectory() as cache:
+            options = {"parse_agent_traces": False} if "parse_agent_traces" in JsonConfig.__dataclass_fields__ else {}
+            ds = Dataset.from_json(str(path), cache_dir=cache, keep_in_memory=True, **options)
+    except Exception:  # any failure: the Python reader names the line, or reads what Arrow could not
+        return None
+    finally:
+        quiet.setLevel(level)
+        if not bars:
+            datasets.enable_progress_bars()
+    if not _passes_checks(ds):
+        return None
+    table = ds.data.table
+    for name in _FLOAT_COLUMNS:
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, _floats(table.column(name)))
+    return Dataset(table)
+
+
+def _floats(column):
+    """A column of numbers or nulls (or lists of them) as float64, null -> NaN."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pa.types.is_list(column.type):
+        return pc.fill_null(column.cast(pa.float64()), math.nan)
+    return pa.chunked_array(
+        [pa.ListArray.from_arrays(chunk.offsets, _floats(chunk.values)) for chunk in column.chunks],
+        pa.list_(pa.float64()),
+    )
+
+
 def _load_disk(path: Path, keep_splits: bool):
     from datasets import DatasetDict, load_from_disk
 
@@ -718,12 +786,14 @@ def load_dataset_any(path, keep_splits: bool = False):
     A `save_to_disk` folder holding a `DatasetDict` gives its `train` split (or its only split); with
     `keep_splits=True` the whole `DatasetDict` is returned instead.
 
-    JSON files are read into memory line by line (see [`read_text_lines`]), so that every error names the file
-    and line as an editor shows it (`data.jsonl:5001: invalid JSON: ...`). They are checked on the way: each line
-    (blank lines skipped) is one JSON object; all prompts are strings or all are message lists; the reward columns
-    (`reward`, `rewards`, `score_chosen`, `score_rejected`) hold numbers or null (a string or a boolean is
-    refused); each column holds one type. A file with no rows raises `ValueError("<path>: no rows")`. A JSON file
-    may also be one array of row objects, or one object of equal-length columns.
+    JSON lines files are parsed by `datasets` (Arrow's JSON reader) into memory, then checked: each line (blank lines
+    skipped) is one JSON object; all prompts are strings or all are message lists; the reward columns (`reward`,
+    `rewards`, `score_chosen`, `score_rejected`) hold numbers or null (a string or a boolean is refused; they are
+    read as floats); each column holds one type. When `datasets` fails or a check does, the file is read again line
+    by line (see [`read_text_lines`]) so that the error names the file and line as an editor shows it
+    (`data.jsonl:5001: invalid JSON: ...`). The same line-by-line reader reads what Arrow would change (strings that
+    look like dates stay strings), a JSON file that is one array of row objects, and one object of equal-length
+    columns. A file with no rows raises `ValueError("<path>: no rows")`.
     """
     from datasets import Dataset, DatasetDict
 
@@ -737,7 +807,9 @@ def load_dataset_any(path, keep_splits: bool = False):
     else:
         fmt = _format_of(path)
         if fmt == "json":
-            return _dataset_from_rows(path, *_read_json_rows(path))
+            layout = _json_layout(path)
+            ds = _load_json_lines(path) if layout == "lines" else None
+            return ds if ds is not None else _dataset_from_rows(path, *_read_json_rows(path, layout))
         if fmt == "parquet":
             ds = _load_parquet(path)
         else:
