@@ -8,7 +8,6 @@ import pytest
 
 from tests._helpers import accelerate_two_processes
 
-
 RANK_SCRIPT = """
 import os, sys, time
 from pathlib import Path

@@ -45,7 +45,6 @@ __all__ = [
     "AugmentOptions",
     "RewardAugmentFields",
     "OPTION_ALIASES",
-    "canonical_option_names",
     "reward_augment_dataset",
     "build_goal_prompt",
     "condition_dataset_on_goal",
@@ -326,7 +325,7 @@ OPTION_ALIASES = {
     "attributes": "attribute_columns",
     "score_columns": ("score_chosen_column", "score_rejected_column"),
 }
-_SHORT_NAMES = {"augment_mode": "mode", "augment_fraction": "fraction", "attribute_columns": "attributes"}
+_SHORT_NAMES = {field_name: short for short, field_name in OPTION_ALIASES.items() if isinstance(field_name, str)}
 
 
 def _opt(field_name: str) -> str:
@@ -334,24 +333,23 @@ def _opt(field_name: str) -> str:
     return f"`{short}` (config: `{field_name}`)" if short else f"`{field_name}`"
 
 
-def canonical_option_names(options: Mapping[str, Any]) -> dict[str, Any]:
-    """`options` with the short keyword names (`OPTION_ALIASES`) replaced by the `RewardAugmentFields` field names;
-    a name given twice (e.g. `mode` and `augment_mode`) raises."""
+def _field_names(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with the short names (`OPTION_ALIASES`) replaced by the field names; a field given twice raises."""
     out = {}
     for name, value in options.items():
-        if name == "score_columns":
-            if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
-                raise ValueError(
-                    "`score_columns` (config: `score_chosen_column / score_rejected_column`) must be a pair (chosen "
-                    f"column, rejected column), got {value!r}."
-                )
-            renamed = dict(zip(OPTION_ALIASES[name], value))
-        else:
+        if name != "score_columns":
             renamed = {OPTION_ALIASES.get(name, name): value}
-        for key, item in renamed.items():
+        elif isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
+            raise ValueError(
+                "`score_columns` (config: `score_chosen_column / score_rejected_column`) must be a pair (chosen "
+                f"column, rejected column), got {value!r}."
+            )
+        else:
+            renamed = dict(zip(OPTION_ALIASES[name], value))
+        for key in renamed:
             if key in out:
                 raise TypeError(f"The relabeling option {key!r} is given twice (by its name and by {name!r}).")
-            out[key] = item
+        out.update(renamed)
     return out
 
 
@@ -580,13 +578,9 @@ class RewardAugmentFields:
 class AugmentOptions(RewardAugmentFields):
     r"""
     The relabeling options of [`reward_augment_dataset`]: the fields of [`RewardAugmentFields`] (documented there),
-    validated and normalised once, on construction, and immutable afterwards (change one with
-    `dataclasses.replace`). [`RewardAugmentedDPOConfig`] builds one with `augment_options()`, so the function and the
-    config accept the same values and raise the same messages.
-
-    Besides the field names, the short names of `OPTION_ALIASES` are accepted as keywords and readable as attributes:
-    `mode` (`augment_mode`), `fraction` (`augment_fraction`), `attributes` (`attribute_columns`) and `score_columns`
-    (the pair `(score_chosen_column, score_rejected_column)`).
+    validated and normalised on construction, then immutable (change one with `dataclasses.replace`).
+    [`RewardAugmentedDPOConfig`] builds one with `augment_options()`. The short names of `OPTION_ALIASES` work as
+    keywords and attributes: `mode`, `fraction`, `attributes` and `score_columns` (the pair of score columns).
 
     Example:
 
@@ -597,7 +591,7 @@ class AugmentOptions(RewardAugmentFields):
     """
 
     def __init__(self, **options):
-        super().__init__(**canonical_option_names(options))
+        super().__init__(**_field_names(options))
         self.normalise_augment_fields()
         object.__setattr__(self, "_sealed", True)
 
@@ -628,7 +622,7 @@ def _options_from(options: AugmentOptions | None, option_kwargs: dict[str, Any])
         return AugmentOptions(**option_kwargs)
     if not isinstance(options, AugmentOptions):
         raise TypeError(f"`options` must be an AugmentOptions, got {type(options).__name__}.")
-    return dataclasses.replace(options, **canonical_option_names(option_kwargs)) if option_kwargs else options
+    return dataclasses.replace(options, **_field_names(option_kwargs)) if option_kwargs else options
 
 
 # ---------------------------------------------------------------------------------------------------------------------
