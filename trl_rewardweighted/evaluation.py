@@ -18,6 +18,10 @@ Reward-augmented models answer goal-conditioned prompts (the top goal by default
 training code path). The reference is then also evaluated under the same goal prompt (`<reference> + goal`), and the
 reward-augmented model is compared with, and its KL measured against, that entry: the goal text alone moves a model,
 so the table separates what training did from what the prompt did.
+
+The prompts are processed in chunks ([`~shards.run_chunks`]): resumable, and split over the processes of an
+`accelerate launch`; chunk `k` is sampled with `chunk_seed(seed, k)` for every model, so the results do not depend on
+the number of processes. The main process merges the chunks and computes the summaries.
 """
 
 from __future__ import annotations
