@@ -325,6 +325,25 @@ def check_launch_recipe(method: str, model: str, work: Path) -> str | None:
     return "; ".join(problems) or None
 
 
+def parse_problem(parser, argv: list[str], shown: str) -> str | None:
+    """`None` when `parser` (an argparse parser) accepts `argv`, else its message, after `shown` and the arguments."""
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            parser.parse_args(argv)
+    except SystemExit:
+        return f"{shown} {shlex.join(argv)}: " + (err.getvalue().strip().splitlines() or ["does not parse"])[-1]
+    return None
+
+
+def check_launch_args(part: Part) -> str | None:
+    """`None` when the `accelerate launch` arguments of `part` parse (accelerate's own parser; nothing runs)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    argv = part.command[part.command.index("accelerate.commands.launch") + 1 :]
+    return parse_problem(launch_command_parser(), argv, "accelerate launch")
+
+
 def yaml_value(path: Path, key: str):
     import yaml
 
@@ -353,14 +372,7 @@ def check_compare_args(part: Part) -> str | None:
     """`None` when the compare command line of `part` parses (`trl-rw compare`'s own parser; nothing runs)."""
     from trl_rewardweighted.cli import build_parser
 
-    argv = part.command[part.command.index("compare") :]
-    err = io.StringIO()
-    try:
-        with redirect_stderr(err), redirect_stdout(io.StringIO()):
-            build_parser().parse_args(argv)
-    except SystemExit:
-        return "trl-rw " + shlex.join(argv) + ": " + (err.getvalue().strip().splitlines() or ["does not parse"])[-1]
-    return None
+    return parse_problem(build_parser(), part.command[part.command.index("compare") :], "trl-rw")
 
 
 def check_bench_options(part: Part) -> str | None:
@@ -427,6 +439,7 @@ def run_checks(opts, work: Path, parts: list[Part], missing: dict) -> list[dict]
     if zero3_parts:
         config = Path(zero3_parts[0].command[zero3_parts[0].command.index("--config_file") + 1])
         record("ZeRO-3 config", check_zero3_config(config), str(config), zero3_parts)
+        record("accelerate launch line", check_launch_args(zero3_parts[0]), "parses", zero3_parts)
     for p in parts:
         if p.kind == "compare":
             write_compare_config(work / "compare_lora.yaml")

@@ -28,7 +28,13 @@ def test_dry_run_without_gpu_checks_everything_and_exits_0(no_gpu, tmp_path, cap
     data = json.loads(out.read_text())
     assert data["dry_run"] is True and data["device"] is None
     checks = {c["check"]: c for c in data["checks"]}
-    for name in ("model smollm2", "ZeRO-3 config", "compare command line", "options of bench_online_var smollm2"):
+    for name in (
+        "model smollm2",
+        "ZeRO-3 config",
+        "accelerate launch line",
+        "compare command line",
+        "options of bench_online_var smollm2",
+    ):
         assert checks[name]["ok"], checks[name]
     for method in gpu_check.METHODS:  # every quickstart recipe, and the recipe the launch reads, pass check-recipe
         assert checks[f"recipe {method}"] == {
@@ -87,7 +93,7 @@ def test_dry_run_problems_exit_1_with_the_reason(no_gpu, tmp_path, monkeypatch, 
     assert "NO  recipe var: " in text and "max_seq_length" in text
     assert f"{recipes}/var.yaml: dataset_name rows.jsonl: no such file next to the recipe" in text
     assert "NO  recipe vcb: " in text and "no such recipe" in text
-    assert "[gpu-check] dry run: 3 of 6 checks passed; problems: " in text
+    assert "[gpu-check] dry run: 4 of 7 checks passed; problems: " in text
 
     with pytest.raises(SystemExit):
         gpu_check.main(["--budget-s", "0"])
