@@ -67,7 +67,7 @@ def test_cpu_demo_preset_and_user_settings():
     assert methods.build_training_args("var", "out", use_cpu=True).activation_checkpointing is True
     with pytest.raises(ValueError, match=r"var: VARConfig has no field 'betta'"):
         methods.build_training_args("var", "out", betta=0.5)
-    with pytest.raises(ValueError, match=r"Unknown preset 'gpu'; choose one of cpu-demo \(or none\)"):
+    with pytest.raises(ValueError, match=r"Unknown preset 'gpu'; choose one of cpu-demo, gpu-bf16 \(or none\)"):
         methods.build_training_args("var", "out", preset="gpu")
     with pytest.raises(ValueError, match=r"Unknown method 'ppo'; choose one of var, vcb, reward_augmented_dpo"):
         methods.get_method("ppo")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -29,13 +29,21 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "Method",
+    "TrainingBlock",
     "build_trainer",
     "build_training_args",
+    "check_batch_layout",
+    "check_block_keys",
     "check_reward_funcs",
+    "check_training_settings",
     "get_method",
     "method_names",
     "model_init_kwargs",
+    "merge_settings",
+    "method_recipe",
+    "parse_training_settings",
     "preset_settings",
+    "read_training_block",
     "resolve_method_name",
     "reward_functions",
     "run_training",
@@ -184,11 +192,20 @@ def _cpu_demo() -> dict:
     }
 
 
-# Named sets of defaults for [`build_training_args`]; each value is a function returning the settings.
+def _gpu_bf16() -> dict:
+    settings = _cpu_demo()
+    checkpointing = next(k for k in settings if k.endswith("_checkpointing"))
+    return {**settings, "bf16": True, checkpointing: True, "use_cpu": False}
+
+
+# Named sets of defaults for [`build_training_args`] and a [`TrainingBlock`]'s `preset`; each value is a function
+# returning the settings.
 PRESETS = {
     # The demos (quickstart, `trl-rw compare`, `trl-rw iterate`): constant learning rate, a log line every step, no
     # checkpoints and no reporting, float32 without activation checkpointing, on the CPU unless a GPU is visible.
     "cpu-demo": _cpu_demo,
+    # The same on a GPU in bf16 with activation checkpointing.
+    "gpu-bf16": _gpu_bf16,
 }
 
 
@@ -203,6 +220,19 @@ def preset_settings(preset: str | None) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)} (or none).")
     return PRESETS[preset]()
+
+
+def merge_settings(*layers: dict) -> dict:
+    """Settings layered lowest first: a later layer's value wins, and a setting known under two names
+    (`activation_checkpointing`, `gradient_checkpointing`) given in a later layer under either name replaces the earlier
+    layers' value under both."""
+    merged: dict = {}
+    for layer in layers:
+        for names in _ONE_SETTING:
+            if any(n in layer for n in names):
+                merged = {k: v for k, v in merged.items() if k not in names}
+        merged.update(layer)
+    return merged
 
 
 def build_training_args(method: str, output_dir, *, preset: str | None = None, **settings):
@@ -226,16 +256,349 @@ def build_training_args(method: str, output_dir, *, preset: str | None = None, *
     import dataclasses
 
     cls = get_method(method).config_class()
-    defaults = preset_settings(preset)
-    for names in _ONE_SETTING:  # a setting given under either name replaces the preset's, whichever name it uses
-        if any(n in settings for n in names):
-            defaults = {k: v for k, v in defaults.items() if k not in names}
-    values = {**defaults, **settings, "output_dir": str(output_dir)}
+    values = {**merge_settings(preset_settings(preset), settings), "output_dir": str(output_dir)}
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{method}: {cls.__name__} has no field {', '.join(map(repr, unknown))}.")
     return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training settings given like a recipe: `trl-rw compare --config`, `trl-rw iterate`'s `training`
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingBlock:
+    """The training settings of the methods of a run, given like a recipe (`trl-rw compare --config FILE --set
+    KEY=VALUE`, the `training` option of `trl-rw iterate`); read by [`read_training_block`].
+
+    The file is a YAML mapping. Its top-level keys are shared by every method of the run, `methods:` holds per-method
+    keys over them, and `preset:` names the defaults ([`PRESETS`]: `cpu-demo` unless set, `none` for the config
+    classes' own):
+
+    ```yaml
+    bf16: true                     # fields of the methods' configs (VARConfig, DPOConfig, ...)
+    activation_checkpointing: true
+    gradient_accumulation_steps: 2
+    lr_scheduler_type: cosine
+    use_peft: true                 # fields of TRL's ModelConfig: LoRA / QLoRA, dtype, attention
+    lora_r: 16
+    lora_target_modules: [all-linear]
+    methods:
+      dpo: {learning_rate: 5.0e-7}
+    ```
+
+    Parameters:
+        shared (`dict`): keys for every method; a method whose config lacks a key does not get it (the command says
+            so), a key no method of the run has is refused.
+        methods (`dict[str, dict]`): per-method keys, over the shared ones.
+        preset (`str` or `None`): the preset of defaults.
+        overrides (`tuple[tuple[str | None, str, str], ...]`): command-line settings `(method or None, key, value)`,
+            over the file's; the values are strings, converted by the parser like command-line flags.
+        source (`str`): where the block came from (the option and the file), for messages.
+    """
+
+    shared: dict = field(default_factory=dict)
+    methods: dict = field(default_factory=dict)
+    preset: str | None = "cpu-demo"
+    overrides: tuple = ()
+    source: str = "--config"
+
+    def keys(self, name: str | None = None) -> list[str]:
+        """The keys set for every method (`name=None`), or for the method `name` (its own and the shared ones)."""
+        own = [] if name is None else list(self.methods.get(name, {}))
+        given = [k for m, k, _ in self.overrides if m is None or m == name]
+        return list(dict.fromkeys([*self.shared, *own, *given]))
+
+
+def read_training_block(source=None, overrides=(), *, option: str = "--config", set_option: str = "--set"):
+    """Read a [`TrainingBlock`] from a YAML file or a mapping, with command-line overrides.
+
+    Args:
+        source (`str`, `os.PathLike`, `Mapping` or `None`, *optional*):
+            A YAML file, its content as a mapping, or `None` (no file: the preset alone).
+        overrides (`Iterable[str]`, *optional*):
+            `KEY=VALUE` for every method, `METHOD.KEY=VALUE` for one.
+        option (`str`, *optional*, defaults to `"--config"`):
+            The option that named the file, for messages.
+        set_option (`str`, *optional*, defaults to `"--set"`):
+            The option of the overrides, for messages.
+
+    Returns:
+        [`TrainingBlock`]
+    """
+    from collections.abc import Mapping
+
+    if source is None:
+        data, where = {}, option
+    elif isinstance(source, Mapping):
+        data, where = dict(source), option
+    else:
+        import yaml
+
+        path = Path(source)
+        where = f"{option} {path}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: no such file.")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ValueError(f"{where}: invalid YAML: {' '.join(str(err).split())}") from None
+        data = {} if data is None else data
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: the training settings are a YAML mapping of `key: value`.")
+        data = dict(data)
+    preset = data.pop("preset", "cpu-demo")
+    preset = None if preset in (None, "none") else preset
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"{where}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or none.")
+    methods = data.pop("methods", None) or {}
+    if not isinstance(methods, Mapping) or not all(isinstance(v, Mapping) for v in methods.values()):
+        raise ValueError(
+            f"{where}: `methods` maps a method name to its own keys, e.g. `methods: {{dpo: {{beta: 0.1}}}}`."
+        )
+    methods = {DEPRECATED_NAMES.get(str(k), str(k)): dict(v or {}) for k, v in methods.items()}
+    parsed = []
+    for text in overrides:
+        key, sep, value = str(text).partition("=")
+        method, _, name = key.rpartition(".")
+        if not sep or not name:
+            raise ValueError(f"{set_option} {text!r}: give KEY=VALUE (every method) or METHOD.KEY=VALUE (one method).")
+        parsed.append((DEPRECATED_NAMES.get(method, method) or None, name, value))
+    return TrainingBlock(data, methods, preset, tuple(parsed), where)
+
+
+def _config_fields(method: str) -> tuple[set, set]:
+    import dataclasses
+
+    from trl import ModelConfig
+
+    cls = get_method(method).config_class()
+    return {f.name for f in dataclasses.fields(cls) if f.init}, {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def _closest(key: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    return f" Did you mean `{close[0]}`?" if close else ""
+
+
+def check_block_keys(block: TrainingBlock, methods: dict[str, str], owned: dict[str, str] | None = None) -> dict:
+    """Check a [`TrainingBlock`] against the methods of a run, before anything runs.
+
+    Args:
+        block ([`TrainingBlock`]):
+            The training settings.
+        methods (`dict[str, str]`):
+            The run's names (`reward_augmented_dpo_twins`) and the method of the table each trains.
+        owned (`dict[str, str]`, *optional*):
+            Keys the command sets itself, and the option that sets them (`{"max_steps": "--steps"}`): refused.
+
+    Returns:
+        `dict[str, list[str]]`: each shared key that some methods of the run do not have, and those methods.
+
+    Raises:
+        `ValueError`: a per-method block for a method not in the run, a key that is not a field of the method's
+        config or of `ModelConfig` (for a shared key: of any method of the run), or a key of `owned`.
+    """
+    owned = owned or {}
+    fields = {name: set().union(*_config_fields(method)) for name, method in methods.items()}
+    for name in [*block.methods, *(m for m, _, _ in block.overrides if m is not None)]:
+        if name not in methods:
+            raise ValueError(
+                f"{block.source}: settings for {name}, which is not a method of this run ({', '.join(methods)})."
+            )
+    for key in block.keys():
+        if key in owned:
+            raise ValueError(f"{block.source}: `{key}` is set by {owned[key]} in this command; remove it.")
+    for name in methods:
+        for key in block.keys(name):
+            if key in owned:
+                raise ValueError(f"{block.source}: `{key}` is set by {owned[key]} in this command; remove it.")
+    missing = {}
+    every = set().union(*fields.values())
+    for key in block.keys():
+        if key not in every:
+            raise ValueError(
+                f"{block.source}: unknown key `{key}`: not a field of the methods' configs or of ModelConfig."
+                + _closest(key, every)
+            )
+        lacking = [name for name in methods if key not in fields[name]]
+        if lacking:
+            missing[key] = lacking
+    for name, method in methods.items():
+        own = [*block.methods.get(name, {}), *(k for m, k, _ in block.overrides if m == name)]
+        for key in own:
+            if key not in fields[name]:
+                config = get_method(method).config_class().__name__
+                raise ValueError(
+                    f"{block.source}: methods.{name}: unknown key `{key}`: not a field of {config} or ModelConfig."
+                    + _closest(key, fields[name])
+                )
+    return missing
+
+
+def method_recipe(block: TrainingBlock, name: str, method: str, output_dir, defaults=None, forced=None) -> dict:
+    """The recipe of one method of a run: what [`parse_training_settings`] parses, recorded with the run so that a
+    resumed run can compare it and a launched training process parses the same.
+
+    Args:
+        block ([`TrainingBlock`]):
+            The training settings (checked by [`check_block_keys`]).
+        name (`str`):
+            The method's name in the run (`reward_augmented_dpo_twins`).
+        method (`str`):
+            The method of [`METHODS`] it trains.
+        output_dir (`str` or `Path`):
+            The trainer's output folder.
+        defaults (`dict`, *optional*):
+            The command's settings for this method, over the preset and under the block.
+        forced (`dict`, *optional*):
+            Settings over the block's (the command's explicit flags, the budgets).
+
+    Returns:
+        `dict`: `{"values": {key: value}, "argv": ["--key", "value", ...]}`, lowest to highest: the preset, `defaults`,
+        the shared keys, the method's keys, `forced`, then the command-line overrides in `argv`.
+    """
+    fields = set().union(*_config_fields(method))
+    shared = {k: v for k, v in block.shared.items() if k in fields}
+    given = [(k, v) for m, k, v in block.overrides if (m is None and k in fields) or m == name]
+    layers = [preset_settings(block.preset), defaults or {}, shared, block.methods.get(name, {}), forced or {}]
+    layers.append({k: v for k, v in given})  # only to drop the other name of a setting given on the command line
+    values = merge_settings(*layers)
+    for k, _ in given:
+        values.pop(k, None)
+    values["output_dir"] = str(output_dir)
+    return {"values": values, "argv": [x for k, v in given for x in (f"--{k}", str(v))]}
+
+
+def parse_training_settings(method: str, recipe: dict, *, deepspeed: bool = True, where: str | None = None):
+    """Parse a method's recipe ([`method_recipe`]) with `TrlParser` into its config and TRL's `ModelConfig`, as the
+    launch scripts parse a recipe file: the values are the parser's defaults (a recipe file's keys), `argv` its
+    command line.
+
+    Args:
+        method (`str`):
+            A name of [`METHODS`].
+        recipe (`dict`):
+            `{"values": {...}, "argv": [...]}`.
+        deepspeed (`bool`, *optional*, defaults to `True`):
+            `False` parses without the `deepspeed` key (a DeepSpeed config sets up the launch; it is checked to exist
+            here and takes effect in the launched training process).
+        where (`str`, *optional*):
+            Prefix of the messages (default: the method's name).
+
+    Returns:
+        `tuple`: `(config, ModelConfig)`.
+    """
+    from trl import ModelConfig, TrlParser
+
+    cls = get_method(method).config_class()
+    where = where or method
+    values, argv = dict(recipe["values"]), list(recipe.get("argv", []))
+    if not deepspeed:
+        value = values.pop("deepspeed", None)
+        if "--deepspeed" in argv:
+            i = argv.index("--deepspeed")
+            value = argv[i + 1]
+            del argv[i : i + 2]
+        if isinstance(value, str) and not Path(value).is_file():
+            raise FileNotFoundError(f"{where}: deepspeed {value}: no such DeepSpeed config file.")
+    parser = TrlParser((cls, ModelConfig), prog=where)
+
+    def error(message):
+        raise ValueError(message)
+
+    parser.error = error  # one `ValueError` instead of argparse's usage and exit
+    unknown = parser.set_defaults_with_config(**values)
+    if unknown:
+        raise ValueError(f"{where}: unknown key `{unknown[0][2:]}`: not a field of {cls.__name__} or ModelConfig.")
+    try:
+        args, model_config, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
+    if rest:
+        raise ValueError(f"{where}: unknown setting {rest[0]}: not a field of {cls.__name__} or ModelConfig.")
+    return args, model_config
+
+
+def check_training_settings(method: str, args, model_config, *, where: str | None = None) -> None:
+    """Refuse settings this machine cannot train with, before anything runs: QLoRA (`load_in_4bit` / `load_in_8bit`)
+    without a CUDA GPU, `bitsandbytes` or LoRA, PEFT without `peft`.
+
+    Args:
+        method (`str`):
+            The method (for messages).
+        args:
+            Its config ([`parse_training_settings`]).
+        model_config (`trl.ModelConfig`):
+            Its model options.
+        where (`str`, *optional*):
+            Prefix of the messages (default: the method's name).
+    """
+    import importlib.util
+
+    import torch
+
+    where = where or method
+    quantized = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_config, k, False)]
+    if quantized:
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{where}: {quantized[0]} (QLoRA) needs a CUDA GPU (bitsandbytes quantizes on the GPU) and none is "
+                "visible; remove it, or train LoRA in full precision (use_peft: true)."
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(f"{where}: {quantized[0]} needs bitsandbytes: pip install bitsandbytes.")
+        if not model_config.use_peft:
+            raise ValueError(
+                f"{where}: {quantized[0]}: a quantized model trains through LoRA adapters only; set use_peft: true."
+            )
+    if model_config.use_peft and importlib.util.find_spec("peft") is None:
+        raise ImportError(f"{where}: use_peft needs peft: pip install peft.")
+
+
+def check_batch_layout(method: str, args, num_processes: int = 1, group_size: int | None = None) -> None:
+    """Refuse a batch layout that breaks VAR's normaliser: weights normalised over a single row (`z_scope="step"`:
+    the optimizer step, every process and accumulation micro-batch; `"micro_batch"`: one micro-batch) make VAR plain
+    SFT; with `z_scope="prompt"` a prompt's `group_size` rows must fill whole steps.
+
+    Args:
+        method (`str`):
+            The method; anything but VAR passes.
+        args:
+            Its config.
+        num_processes (`int`, *optional*, defaults to `1`):
+            Training processes.
+        group_size (`int`, *optional*):
+            Rows per prompt in the training data, when known.
+    """
+    if get_method(method).name != "var":
+        return
+    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    step = per_device * accumulation * num_processes
+    layout = (
+        f"per_device_train_batch_size {per_device} x gradient_accumulation_steps {accumulation} x {num_processes} "
+        "process(es)"
+    )
+    if args.z_scope == "step" and step < 2:
+        raise ValueError(
+            f"{method}: an optimizer step holds one row ({layout}): VAR's weights, normalised over the step, are all "
+            "1 (plain SFT). Give the step at least 2 rows."
+        )
+    if args.z_scope == "micro_batch" and per_device < 2:
+        raise ValueError(
+            f"{method}: z_scope micro_batch with per_device_train_batch_size {per_device}: each micro-batch's weights "
+            "are normalised over one row, all 1 (plain SFT). Use z_scope step, or at least 2 rows per device."
+        )
+    if args.z_scope == "prompt" and group_size and step % group_size:
+        raise ValueError(
+            f"{method}: z_scope prompt: an optimizer step of {step} rows ({layout}) does not hold whole prompts of "
+            f"{group_size} rows each; make the step a multiple of {group_size}."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
