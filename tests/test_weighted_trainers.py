@@ -279,6 +279,25 @@ def test_group_weight_reaches_rows_and_pairs():
     assert groups_to_pairs(groups, strategy="all_pairs")["sample_weight"] == [3.0, 3.0, 3.0, 0.5]
 
 
+@pytest.mark.filterwarnings("ignore:.*skipped:UserWarning", "ignore:.*dropped:UserWarning")
+def test_adapters_carry_the_weight_of_each_input_row():
+    from tests.test_adapters import HH, ultrafeedback, ultrafeedback_binarized
+    from trl_rewardweighted.data import adapters
+
+    uf = ultrafeedback().add_column("sample_weight", [1.0, 2.0, 3.0])  # Q1 keeps 3 scored completions, Q2 has 2
+    assert adapters.ultrafeedback_groups(uf)["sample_weight"] == [1.0, 2.0, 3.0]
+    rows = adapters.ultrafeedback_rows(uf)
+    assert rows["sample_weight"] == [1.0] * 4 + [2.0] * 4 + [3.0] * 2
+    pairs = adapters.ultrafeedback_pairs(uf, strategy="best_worst")
+    assert pairs["sample_weight"] == [1.0, 2.0, 3.0]
+    ufb = ultrafeedback_binarized()["train_prefs"].add_column("sample_weight", [0.5, 1.5, 2.5])  # row 2 is skipped
+    assert adapters.ultrafeedback_binarized_pairs(ufb)["sample_weight"] == [0.5, 1.5]
+    assert adapters.ultrafeedback_binarized_rows(ufb)["sample_weight"] == [0.5, 0.5, 1.5, 1.5]
+    hh = Dataset.from_dict({"chosen": HH, "sample_weight": [float(i) for i in range(len(HH))]})
+    assert adapters.hh_rlhf_sft(hh)["sample_weight"] == [0.0, 1.0, 2.0]  # rows 3-5 are malformed or empty
+    assert "sample_weight" not in adapters.ultrafeedback_groups(ultrafeedback()).column_names
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Refusals
 # ----------------------------------------------------------------------------------------------------------------------

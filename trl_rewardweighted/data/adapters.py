@@ -17,6 +17,7 @@ Bad input follows one rule: a row whose structure is wrong (a missing column, a 
 rating that is not a number) raises `ValueError` naming the row and the column; a row that is well formed but unusable
 (an `"N/A"` rating, a missing score, an empty response, a transcript without `Human:` / `Assistant:` markers) is
 skipped and counted, with one warning per reason naming the first rows. Pass `stats={}` to get the counts back.
+A `sample_weight` column of the input (see `docs/weights.md`) is carried to every row built from an input row.
 The schemas each adapter expects are described in `docs/datasets.md`.
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 
 from .convert import PAIR_SELECTORS, TIE_OPTIONS, load_dataset_any
 from .utils import is_messages, to_float
+from .weights import SAMPLE_WEIGHT_COLUMN
 
 __all__ = [
     "ADAPTERS",
@@ -141,6 +143,11 @@ def _from_columns(out: dict[str, list]):
 
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
+
+
+def _weights_of(ds) -> list | None:
+    """The input's `sample_weight` column (carried to every output row built from an input row), or None."""
+    return list(ds[SAMPLE_WEIGHT_COLUMN]) if SAMPLE_WEIGHT_COLUMN in ds.column_names else None
 
 
 def _assistant(text: str) -> list[dict]:
@@ -305,16 +312,21 @@ def ultrafeedback_groups(
     _check_bool(conversational, "conversational", adapter)
     groups, skips = _uf_groups(ds, adapter, score, aspects, min_completions)
     has_source = "source" in ds.column_names
+    weights = _weights_of(ds)
     out: dict[str, list] = {"prompt": [], "completions": [], "rewards": [], "models": []}
     if has_source:
         out["source"] = []
-    for _, row, instruction, kept in groups:
+    if weights is not None:
+        out[SAMPLE_WEIGHT_COLUMN] = []
+    for i, row, instruction, kept in groups:
         out["prompt"].append(_uf_prompt(instruction, conversational))
         out["completions"].append([r if completions_as == "text" else _assistant(r) for r, _, _ in kept])
         out["rewards"].append([v for _, v, _ in kept])
         out["models"].append([m for _, _, m in kept])
         if has_source:
             out["source"].append(row["source"])
+        if weights is not None:
+            out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
     skips.report(len(out["prompt"]), stats)
     return _from_columns(out)
 
@@ -356,10 +368,13 @@ def ultrafeedback_rows(
     groups, skips = _uf_groups(ds, adapter, score, aspects, min_completions=1)
     rng = random.Random(seed)
     has_source = "source" in ds.column_names
+    weights = _weights_of(ds)
     out: dict[str, list] = {"prompt": [], "completion": [], "reward": [], "model": []}
     if has_source:
         out["source"] = []
-    for _, row, instruction, kept in groups:
+    if weights is not None:
+        out[SAMPLE_WEIGHT_COLUMN] = []
+    for i, row, instruction, kept in groups:
         if best_only:
             top = max(v for _, v, _ in kept)
             kept = [rng.choice([k for k in kept if k[1] == top])]
@@ -370,6 +385,8 @@ def ultrafeedback_rows(
             out["model"].append(model)
             if has_source:
                 out["source"].append(row["source"])
+            if weights is not None:
+                out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
     skips.report(len(out["prompt"]), stats)
     return _from_columns(out)
 
@@ -426,6 +443,9 @@ def ultrafeedback_pairs(
     has_source = "source" in ds.column_names
     names = ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "chosen_model", "rejected_model"]
     out: dict[str, list] = {name: [] for name in names + (["source"] if has_source else [])}
+    weights = _weights_of(ds)
+    if weights is not None:
+        out[SAMPLE_WEIGHT_COLUMN] = []
     for i, row, instruction, kept in groups:
         pairs = pick([(j, v) for j, (_, v, _) in enumerate(kept)], ties, rng)
         if not pairs:
@@ -441,6 +461,8 @@ def ultrafeedback_pairs(
             out["rejected_model"].append(kept[b][2])
             if has_source:
                 out["source"].append(row["source"])
+            if weights is not None:
+                out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
     skips.report(len(out["prompt"]), stats)
     return _from_columns(out)
 
@@ -513,9 +535,12 @@ def ultrafeedback_binarized_pairs(ds, ties: str = "keep", conversational: bool =
     _check_bool(conversational, "conversational", adapter)
     kept, skips = _ufb_pairs(ds, adapter)
     has_id = "prompt_id" in ds.column_names
+    weights = _weights_of(ds)
     out: dict[str, list] = {n: [] for n in ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")}
     if has_id:
         out["prompt_id"] = []
+    if weights is not None:
+        out[SAMPLE_WEIGHT_COLUMN] = []
     for row, i, prompt, chosen, rejected, sc, sr in kept:
         if ties == "drop" and sc == sr:
             skips.skip("score_chosen equals score_rejected (ties='drop')", f"row {i}")
@@ -527,6 +552,8 @@ def ultrafeedback_binarized_pairs(ds, ties: str = "keep", conversational: bool =
         out["score_rejected"].append(sr)
         if has_id:
             out["prompt_id"].append(row["prompt_id"])
+        if weights is not None:
+            out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
     skips.report(len(out["prompt"]), stats)
     return _from_columns(out)
 
@@ -548,16 +575,21 @@ def ultrafeedback_binarized_rows(ds, conversational: bool = True, stats: dict | 
     _check_bool(conversational, "conversational", adapter)
     kept, skips = _ufb_pairs(ds, adapter)
     has_id = "prompt_id" in ds.column_names
+    weights = _weights_of(ds)
     out: dict[str, list] = {"prompt": [], "completion": [], "reward": []}
     if has_id:
         out["prompt_id"] = []
-    for row, _, prompt, chosen, rejected, sc, sr in kept:
+    if weights is not None:
+        out[SAMPLE_WEIGHT_COLUMN] = []
+    for row, i, prompt, chosen, rejected, sc, sr in kept:
         for text, value in ((chosen, sc), (rejected, sr)):
             out["prompt"].append(_user(prompt) if conversational else prompt)
             out["completion"].append(_assistant(text) if conversational else text)
             out["reward"].append(value)
             if has_id:
                 out["prompt_id"].append(row["prompt_id"])
+            if weights is not None:
+                out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
     skips.report(len(out["prompt"]), stats)
     return _from_columns(out)
 
@@ -682,11 +714,16 @@ def hh_rlhf_sft(ds, conversational: bool = True, stats: dict | None = None):
     adapter = "hh_rlhf_sft"
     _check_bool(conversational, "conversational", adapter)
     parsed, skips = _hh_parsed(ds, adapter, "chosen", allow_empty_last=False)
+    weights = _weights_of(ds)
     out: dict[str, list] = {"prompt": [], "completion": []}
-    for _, messages in parsed:
+    if weights is not None:
+        out[SAMPLE_WEIGHT_COLUMN] = []
+    for i, messages in parsed:
         prompt, last = messages[:-1], messages[-1]["content"]
         out["prompt"].append(prompt if conversational else _hh_render(prompt))
         out["completion"].append(_assistant(last) if conversational else " " + last)
+        if weights is not None:
+            out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
     skips.report(len(out["prompt"]), stats)
     return _from_columns(out)
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "VARConfig": "var_config",
-    "VARTrainer": "var_trainer",
-    "VCBConfig": "vcb_config",
-    "VCBTrainer": "vcb_trainer",
-    "OnlineVARConfig": "online_var_config",
-    "OnlineVARTrainer": "online_var_trainer",
-    "RewardAugmentedDPOConfig": "ra_dpo_config",
-    "RewardAugmentedDPOTrainer": "ra_dpo_trainer",
-    "WeightedSFTConfig": "weighted_sft_config",
-    "WeightedSFTTrainer": "weighted_sft_trainer",
-    "WeightedDPOConfig": "weighted_dpo_config",
-    "WeightedDPOTrainer": "weighted_dpo_trainer",
+    "VARConfig": ".var_config",
+    "VARTrainer": ".var_trainer",
+    "VCBConfig": ".vcb_config",
+    "VCBTrainer": ".vcb_trainer",
+    "OnlineVARConfig": ".online_var_config",
+    "OnlineVARTrainer": ".online_var_trainer",
+    "RewardAugmentedDPOConfig": ".ra_dpo_config",
+    "RewardAugmentedDPOTrainer": ".ra_dpo_trainer",
+    "WeightedSFTConfig": ".weighted_sft_config",
+    "WeightedSFTTrainer": ".weighted_sft_trainer",
+    "WeightedDPOConfig": ".weighted_dpo_config",
+    "WeightedDPOTrainer": ".weighted_dpo_trainer",
 }
 
 __all__ = sorted(_LAZY)
@@ -31,7 +31,7 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'trl_rewardweighted.trainers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value
 
