@@ -141,6 +141,36 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
 
 
+def compared_row(
+    name: str,
+    group: str,
+    baseline: str | None,
+    time_s: float,
+    baseline_s: float,
+    tokens_per_s,
+    memory: dict | None = None,
+    baseline_memory: dict | None = None,
+) -> dict:
+    """One row of the `write_json` schema: a trainer's median step time (s) and tokens/s, and its peak memory
+    (`{"peak_mib", "train_mib"}` of [`train_peak_memory`], when measured), with their ratios to its baseline's
+    (`baseline`: the baseline row's name, `None` for the baseline itself)."""
+    row = {
+        "name": name,
+        "group": group,
+        "baseline": baseline,
+        "median_step_ms": round(time_s * 1e3, 2),
+        "time_ratio": round(time_s / baseline_s, 4),
+        "tokens_per_s": round(tokens_per_s) if tokens_per_s else None,
+    }
+    if memory:
+        peak, base = memory["peak_mib"], baseline_memory["peak_mib"]
+        row.update(peak_mib=round(peak, 1), mem_ratio=round(peak / base, 4))
+        if memory.get("train_mib") is not None:
+            ratio = memory["train_mib"] / max(baseline_memory["train_mib"], 1e-9)
+            row.update(train_mib=round(memory["train_mib"], 1), train_mib_ratio=round(ratio, 4))
+    return row
+
+
 def child_json(stdout: str):
     """The JSON value a memory-measuring child process printed last on `stdout` (indented or on one line; anything the
     libraries printed before it is skipped)."""

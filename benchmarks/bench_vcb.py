@@ -37,6 +37,7 @@ from _common import (  # noqa: E402
     StepTimer,
     bench_args,
     child_json,
+    compared_row,
     device_name,
     interleaved_step_medians,
     train_peak_memory,
@@ -261,23 +262,19 @@ def json_results(opts, device: str, times: dict, tokens_per_s: dict, memory: dic
     for kind in opts.kinds:
         baseline = "dpo_live" if kind.endswith("_live") else "dpo_pre"
         group = "live reference" if kind.endswith("_live") else "precomputed reference"
-        mem, base = memory.get(kind, {}), memory.get(baseline, {})
-        row = {
-            "name": LABELS[kind],
-            "group": group,
-            "baseline": None if kind == baseline else LABELS[baseline],
-            "median_step_ms": round(times[kind] * 1e3, 2),
-            "time_ratio": round(times[kind] / times[baseline], 4),
-            "tokens_per_s": round(tokens_per_s[kind]) if tokens_per_s[kind] else None,
-        }
-        if mem:
-            row.update(peak_mib=round(mem["peak_mib"], 1), mem_ratio=round(mem["peak_mib"] / base["peak_mib"], 4))
-            if mem.get("train_mib") is not None:
-                row.update(
-                    train_mib=round(mem["train_mib"], 1),
-                    train_mib_ratio=round(mem["train_mib"] / max(base["train_mib"], 1e-9), 4),
-                )
-        rows.append(row)
+        name = None if kind == baseline else LABELS[baseline]
+        rows.append(
+            compared_row(
+                LABELS[kind],
+                group,
+                name,
+                times[kind],
+                times[baseline],
+                tokens_per_s[kind],
+                memory.get(kind),
+                memory.get(baseline),
+            )
+        )
     settings = {k: v for k, v in vars(opts).items() if not k.startswith("_") and k not in ("json", "kinds")}
     settings.update(
         device=device,
