@@ -202,9 +202,13 @@ def write_json(path: str | None, results: dict) -> None:
 def bench_args(**overrides) -> dict:
     """Training-argument overrides every benchmark run shares: no checkpoints, no logging or reporting, the CPU when
     there is no GPU, no gradient checkpointing (it would dominate the timing), a fixed seed."""
+    from trl_rewardweighted.methods import preset_settings
+
+    # Activation checkpointing off, under the name this transformers has (`gradient_checkpointing` before 5.25).
+    off = {k: v for k, v in preset_settings("cpu-demo").items() if k.endswith("_checkpointing")}
     args = dict(
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+        **off,
         report_to="none",
         save_strategy="no",
         logging_steps=10**6,
