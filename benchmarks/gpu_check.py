@@ -134,8 +134,13 @@ class Part:
         needs (`list[str]`): the modules it imports (keys of `PACKAGES`).
         model (`str`, *optional*): the model it uses (`smollm2` or a folder).
         output (`str`, *optional*): the file or folder its result is read from.
-        status (`str`): `planned`, then `ok`, `failed`, `timed out` or `skipped`.
+        status (`str`): `planned`, then `ok`, `failed`, `timed out` or `skipped` (a dry run: `ready`).
         detail (`str`): why it failed or was skipped, or what it did.
+        seconds (`float`, *optional*), returncode (`int`, *optional*), tail (`list[str]`): how long it ran, its exit
+            code (`None` when killed at its budget) and the last lines of its output.
+        rows (`list[dict]`), goals (`dict`): a benchmark's JSON rows and goals (`_common.write_json`'s schema).
+        result (`dict`): what else was read: a benchmark's device and memory kind, a launch's logged losses and
+            whether the model was saved, the compare's phase times and budgets.
     """
 
     name: str
