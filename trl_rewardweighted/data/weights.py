@@ -17,8 +17,10 @@ from .utils import to_float
 __all__ = [
     "SAMPLE_WEIGHT_COLUMN",
     "check_sample_weights",
+    "check_weight_column_name",
     "check_weight_columns",
     "eval_datasets_of",
+    "example_weights",
     "sample_weight_column_of",
     "sample_weight_value",
 ]
@@ -44,6 +46,22 @@ def sample_weight_value(value: Any, where: str) -> float:
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"{where}: sample weight {weight!r} is not a finite number >= 0.")
     return weight
+
+
+def example_weights(examples, column: str, what: str = "row") -> list[float]:
+    """The sample weight of each example of a batch being collated, checked by [`sample_weight_value`] (errors name
+    the example as `what` and its index); an example without the `column` field weighs 1 (an evaluation dataset
+    without the column)."""
+    return [
+        sample_weight_value(ex[column], f"Column `{column}`, {what} {i} of a batch") if column in ex else 1.0
+        for i, ex in enumerate(examples)
+    ]
+
+
+def check_weight_column_name(name) -> None:
+    """Refuse a `sample_weight_column` config value that is not a non-empty string."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`sample_weight_column` must be a non-empty column name, got {name!r}.")
 
 
 def sample_weight_column_of(dataset, column: str, label: str, required: bool, default_name: bool = True) -> bool:
@@ -110,16 +128,16 @@ def eval_datasets_of(eval_dataset) -> dict:
     return dict(eval_dataset) if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
 
 
-def check_weight_columns(train_dataset, eval_dataset, column: str, train_required: bool, default_name: bool) -> bool:
+def check_weight_columns(train_dataset, eval_dataset, column: str, train_required: bool) -> bool:
     """Check the sample-weight `column` of the training and evaluation datasets given to a trainer; returns whether the
     training dataset has it.
 
-    The training dataset must have it when `train_required` (or when the user named the column,
-    `default_name=False`); an evaluation dataset may leave it out (its rows then weigh 1). Values are checked with
-    [`check_sample_weights`] (map-style datasets; streams are checked as they are collated).
+    The training dataset must have it when `train_required`, or when the column is not the default
+    `SAMPLE_WEIGHT_COLUMN` (a name the user set); an evaluation dataset may leave it out (its rows then weigh 1).
+    Values are checked with [`check_sample_weights`] (map-style datasets; streams are checked as they are collated).
     """
     has_column = train_dataset is not None and sample_weight_column_of(
-        train_dataset, column, "train dataset", train_required, default_name
+        train_dataset, column, "train dataset", train_required, default_name=column == SAMPLE_WEIGHT_COLUMN
     )
     if has_column:
         check_sample_weights(train_dataset, column, "train dataset")

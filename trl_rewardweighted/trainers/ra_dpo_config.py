@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..data.relabel import RewardAugmentFields
-from ..data.weights import SAMPLE_WEIGHT_COLUMN
+from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_column_name
 
 __all__ = ["RewardAugmentedDPOConfig"]
 
@@ -83,10 +83,7 @@ class RewardAugmentedDPOConfig(RewardAugmentFields, DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.sample_weight_column, str) or not self.sample_weight_column:
-            raise ValueError(
-                f"`sample_weight_column` must be a non-empty column name, got {self.sample_weight_column!r}."
-            )
+        check_weight_column_name(self.sample_weight_column)
         if self.keep_twins_together:
             if self.augment_mode != "both":
                 raise ValueError(

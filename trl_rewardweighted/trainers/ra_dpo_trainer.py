@@ -31,7 +31,7 @@ from ..data.relabel import (
     twin_units,
 )
 from ..data.utils import first_row
-from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_columns
+from ..data.weights import check_weight_columns
 from ..model_utils import CheckpointedCountersMixin, compute_rowwise_distributed, resolve_reference_model
 from .ra_dpo_config import RewardAugmentedDPOConfig
 from .weighted_dpo_config import check_pairwise_loss_types
@@ -194,11 +194,7 @@ class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, SampleWeightedDPOMixi
             _check_not_empty(eval_dataset, "eval dataset")
         self._sample_weight_column = args.sample_weight_column
         self._sample_weights_on = check_weight_columns(
-            train_dataset,
-            eval_dataset,
-            args.sample_weight_column,
-            train_required=False,
-            default_name=args.sample_weight_column == SAMPLE_WEIGHT_COLUMN,
+            train_dataset, eval_dataset, args.sample_weight_column, train_required=False
         )
         if self._sample_weights_on:
             check_pairwise_loss_types(args.loss_type, "RewardAugmentedDPOTrainer")

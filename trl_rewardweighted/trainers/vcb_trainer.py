@@ -31,7 +31,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
 
 from ..data.utils import check_float_column, first_row, to_float
-from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_columns, sample_weight_value
+from ..data.weights import check_weight_columns, example_weights
 from ..losses import vcb_loss, vcb_pair_stats
 from ..model_utils import (
     CheckpointedCountersMixin,
@@ -173,15 +173,7 @@ class DataCollatorForVCB(DataCollatorMixin):
             output["ref_logps"] = ref_logps
         column = self.sample_weight_column
         if column is not None:
-            output[GROUP_WEIGHTS] = torch.tensor(
-                [
-                    sample_weight_value(ex[column], f"Column `{column}`, group {g} of a batch")
-                    if column in ex
-                    else 1.0
-                    for g, ex in enumerate(examples)
-                ],
-                dtype=torch.float32,
-            )
+            output[GROUP_WEIGHTS] = torch.tensor(example_weights(examples, column, "group"), dtype=torch.float32)
         for key, rows, value in (
             ("input_ids", input_ids, self.pad_token_id),
             ("attention_mask", attention_mask, 0),
@@ -349,11 +341,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
 
         # Sample weights: used when the train dataset has the column (a name the user set must exist).
         self.sample_weighted = check_weight_columns(
-            train_dataset,
-            eval_dataset,
-            args.sample_weight_column,
-            train_required=False,
-            default_name=args.sample_weight_column == SAMPLE_WEIGHT_COLUMN,
+            train_dataset, eval_dataset, args.sample_weight_column, train_required=False
         )
 
         # A dataset that already carries reference log-probs needs no reference model.

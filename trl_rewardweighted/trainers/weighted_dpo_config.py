@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from ..data.weights import SAMPLE_WEIGHT_COLUMN
+from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_column_name
 
 __all__ = ["WeightedDPOConfig", "check_pairwise_loss_types"]
 
@@ -61,8 +61,5 @@ class WeightedDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.sample_weight_column, str) or not self.sample_weight_column:
-            raise ValueError(
-                f"`sample_weight_column` must be a non-empty column name, got {self.sample_weight_column!r}."
-            )
+        check_weight_column_name(self.sample_weight_column)
         check_pairwise_loss_types(self.loss_type, "WeightedDPOTrainer")

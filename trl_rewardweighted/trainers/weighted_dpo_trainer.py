@@ -22,7 +22,7 @@ from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from ..data.weights import check_weight_columns, sample_weight_value
+from ..data.weights import check_weight_columns, example_weights
 from ..losses import sample_weight_factors
 from ..model_utils import KeepFloat32InputsMixin
 from .weighted_dpo_config import WeightedDPOConfig
@@ -56,10 +56,7 @@ class DataCollatorWithSampleWeights:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         column = self.sample_weight_column
-        weights = [
-            sample_weight_value(ex[column], f"Column `{column}`, row {i} of a batch") if column in ex else 1.0
-            for i, ex in enumerate(examples)
-        ]
+        weights = example_weights(examples, column)
         batch = self.base_collator(examples)
         batch[SAMPLE_WEIGHTS] = torch.tensor(weights, dtype=torch.float32)
         return batch
@@ -252,7 +249,7 @@ class WeightedDPOTrainer(SampleWeightedDPOMixin, DPOTrainer):
             )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
-        check_weight_columns(train_dataset, eval_dataset, args.sample_weight_column, True, True)
+        check_weight_columns(train_dataset, eval_dataset, args.sample_weight_column, train_required=True)
         self._sample_weight_column = args.sample_weight_column
         self._sample_weights_on = True
         super().__init__(

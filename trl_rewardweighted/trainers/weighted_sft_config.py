@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from ..data.weights import SAMPLE_WEIGHT_COLUMN
+from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_column_name
 
 __all__ = ["WeightedSFTConfig"]
 
@@ -45,10 +45,7 @@ class WeightedSFTConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.sample_weight_column, str) or not self.sample_weight_column:
-            raise ValueError(
-                f"`sample_weight_column` must be a non-empty column name, got {self.sample_weight_column!r}."
-            )
+        check_weight_column_name(self.sample_weight_column)
         refused = {
             "loss_type": (
                 self.loss_type != "nll",

@@ -17,7 +17,7 @@ from datasets import Dataset, IterableDataset
 from trl import SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
-from ..data.weights import check_weight_columns, sample_weight_value
+from ..data.weights import check_weight_columns, example_weights
 from ..losses import sample_weight_factors
 from ..model_utils import KeepFloat32InputsMixin
 from .weighted_sft_config import WeightedSFTConfig
@@ -48,10 +48,7 @@ class DataCollatorWithTokenWeights:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         column = self.sample_weight_column
-        weights = [
-            sample_weight_value(ex[column], f"Column `{column}`, row {i} of a batch") if column in ex else 1.0
-            for i, ex in enumerate(examples)
-        ]
+        weights = example_weights(examples, column)
         batch = self.base_collator([{k: v for k, v in ex.items() if k != column} for ex in examples])
         input_ids = batch["input_ids"]
         rows = [torch.full((len(ex["input_ids"]),), w, dtype=torch.float32) for ex, w in zip(examples, weights)]
@@ -186,7 +183,7 @@ class WeightedSFTTrainer(KeepFloat32InputsMixin, SFTTrainer):
             )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
-        check_weight_columns(train_dataset, eval_dataset, args.sample_weight_column, True, True)
+        check_weight_columns(train_dataset, eval_dataset, args.sample_weight_column, train_required=True)
         super().__init__(
             model=model,
             args=args,
