@@ -316,7 +316,7 @@ def test_missing_file_and_exit_codes(tmp_path, capsys):
     bad = _recipe(tmp_path, VAR_BASE, "betta: 0.5\n")
     assert cr.check_recipes([str(VAR_BASE)]) == 0
     assert cr.check_recipes([str(VAR_BASE), str(tmp_path / "missing.yaml")]) == 1
-    assert f"{tmp_path / 'missing.yaml'}: error: file not found" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing.yaml'}: error: no such file, and not the name of a packaged recipe" in capsys.readouterr().err
     assert cli_main(["check-recipe", str(VAR_BASE)]) == 0
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["check-recipe", str(VAR_BASE), str(bad)])

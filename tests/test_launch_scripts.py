@@ -2,11 +2,11 @@
 processes: both processes exit 0 within a timeout (no rank left hanging at exit) and the saved model loads and differs
 from the initial one.
 
-The quickstart recipes run as a user runs them, from the repository root (their `dataset_name` is a relative path to
-their own data in recipes/quickstart/data/), with only the model and the output folder replaced:
+The quickstart recipes run as a user runs them, by name from some other folder (their `dataset_name` is relative to
+the packaged recipes folder: quickstart/data/), `trl-rw train` starting `accelerate launch` itself, with only the model
+and the output folder replaced:
 
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-        --dynamo_backend no -m trl_rewardweighted.scripts.var --config recipes/quickstart/var.yaml \
+    ACCELERATE_USE_CPU=1 trl-rw train var --config quickstart/var --num-processes 2 \
         --model_name_or_path TINY --output_dir OUT
 
 The smollm2-135m recipes (marked slow) run on synthetic rows with their own `save_strategy: steps`, so the run ends
@@ -15,26 +15,22 @@ with a checkpoint save (collectives at exit).
 
 import json
 import math
-from pathlib import Path
+import sys
 
 import pytest
 import torch
 from datasets import Dataset
 
-from tests._helpers import accelerate_two_processes, cpu_args
+from tests._helpers import accelerate_two_processes, cpu_args, run_launcher
 from tests.distributed.zero3_trainers import RA_DPO_ROWS, VAR_ROWS, VCB_ROWS
+from trl_rewardweighted.packaged import recipes_root
 
-ROOT = Path(__file__).parent.parent
+RECIPES_ROOT = recipes_root()
 TIMEOUT = 300
 RECIPES = {
-    "var": ("recipes/var/smollm2-135m/config_full.yaml", VAR_ROWS),
-    "vcb": ("recipes/vcb/smollm2-135m/config_full.yaml", VCB_ROWS),
-    "reward_augmented_dpo": ("recipes/reward_augmented_dpo/smollm2-135m/config_full.yaml", RA_DPO_ROWS),
-}
-QUICKSTART = {
-    "var": "recipes/quickstart/var.yaml",
-    "vcb": "recipes/quickstart/vcb.yaml",
-    "reward_augmented_dpo": "recipes/quickstart/reward_augmented_dpo.yaml",
+    "var": ("var/smollm2-135m/config_full.yaml", VAR_ROWS),
+    "vcb": ("vcb/smollm2-135m/config_full.yaml", VCB_ROWS),
+    "reward_augmented_dpo": ("reward_augmented_dpo/smollm2-135m/config_full.yaml", RA_DPO_ROWS),
 }
 # The recipe's own `save_strategy` stays (steps in the smollm2-135m recipes: the run ends with a checkpoint save, with
 # collectives at exit; "no" in the quickstart ones: the final `save_model` alone must write the model).
@@ -50,7 +46,7 @@ def launch_script(method, model_path, tmp_path, extra=()):
     Dataset.from_dict(rows).to_json(data)
     out = tmp_path / f"{method}-out"
     log = accelerate_two_processes(
-        "-m", f"trl_rewardweighted.scripts.{method}", "--config", ROOT / recipe,
+        "-m", f"trl_rewardweighted.scripts.{method}", "--config", RECIPES_ROOT / recipe,
         "--model_name_or_path", model_path, "--dataset_name", data, "--dtype", "float32",
         "--output_dir", out, "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--eval_strategy", "no", "--do_eval", "false", "--push_to_hub", "false", "--max_length", "256",
@@ -87,19 +83,23 @@ def logged_losses(log):
 
 def quickstart_rows(method):
     name = {"var": "rows", "vcb": "groups", "reward_augmented_dpo": "pairs"}[method]
-    path = ROOT / "recipes" / "quickstart" / "data" / name
+    path = RECIPES_ROOT / "quickstart" / "data" / name
     return [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["var", "vcb", "reward_augmented_dpo"])
 def test_quickstart_recipe_two_processes(tiny_model_path, tmp_path, method):
-    """The quickstart recipe as it is (its own data, epochs, batch size, `save_strategy: "no"`), on the tiny model."""
+    """The quickstart recipe as it is (its own data, epochs, batch size, `save_strategy: "no"`), on the tiny model, by
+    name from another folder, `trl-rw train --num-processes 2` starting `accelerate launch` itself."""
     out = tmp_path / "out"
-    log = accelerate_two_processes(
-        "-m", f"trl_rewardweighted.scripts.{method}", "--config", QUICKSTART[method],
-        "--model_name_or_path", tiny_model_path, "--output_dir", out, "--disable_tqdm", "true", *QUICKSTART_FLAGS,
-        timeout=TIMEOUT, cwd=ROOT,
+    log = run_launcher(
+        [
+            sys.executable, "-m", "trl_rewardweighted.cli", "train", method, "--config", f"quickstart/{method}",
+            "--num-processes", "2", "--model_name_or_path", tiny_model_path, "--output_dir", out,
+            "--disable_tqdm", "true", *QUICKSTART_FLAGS,
+        ],
+        {"ACCELERATE_USE_CPU": "1"}, TIMEOUT, cwd=tmp_path,
     )  # fmt: skip
     assert f"Model saved to {out}" in log
     # save_strategy "no": no checkpoint folder, the final `trainer.save_model` wrote the model.

@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(subparsers)
     _add_train_parser(subparsers)
     _add_check_recipe_parser(subparsers)
+    _add_recipes_parser(subparsers)
     _add_eval_parser(subparsers)
     _add_compare_parser(subparsers)
     _add_iterate_parser(subparsers)
@@ -280,8 +281,25 @@ def _add_train_parser(subparsers) -> None:
         "train",
         help="train with a recipe (same as `python -m trl_rewardweighted.scripts.<method>`)",
         description="Train VAR, VCB, reward-augmented DPO or online VAR. Everything after the method is parsed by the "
-        "method's launch script: `--config RECIPE.yaml` plus any config field as `--field value` (strict: unknown "
-        "keys fail). For several processes use `accelerate launch -m trl_rewardweighted.scripts.<method> ...`.",
+        "method's launch script: `--config RECIPE` (a YAML file, or a packaged recipe by name: `trl-rw recipes list`) "
+        "plus any config field as `--field value` (strict: unknown keys fail). With --accelerate-config and/or "
+        "--num-processes (before or after the method) it starts `accelerate launch` itself, as `trl sft "
+        "--accelerate_config` does; without them it trains in this process.",
+    )
+    p.add_argument(
+        "--accelerate-config",
+        default=None,
+        metavar="NAME|PATH",
+        help="launch under `accelerate launch` with this config: a path, or a name (this package's own first, e.g. "
+        "multi_node_zero3, then TRL's: single_gpu, multi_gpu, zero1, zero2, zero3, fsdp1, fsdp2)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="launch N processes under `accelerate launch` (overrides the config's num_processes; without a config, N "
+        "data-parallel processes: ACCELERATE_USE_CPU=1 on a machine without GPUs)",
     )
     from trl_rewardweighted.methods import DEPRECATED_NAMES
     from trl_rewardweighted.scripts.train import LAUNCH_METHODS
@@ -292,14 +310,24 @@ def _add_train_parser(subparsers) -> None:
         choices=[*LAUNCH_METHODS, *(old for old, new in DEPRECATED_NAMES.items() if new in LAUNCH_METHODS)],
         metavar="{" + ",".join(LAUNCH_METHODS) + "}",
     )
-    p.add_argument("script_args", nargs=argparse.REMAINDER, help="--config RECIPE.yaml and config overrides")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="--config RECIPE and config overrides")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> None:
+    from trl_rewardweighted.launch import LaunchError, run_launched
+    from trl_rewardweighted.scripts.train import launch_train_command, split_launch_options
     from trl_rewardweighted.scripts.train import main as train_main
 
-    train_main(args.method, args.script_args)
+    config, processes, script_args = split_launch_options(args.script_args, args.accelerate_config, args.num_processes)
+    if config is None and processes is None:
+        train_main(args.method, script_args)
+        return
+    try:
+        run_launched(launch_train_command(args.method, script_args, config, processes))
+    except LaunchError as err:  # the ranks have printed their errors above
+        print(f"trl-rw train: error: {err}", file=sys.stderr)
+        raise SystemExit(err.returncode) from None
 
 
 def _add_check_recipe_parser(subparsers) -> None:
@@ -321,6 +349,65 @@ def _cmd_check_recipe(args) -> None:
 
     if check_recipes(args.paths, args.method):
         raise SystemExit(1)
+
+
+def _add_recipes_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "recipes",
+        help="list, copy or locate the packaged recipes and accelerate configs",
+        description="`list`: the packaged recipes by name (method, model) and the accelerate configs by name (this "
+        "package's and TRL's). `copy NAME DIR`: copy a packaged recipe or folder, with the files it reads, under DIR "
+        "at its path in the recipes folder (so that the copy runs from DIR). `path NAME`: print the file of a "
+        "packaged recipe or folder, an accelerate config name, or launch.slurm.",
+    )
+    p.add_argument("action", choices=["list", "copy", "path"])
+    p.add_argument("names", nargs="*", metavar="NAME", help="copy: NAME DIR; path: NAME")
+    _add_overwrite_arg(p)
+    p.set_defaults(func=_cmd_recipes)
+
+
+def _cmd_recipes(args) -> None:
+    from trl_rewardweighted import launch, packaged
+
+    expected = {"list": 0, "copy": 2, "path": 1}[args.action]
+    if len(args.names) != expected:
+        usage = {"list": "no NAME", "copy": "NAME DIR", "path": "one NAME"}[args.action]
+        raise ValueError(f"recipes {args.action} takes {usage}, got {len(args.names)}: {' '.join(args.names)}")
+    if args.action != "copy" and args.overwrite:
+        raise ValueError(f"--overwrite has no effect with recipes {args.action}.")
+    if args.action == "copy":
+        name, dest = args.names
+        for path in packaged.copy_recipe(name, dest, overwrite=args.overwrite):
+            print(path)
+    elif args.action == "path":
+        (name,) = args.names
+        configs = launch.accelerate_config_names()
+        found = packaged.find_recipe(name)
+        if name == launch.SLURM_SCRIPT:
+            print(launch.slurm_script())
+        elif Path(name).is_file() or found is not None:
+            print(name if Path(name).is_file() else found)  # a file as it is: scripts pass a config path or name
+        elif name in configs:
+            print(configs[name])
+        else:
+            raise FileNotFoundError(
+                f"recipes path {name}: no such file, and not a packaged recipe or folder (`trl-rw recipes list`), an "
+                f"accelerate config ({', '.join(configs)}) or {launch.SLURM_SCRIPT}."
+            )
+    else:
+        from trl_rewardweighted.scripts.check_recipe import method_from_path
+
+        names = packaged.recipe_names()
+        width = max(map(len, names)) + 2
+        print("Recipes (trl-rw train METHOD --config NAME; trl-rw check-recipe NAME; trl-rw recipes copy NAME DIR):")
+        for name in names:
+            path = packaged.find_recipe(name)
+            model = packaged.recipe_model(path) or "-"
+            print(f"  {name:<{width}}{method_from_path(path):<22}{model}")
+        print("Accelerate configs (trl-rw train ... --accelerate-config NAME, or a path):")
+        for name, (package, _) in launch.accelerate_config_table().items():
+            print(f"  {name:<{width}}{package}")
+        print(f"SLURM script for several nodes: trl-rw recipes path {launch.SLURM_SCRIPT}")
 
 
 def _add_eval_parser(subparsers) -> None:

@@ -17,11 +17,15 @@ from importlib import resources
 from pathlib import Path
 
 __all__ = [
+    "LaunchError",
     "PACKAGES_WITH_CONFIGS",
+    "SLURM_SCRIPT",
     "accelerate_config_names",
+    "accelerate_config_table",
     "launch_command",
     "resolve_accelerate_config",
     "run_launched",
+    "slurm_script",
 ]
 
 # Where named configs are looked up, in order: this package's own, then TRL's.
@@ -35,18 +39,32 @@ def _config_folder(package: str):
         return None
 
 
-def accelerate_config_names() -> dict[str, str]:
-    """The accelerate configs that can be given by name: `{name: path}`, this package's own first (a name in both
-    resolves to this package's)."""
-    names: dict[str, str] = {}
+def accelerate_config_table() -> dict[str, tuple[str, str]]:
+    """The accelerate configs that can be given by name: `{name: (package, path)}`, this package's own first (a name
+    in both resolves to this package's)."""
+    table: dict[str, tuple[str, str]] = {}
     for package in PACKAGES_WITH_CONFIGS:
         folder = _config_folder(package)
         if folder is None:
             continue
         for entry in sorted(folder.iterdir(), key=lambda e: e.name):
             if entry.name.endswith(".yaml"):
-                names.setdefault(entry.name.removesuffix(".yaml"), str(entry))
-    return names
+                table.setdefault(entry.name.removesuffix(".yaml"), (package.split(".")[0], str(entry)))
+    return table
+
+
+def accelerate_config_names() -> dict[str, str]:
+    """The accelerate configs that can be given by name: `{name: path}` (see [`accelerate_config_table`])."""
+    return {name: path for name, (_, path) in accelerate_config_table().items()}
+
+
+# This package's multi-node SLURM script, next to its own accelerate configs.
+SLURM_SCRIPT = "launch.slurm"
+
+
+def slurm_script() -> str:
+    """The path of this package's SLURM script (`trl-rw recipes path launch.slurm`)."""
+    return str(_config_folder(PACKAGES_WITH_CONFIGS[0]) / SLURM_SCRIPT)
 
 
 def resolve_accelerate_config(value: str | os.PathLike, option: str = "--accelerate-config") -> str:
@@ -110,10 +128,19 @@ def launch_command(
     return cmd + ["-m", *[str(a) for a in module_args]]
 
 
+class LaunchError(RuntimeError):
+    """A launched command failed; `returncode` is its exit status."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+
 def run_launched(cmd: Sequence[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> None:
-    """Run a launch command in the foreground, its output passed through; raise `RuntimeError` naming the command
-    when it fails (the launcher has already printed each rank's error)."""
+    """Run a launch command in the foreground, its output passed through; raise [`LaunchError`] (a `RuntimeError`)
+    naming the command and its exit status when it fails (the launcher has already printed each rank's error)."""
     merged = dict(os.environ, **(env or {}))
     result = subprocess.run([str(a) for a in cmd], env=merged, cwd=cwd)
     if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(str(a) for a in cmd)}` exited with code {result.returncode}.")
+        command = " ".join(str(a) for a in cmd)
+        raise LaunchError(f"`{command}` exited with code {result.returncode}.", result.returncode)

@@ -584,23 +584,27 @@ def _build_configs(report: RecipeReport, config: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _expand(paths: list[str]) -> list[tuple[str, Path]]:
-    """`(label, path)` of every recipe the arguments name: a file; a folder's `*.yaml` / `*.yml`; a packaged recipe or
-    folder by name (labelled by its name). A value that is none of these is kept, to be reported."""
-    from trl_rewardweighted.packaged import find_recipe, recipe_files, recipes_root
+def _expand(paths: list[str]) -> list[tuple[str, Path, str | None]]:
+    """`(label, path, problem)` for every recipe the arguments name: a file; a folder's `*.yaml` / `*.yml`; a packaged
+    recipe or folder by name (labelled by its name). A value that is none of these (or an ambiguous name) gets the
+    problem to report."""
+    from trl_rewardweighted.packaged import recipes_root, resolve_recipe
 
     out = []
     for text in map(str, paths):
         p = Path(text)
-        packaged = None if p.exists() else find_recipe(text)
-        if packaged is not None:
-            root = recipes_root()
-            out += [(f.relative_to(root).with_suffix("").as_posix(), f) for f in recipe_files(packaged)]
-        elif p.is_dir():
+        if p.is_dir():
             found = sorted([*p.rglob("*.yaml"), *p.rglob("*.yml")])
-            out += [(str(f), f) for f in found] or [(text, p)]  # an empty folder is reported as a problem below
+            out += [(str(f), f, None) for f in found] or [(text, p, "no *.yaml recipe in this folder")]
+        elif p.exists():
+            out.append((text, p, None))
         else:
-            out.append((text, p))
+            try:
+                files = resolve_recipe(text, option="", folders=True)
+            except FileNotFoundError as err:
+                out.append((text, p, str(err).removeprefix(f" {text}: ")))
+                continue
+            out += [(f.relative_to(recipes_root()).with_suffix("").as_posix(), f, None) for f in files]
     return out
 
 
@@ -612,13 +616,9 @@ def check_recipes(paths: list[str], method: str | None = None, out=None, err=Non
     err = err or sys.stderr
     failed = 0
     files = _expand(paths)
-    for label, path in files:
-        if path.is_dir():
-            report = RecipeReport(label, problems=["no *.yaml recipe in this folder"])
-        elif not path.exists():
-            report = RecipeReport(
-                label, problems=["file not found, and not the name of a packaged recipe (`trl-rw recipes list`)"]
-            )
+    for label, path, problem in files:
+        if problem is not None:
+            report = RecipeReport(label, problems=[problem])
         else:
             report = check_recipe(path, method)
             report.path = label

@@ -245,6 +245,83 @@ def resolve_config_argument(argv: list[str]) -> list[str]:
     return args
 
 
+LAUNCH_OPTIONS = {
+    "accelerate_config": ("--accelerate-config", "--accelerate_config"),
+    "num_processes": ("--num-processes", "--num_processes"),
+}
+
+
+def split_launch_options(argv: list[str], accelerate_config: str | None = None, num_processes: int | None = None):
+    """Take `--accelerate-config NAME|PATH` and `--num-processes N` (also spelled with underscores, as `trl dpo
+    --accelerate_config` spells it) out of a `trl-rw train` command line.
+
+    Args:
+        argv (`list[str]`):
+            The arguments after the method: `--config RECIPE` and config overrides, the launch options among them.
+        accelerate_config (`str`, *optional*), num_processes (`int`, *optional*):
+            The same options given before the method; giving one in both places is refused.
+
+    Returns:
+        `tuple[str | None, int | None, list[str]]`: the accelerate config, the number of processes and the remaining
+        arguments (for the launch script's parser).
+    """
+    found = {"accelerate_config": accelerate_config, "num_processes": num_processes}
+    rest = []
+    args = [str(a) for a in argv]
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key = next(
+            (k for k, flags in LAUNCH_OPTIONS.items() for f in flags if arg == f or arg.startswith(f + "=")), None
+        )
+        if key is None:
+            rest.append(arg)
+            i += 1
+            continue
+        flag = LAUNCH_OPTIONS[key][0]
+        if "=" in arg:
+            value, i = arg.partition("=")[2], i + 1
+        elif i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        else:
+            raise ValueError(f"{flag} needs a value.")
+        if found[key] is not None:
+            raise ValueError(f"{flag} is given twice.")
+        if key == "num_processes":
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"{flag} expects an integer number of processes, got {value!r}.") from None
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}.")
+        found[key] = value
+    return found["accelerate_config"], found["num_processes"], rest
+
+
+def launch_train_command(
+    method: str, argv: list[str], accelerate_config: str | None = None, num_processes: int | None = None
+) -> list[str]:
+    """The `accelerate launch` command line that runs `method`'s launch script (`trl_rewardweighted.scripts.<method>`)
+    on `argv`, its `--config` resolved first (a packaged name becomes its path, see [`resolve_config_argument`]), so
+    that a missing recipe or config fails before anything starts.
+
+    Args:
+        method (`str`): a launch method (`LAUNCH_METHODS`; a deprecated name warns and resolves).
+        argv (`list[str]`): `--config RECIPE` and config overrides.
+        accelerate_config (`str`, *optional*): an accelerate config path or name
+            ([`trl_rewardweighted.launch.resolve_accelerate_config`]).
+        num_processes (`int`, *optional*): the number of processes (overrides the config's).
+
+    Returns:
+        `list[str]`: the command, for [`trl_rewardweighted.launch.run_launched`].
+    """
+    from trl_rewardweighted.launch import launch_command
+
+    spec = _method(method)
+    module = f"trl_rewardweighted.scripts.{spec.name}"
+    return launch_command([module, *resolve_config_argument(argv)], accelerate_config, num_processes)
+
+
 def main(method: str, argv: list[str] | None = None):
     """Parse a recipe and the command line (`argv`, default `sys.argv[1:]`) for `method`, train, save the model.
     `--config` is a recipe file or a packaged recipe's name (see [`resolve_config_argument`])."""
