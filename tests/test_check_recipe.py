@@ -169,7 +169,7 @@ def test_renamed_key_names_the_current_field(tmp_path, base, extra, drop, messag
 def test_rename_table_against_installed_dataclasses():
     """Every old key is absent from the parsers (`dataset_text_field` only from the DPO-based ones) and every current
     field exists in at least one method's parser."""
-    fields = {m: set(cr._method_fields(m)) for m in ("var", "vcb", "reward_augmented_dpo")}
+    fields = {m: set(cr.recipe_fields(m)) for m in ("var", "vcb", "reward_augmented_dpo")}
     everywhere = set.union(*fields.values())
     for old, rename in cr.RENAMED_KEYS.items():
         if old == "dataset_text_field":
@@ -316,7 +316,10 @@ def test_missing_file_and_exit_codes(tmp_path, capsys):
     bad = _recipe(tmp_path, VAR_BASE, "betta: 0.5\n")
     assert cr.check_recipes([str(VAR_BASE)]) == 0
     assert cr.check_recipes([str(VAR_BASE), str(tmp_path / "missing.yaml")]) == 1
-    assert f"{tmp_path / 'missing.yaml'}: error: no such file, and not the name of a packaged recipe" in capsys.readouterr().err
+    assert (
+        f"{tmp_path / 'missing.yaml'}: error: no such file, and not the name of a packaged recipe"
+        in capsys.readouterr().err
+    )
     assert cli_main(["check-recipe", str(VAR_BASE)]) == 0
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["check-recipe", str(VAR_BASE), str(bad)])
@@ -364,3 +367,296 @@ def test_deprecated_method_name_warns_and_checks(recwarn):
     assert cr.check_recipe(RA_BASE, "sft").problems == [
         "unknown method 'sft'; choose one of var, vcb, reward_augmented_dpo, online_var, iterate"
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# check-recipe --fix: Alignment-Handbook-shaped recipes (written here from the keys those recipes use)
+# ----------------------------------------------------------------------------------------------------------------------
+
+ZEPHYR_DPO = """\
+# Model arguments
+model_name_or_path: alignment-handbook/zephyr-7b-sft-full
+torch_dtype: bfloat16
+use_flash_attention_2: true
+
+# Data training arguments
+dataset_mixer:
+  HuggingFaceH4/ultrafeedback_binarized: 1.0
+dataset_splits:
+- train_prefs
+- test_prefs
+preprocessing_num_workers: 12
+
+# Trainer arguments
+bf16: true
+beta: 0.01
+evaluation_strategy: steps   # every eval_steps
+eval_steps: 100
+gradient_checkpointing: true
+learning_rate: 5.0e-7
+max_length: 1024
+max_prompt_length: 512
+output_dir: data/zephyr-7b-dpo-full
+warmup_ratio: 0.1
+overwrite_output_dir: true
+"""
+
+ZEPHYR_DPO_FIXED = """\
+# Model arguments
+model_name_or_path: alignment-handbook/zephyr-7b-sft-full
+# check-recipe --fix: `torch_dtype` -> `dtype` (same values: auto, bfloat16, float16, float32)
+dtype: bfloat16
+# check-recipe --fix: `use_flash_attention_2: true` -> `attn_implementation` (transformers 5 selects the attention \
+kernel by name)
+attn_implementation: flash_attention_2
+
+# Data training arguments
+# check-recipe --fix: `dataset_mixer: {HuggingFaceH4/ultrafeedback_binarized: 1.0}` -> `dataset_name` (one dataset, \
+all of its rows)
+dataset_name: HuggingFaceH4/ultrafeedback_binarized
+# check-recipe --fix: `dataset_splits: [train_prefs, test_prefs]` -> `dataset_train_split`, `dataset_test_split` (the \
+split whose name holds train / test, as the handbook read them)
+dataset_train_split: train_prefs
+dataset_test_split: test_prefs
+# check-recipe --fix: `preprocessing_num_workers` -> `dataset_num_proc` (same meaning)
+dataset_num_proc: 12
+
+# Trainer arguments
+bf16: true
+beta: 0.01
+# check-recipe --fix: `evaluation_strategy` -> `eval_strategy` (same values: no, steps, epoch (quote "no"))
+eval_strategy: steps   # every eval_steps
+eval_steps: 100
+# check-recipe --fix: `gradient_checkpointing` -> `activation_checkpointing` (deprecated name)
+activation_checkpointing: true
+learning_rate: 5.0e-7
+max_length: 1024
+# check-recipe --fix: removed `max_prompt_length`: TRL 1.x DPO truncates prompt and completion together to \
+`max_length` (`truncation_mode: keep_start`) and has no separate prompt limit: remove the key (shorten overlong prompts \
+in the data if needed)
+# max_prompt_length: 512
+output_dir: data/zephyr-7b-dpo-full
+# check-recipe --fix: `warmup_ratio` -> `warmup_steps` (a float in [0, 1) is a ratio of the total steps: \
+`warmup_steps: 0.1`)
+warmup_steps: 0.1
+# check-recipe --fix: removed `overwrite_output_dir`: removed in transformers 5 (the Trainer writes into `output_dir` \
+either way)
+# overwrite_output_dir: true
+"""
+
+# Zephyr SFT: an inline chat template, and a packing strategy TRL no longer has.
+ZEPHYR_SFT = """\
+model_name_or_path: mistralai/Mistral-7B-v0.1
+torch_dtype: bfloat16
+chat_template: "{% for message in messages %}\\n{{ message['content'] }}{% endfor %}"
+dataset_mixer:
+  HuggingFaceH4/ultrachat_200k: 1.0
+dataset_splits: [train_sft, test_sft]
+max_seq_length: 2048
+packing: true
+packing_strategy: ffd
+warmup_ratio: 0.1
+"""
+
+# SmolLM2 DPO (the newer handbook): a dataset_mixture block, older length and warmup keys.
+SMOLLM2_DPO = """\
+model_name_or_path: HuggingFaceTB/SmolLM2-1.7B-Instruct
+torch_dtype: bfloat16
+attn_implementation: sdpa
+dataset_mixture:
+  datasets:
+    - id: HuggingFaceH4/ultrafeedback_binarized
+      split: train_prefs
+      columns: [prompt, chosen, rejected, score_chosen, score_rejected]
+      weight: 1.0
+  seed: 0
+  test_split_size: 0.01
+beta: 0.05
+max_length: 1536
+max_prompt_length: 1024
+max_completion_length: 512
+warmup_ratio: 0.1
+rpo_alpha: 0.5
+logging_dir: runs/smollm2
+"""
+
+# SmolLM3 SFT: a dataset_mixture block, packing (the one strategy VAR takes: whole rows), max_seq_length.
+SMOLLM3_SFT = """\
+model_name_or_path: HuggingFaceTB/SmolLM3-3B-Base
+torch_dtype: bfloat16
+dataset_mixture:
+  datasets:
+    - id: HuggingFaceTB/smoltalk2
+      config: SFT
+      split: train
+      weight: 0.5
+  seed: 0
+eos_token: <|im_end|>
+packing: true
+packing_strategy: bfd
+max_seq_length: 8192
+use_liger_kernel: true
+"""
+
+# Constitutional AI SFT: several datasets in the old mixer, an inline template, the system-message option.
+CAI_SFT = """\
+model_name_or_path: mistralai/Mistral-7B-v0.1
+torch_dtype: bfloat16
+chat_template: "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+dataset_mixer:
+  HuggingFaceH4/cai-conversation-harmless: 1.0
+  HuggingFaceH4/ultrachat_200k: 1.0
+dataset_splits: [train_sft, test_sft]
+auto_insert_empty_system_msg: true
+evaluation_strategy: epoch
+"""
+
+
+def _handbook(tmp_path, kind: str, text: str) -> Path:
+    path = tmp_path / "recipes" / kind / "handbook.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _fix(argv, capsys) -> tuple[int, str, str]:
+    from trl_rewardweighted.cli import main as cli_main
+
+    capsys.readouterr()
+    try:
+        code = cli_main(["check-recipe", *map(str, argv)])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fix_migrates_a_zephyr_dpo_recipe_in_its_own_text(tmp_path, capsys):
+    path = _handbook(tmp_path, "reward_augmented_dpo", ZEPHYR_DPO)
+    out = tmp_path / "fixed" / "zephyr.yaml"
+    code, stdout, err = _fix([path, "--fix", out], capsys)
+    assert (code, err) == (0, "")
+    assert out.read_text() == ZEPHYR_DPO_FIXED
+    assert f"check-recipe --fix: 10 key(s) migrated, written to {out}" in stdout
+    assert f"{out}: ok (reward_augmented_dpo, alignment-handbook/zephyr-7b-sft-full, " in stdout
+    report = cr.check_recipe(out, "reward_augmented_dpo")
+    assert report.ok and not any("deprecated" in n for n in report.notes)
+
+
+def test_fix_migrates_smollm2_and_smollm3_style_recipes(tmp_path, capsys):
+    path = _handbook(tmp_path, "reward_augmented_dpo", SMOLLM2_DPO)
+    code, _, err = _fix([path, "--fix", tmp_path / "smollm2.yaml"], capsys)
+    assert (code, err) == (0, "")
+    fixed = yaml.safe_load((tmp_path / "smollm2.yaml").read_text())
+    assert fixed == {
+        "model_name_or_path": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        "dtype": "bfloat16",
+        "attn_implementation": "sdpa",
+        "dataset_mixture": yaml.safe_load(SMOLLM2_DPO)["dataset_mixture"],
+        "beta": 0.05,
+        "max_length": 1536,
+        "warmup_steps": 0.1,
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [1.0, 0.5],
+        "env": {"TENSORBOARD_LOGGING_DIR": "runs/smollm2"},
+    }
+    assert cr.check_recipe(tmp_path / "smollm2.yaml", "reward_augmented_dpo").ok
+    path = _handbook(tmp_path, "var", SMOLLM3_SFT)
+    code, _, err = _fix([path, "--fix", tmp_path / "smollm3.yaml"], capsys)
+    assert (code, err) == (0, "")
+    fixed = yaml.safe_load((tmp_path / "smollm3.yaml").read_text())
+    assert (fixed["dtype"], fixed["max_length"], fixed["packing_strategy"]) == ("bfloat16", 8192, "bfd")
+    assert "torch_dtype" not in fixed and "max_seq_length" not in fixed
+
+
+@pytest.mark.parametrize(
+    "kind, text, problems",
+    [
+        (
+            "var",
+            ZEPHYR_SFT,
+            [
+                "`chat_template` is an inline Jinja template, and TRL 1.16 takes a file: save it to a .jinja file and "
+                "set `chat_template_path` to it",
+                "`packing_strategy`: invalid choice: 'ffd' (choose from 'bfd', 'bfd_split', 'wrapped')",
+            ],
+        ),
+        (
+            "var",
+            CAI_SFT,
+            [
+                "`chat_template` is an inline Jinja template, and TRL 1.16 takes a file: save it to a .jinja file and "
+                "set `chat_template_path` to it",
+                "`dataset_mixer` mixes several datasets, and the handbook took each one's test split whole, which the "
+                "`dataset_mixture:` block (`datasets: [{id, config, split, columns, weight}], seed, test_split_size`) "
+                "does not express: write that block, choosing the test set",
+            ],
+        ),
+        (
+            "var",
+            SMOLLM3_SFT.replace("packing_strategy: bfd", "packing_strategy: wrapped"),
+            [
+                "invalid value: VARConfig.packing_strategy='wrapped' is not supported: VAR packs whole rows only "
+                "('bfd'): 'bfd_split' and 'wrapped' cut rows into pieces across packs, and a piece of a completion has "
+                "no reward or weight of its own. Leave `packing_strategy` at its default ('bfd')."
+            ],
+        ),
+        (
+            "reward_augmented_dpo",
+            "model_name_or_path: m\nchat_template: '{{ x }}'\nwarmup_ratio: 0.1\nwarmup_steps: 10\nbetta: 1\n",
+            [
+                "`chat_template` is an inline Jinja template, and TRL 1.16 takes a file: this method's config takes "
+                "no template: set it as the tokenizer's `chat_template`, save the tokenizer with the model and point "
+                "`model_name_or_path` at that folder",
+                "`warmup_ratio` becomes `warmup_steps`, which the recipe sets too: keep one of them",
+                "unknown key `betta`: did you mean `beta`?",
+            ],
+        ),
+    ],
+)
+def test_fix_refuses_to_guess_and_writes_nothing(tmp_path, capsys, kind, text, problems):
+    path = _handbook(tmp_path, kind, text)
+    out = tmp_path / "out.yaml"
+    code, stdout, err = _fix([path, "--fix", out], capsys)
+    assert (code, stdout) == (1, "")
+    assert err.splitlines() == [
+        *(f"{path}: cannot migrate: {p}" for p in problems),
+        f"check-recipe --fix: {len(problems)} problem(s) need a decision; {out} was not written",
+    ]
+    assert not out.exists() and path.read_text() == text
+
+
+def test_fix_options(tmp_path, capsys):
+    path = _handbook(tmp_path, "reward_augmented_dpo", ZEPHYR_DPO)
+    out = tmp_path / "out.yaml"
+    out.write_text("mine\n")
+    code, _, err = _fix([path, "--fix", out], capsys)
+    assert (code, err.strip()) == (
+        2,
+        f"trl-rw check-recipe: error: --fix {out} exists; pass --overwrite to replace it.",
+    )
+    assert out.read_text() == "mine\n"
+    assert _fix([path, "--fix", out, "--overwrite"], capsys)[0] == 0 and out.read_text() == ZEPHYR_DPO_FIXED
+    code, _, err = _fix([path, path, "--fix", out], capsys)
+    assert err.strip() == "trl-rw check-recipe: error: --fix writes one migrated recipe: give one RECIPE, got 2."
+    code, _, err = _fix([path, "--overwrite"], capsys)
+    assert err.strip() == "trl-rw check-recipe: error: --overwrite has no effect without --fix."
+    # a packaged recipe by name, already current: written unchanged
+    code, stdout, _ = _fix(["quickstart/var", "--fix", tmp_path / "qs.yaml"], capsys)
+    assert code == 0 and "check-recipe --fix: 0 key(s) migrated" in stdout
+    assert (tmp_path / "qs.yaml").read_text() == (RECIPES_ROOT / "quickstart/var.yaml").read_text()
+    assert cr.main(["--method", "var", str(path), "--overwrite"]) == 2  # python -m ...check_recipe
+
+
+def test_every_rename_is_migrated_or_refused_by_the_fix_table():
+    from trl_rewardweighted.scripts.fix_recipe import FIXES
+
+    assert set(FIXES) <= set(cr.RENAMED_KEYS)
+    needs_a_decision = set(cr.RENAMED_KEYS) - set(FIXES)
+    assert needs_a_decision == {
+        "push_to_hub_organization",
+        "dispatch_batches",
+        "split_batches",
+        "fsdp_min_num_params",
+        "fsdp_transformer_layer_cls_to_wrap",
+    }

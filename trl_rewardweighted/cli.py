@@ -338,16 +338,17 @@ def _add_check_recipe_parser(subparsers) -> None:
         help="validate recipes without loading a model or data",
         description="Parse each recipe strictly with its method's config, ModelConfig and script arguments (no model "
         "or data is loaded): renamed, misspelled and mistyped keys are reported, one message per problem. Exits 1 "
-        "when any recipe has a problem.",
+        "when any recipe has a problem. With --fix OUT, the recipe's renamed and removed keys are migrated and OUT "
+        "written (or each key that needs a decision named, and nothing written).",
     )
     add_arguments(p)
     p.set_defaults(func=_cmd_check_recipe)
 
 
 def _cmd_check_recipe(args) -> None:
-    from trl_rewardweighted.scripts.check_recipe import check_recipes
+    from trl_rewardweighted.scripts.check_recipe import run
 
-    if check_recipes(args.paths, args.method):
+    if run(args.paths, args.method, args.fix, args.overwrite):
         raise SystemExit(1)
 
 

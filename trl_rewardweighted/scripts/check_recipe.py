@@ -44,7 +44,20 @@ from typing import Any, NamedTuple
 from trl_rewardweighted.methods import DEPRECATED_NAMES, resolve_method_name
 from trl_rewardweighted.scripts.train import LAUNCH_METHODS
 
-__all__ = ["KINDS", "RENAMED_KEYS", "RecipeReport", "check_recipe", "check_recipes", "method_from_path", "main"]
+__all__ = [
+    "KINDS",
+    "RENAMED_KEYS",
+    "RecipeReport",
+    "check_config",
+    "check_recipe",
+    "check_recipes",
+    "load_recipe",
+    "main",
+    "method_from_path",
+    "recipe_fields",
+    "recipe_kind",
+    "run",
+]
 
 # What a recipe can be: a launch script's (a method, also its recipe folder) or `trl-rw iterate`'s.
 KINDS = (*LAUNCH_METHODS, "iterate")
@@ -238,8 +251,9 @@ class RecipeReport:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _kind(name: str) -> str | None:
-    """The kind of a folder or `--method` name (a deprecated method name warns), `None` when it names none."""
+def recipe_kind(name: str) -> str | None:
+    """The kind ([`KINDS`]) of a folder or `--method` name (a deprecated method name warns), `None` when it names
+    none."""
     if name in KINDS:
         return name
     if DEPRECATED_NAMES.get(name) in KINDS:
@@ -257,11 +271,11 @@ def method_from_path(path: str | Path) -> str:
     resolved = Path(path).resolve().with_suffix("").parts
     if "recipes" in resolved:  # only what lies under the last `recipes/` folder
         parts = resolved[len(resolved) - resolved[::-1].index("recipes") :]
-        if parts and _kind(parts[0]):
-            return _kind(parts[0])
+        if parts and recipe_kind(parts[0]):
+            return recipe_kind(parts[0])
     else:
         parts = Path(path).with_suffix("").parts  # as given: a parent folder such as /var says nothing
-    found = {_kind(p) for p in parts} - {None, "iterate"}
+    found = {recipe_kind(p) for p in parts} - {None, "iterate"}
     if len(found) == 1:
         return found.pop()
     named = f" (the path names {sorted(found)})" if found else ""
@@ -296,7 +310,8 @@ def _fields(parser) -> dict[str, tuple[type, dataclasses.Field, Any]]:
 _FIELD_CACHE: dict[str, dict] = {}
 
 
-def _method_fields(method: str) -> dict[str, tuple[type, dataclasses.Field, Any]]:
+def recipe_fields(method: str) -> dict[str, tuple[type, dataclasses.Field, Any]]:
+    """Every field a recipe of kind `method` ([`KINDS`]) takes: name -> (dataclass, field, resolved type)."""
     if method not in _FIELD_CACHE:
         _FIELD_CACHE[method] = _fields(_make_parser(method))
     return _FIELD_CACHE[method]
@@ -365,7 +380,7 @@ def _value_problem(parser, name: str, value, tp) -> str | None:
 def _unknown_key_message(key: str, method: str, fields: dict) -> str:
     label = method
     rename = RENAMED_KEYS.get(key)
-    others = [m for m in sorted(LAUNCH_METHODS) if m != method and key in _method_fields(m)]
+    others = [m for m in sorted(LAUNCH_METHODS) if m != method and key in recipe_fields(m)]
     not_here = f"`{key}` is not an option of {label} recipes (it belongs to {' and '.join(others)})"
     if rename is not None:
         if rename.new is None:
@@ -429,7 +444,9 @@ class _UniqueKeyLoader:
         return Loader
 
 
-def _load_yaml(path: Path) -> tuple[dict | None, str | None]:
+def load_recipe(path: Path) -> tuple[dict | None, str | None]:
+    """`(mapping, None)`, or `(None, problem)` when the file cannot be read, is not YAML, gives a key twice or is not a
+    mapping."""
     import yaml
 
     try:
@@ -495,19 +512,24 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
     path = Path(path)
     report = RecipeReport(str(path))
     try:
-        report.method = method_from_path(path) if method is None else _kind(method)
+        report.method = method_from_path(path) if method is None else recipe_kind(method)
     except ValueError as err:
         report.problems.append(str(err))
         return report
     if report.method is None:
         report.problems.append(f"unknown method {method!r}; choose one of {', '.join(KINDS)}")
         return report
-    config, error = _load_yaml(path)
+    config, error = load_recipe(path)
     if error:
         report.problems.append(error)
         return report
+    return check_config(report, config)
 
-    fields = _method_fields(report.method)
+
+def check_config(report: RecipeReport, config: dict) -> RecipeReport:
+    """Check a recipe's loaded mapping for `report.method` (one message per problem, then the configs are built),
+    filling `report`; see [`check_recipe`]."""
+    fields = recipe_fields(report.method)
     parser = _make_parser(report.method)
     parser.error = _raise_parse_error  # argparse would print usage and exit
     for key, value in config.items():
@@ -629,6 +651,27 @@ def check_recipes(paths: list[str], method: str | None = None, out=None, err=Non
     return 1 if failed else 0
 
 
+def run(paths: list[str], method: str | None = None, fix: str | None = None, overwrite: bool = False) -> int:
+    """`trl-rw check-recipe`: check `paths` ([`check_recipes`]), or with `fix` migrate the one recipe given and write
+    it to `fix` ([`~trl_rewardweighted.scripts.fix_recipe.write_migration`]). Returns the exit code (0 / 1).
+
+    Raises:
+        `ValueError`: `--overwrite` without `--fix`, or `--fix` with several recipes. `FileNotFoundError`: the recipe
+        to migrate is neither a file nor a packaged name. `FileExistsError`: `fix` exists without `overwrite`.
+    """
+    if fix is None:
+        if overwrite:
+            raise ValueError("--overwrite has no effect without --fix.")
+        return check_recipes(paths, method)
+    if len(paths) != 1:
+        raise ValueError(f"--fix writes one migrated recipe: give one RECIPE, got {len(paths)}.")
+    from trl_rewardweighted.packaged import resolve_recipe
+    from trl_rewardweighted.scripts.fix_recipe import write_migration
+
+    (path,) = resolve_recipe(paths[0], option="check-recipe")
+    return write_migration(str(path), fix, method, overwrite)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `check-recipe` arguments (shared by `trl-rw check-recipe` and `python -m ...check_recipe`)."""
     parser.add_argument(
@@ -645,6 +688,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the method of every PATH, or `iterate` (default: read from recipes/<method>/..., iterate for "
         "iterate.yaml / iterate_*.yaml)",
     )
+    parser.add_argument(
+        "--fix",
+        default=None,
+        metavar="OUT",
+        help="migrate the one RECIPE to TRL 1.16 / transformers 5 and write it to OUT: renamed keys renamed, removed "
+        "ones commented out with the reason, values converted where the meaning is the same; where it is not (an "
+        "inline chat template, a value the current field does not take) each key is named and nothing is written",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="with --fix: replace OUT if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,7 +708,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return check_recipes(args.paths, args.method)
+    try:
+        return run(args.paths, args.method, args.fix, args.overwrite)
+    except (ValueError, OSError) as err:
+        print(f"check-recipe: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
