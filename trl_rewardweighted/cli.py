@@ -6,8 +6,11 @@ trl-rw score    --input groups.jsonl --scorer trl_rewardweighted.rewards:vader_p
 trl-rw convert  --input scored.jsonl --to pairs --strategy best_worst --output pairs.jsonl
 trl-rw sample   --model M --prompts prompts.txt --scorer SPEC --output-groups g.jsonl --output-pairs p.jsonl
 accelerate launch --num_processes 8 -m trl_rewardweighted.cli sample ...   # chunks split over 8 processes
-trl-rw train    var --config recipes/var/smollm2-135m/config_full.yaml --dataset_name rows.jsonl
-trl-rw check-recipe recipes/   # every recipe parses strictly; no model or data is loaded
+trl-rw train    var --config var/smollm2-135m/config_full --dataset_name rows.jsonl   # a packaged recipe, or a path
+trl-rw train    var --config R.yaml --accelerate-config zero3 --num-processes 8      # under accelerate launch
+trl-rw check-recipe var quickstart my.yaml   # every recipe parses strictly; no model or data is loaded
+trl-rw check-recipe old.yaml --fix new.yaml  # migrate an alignment-handbook recipe
+trl-rw recipes  list | copy NAME DIR | path NAME   # the packaged recipes and accelerate configs
 trl-rw eval     --model var=out/var --goal-model ra=out/ra --reference M --prompts test.jsonl --reward SPEC \
                 --output-dir eval/
 trl-rw compare  --output-dir compare/   # SFT, DPO, VAR, VCB, reward-augmented DPO side by side (quickstart setup)

@@ -4,7 +4,7 @@ model to the next round.
 
 ```bash
 trl-rw iterate --method var --rounds 3                       # SmolLM2-135M-Instruct, VADER reward, offline, CPU
-trl-rw iterate --config recipes/quickstart/iterate_var.yaml --rounds 4 --output-dir runs/var
+trl-rw iterate --config "$(trl-rw recipes path quickstart/iterate_var)" --rounds 4 --output-dir runs/var
 ```
 
 Round `k` (1-based) of `--rounds`:

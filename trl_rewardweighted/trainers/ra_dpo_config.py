@@ -29,8 +29,9 @@ class RewardAugmentedDPOConfig(RewardAugmentFields, DPOConfig):
     Hyperparameters: the paper trains with β = 0.01, learning rate 5e-7, cosine schedule, warmup ratio 0.1, one epoch,
     effective batch 128, seed 42 (and `label_smoothing=0.3` for Qwen2-7B-It / Gemma-2-9B-It). This config keeps
     DPOConfig's defaults (β = 0.1, lr 1e-6), which are tuned for TRL's examples; the paper's values are in
-    `recipes/reward_augmented_dpo/`. Note that `augment_mode="both"` doubles the number of rows, so an epoch has twice
-    the steps; ratio-based warmup adapts, a fixed `max_steps` does not. `beta` must be > 0.
+    the packaged recipes `reward_augmented_dpo/` (`trl-rw recipes list`). Note that `augment_mode="both"` doubles the
+    number of rows, so an epoch has twice the steps; ratio-based warmup adapts, a fixed `max_steps` does not. `beta`
+    must be > 0.
 
     Length: the goal text is part of the prompt, so it counts against `max_length` (the default goal text is about
     45-50 tokens with common BPE tokenizers). Rows whose prompt fills `max_length` are dropped by DPO; the trainer
