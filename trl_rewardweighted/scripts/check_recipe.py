@@ -52,6 +52,7 @@ __all__ = [
     "check_recipe",
     "check_recipes",
     "load_recipe",
+    "read_recipe",
     "main",
     "method_from_path",
     "recipe_fields",
@@ -509,21 +510,26 @@ def check_recipe(path: str | Path, method: str | None = None) -> RecipeReport:
     '.../recipes/var/smollm2-135m/config_full.yaml: ok (var, HuggingFaceTB/SmolLM2-135M-Instruct, quickstart_output/train_rows.jsonl)\n...'
     ```
     """
-    path = Path(path)
     report = RecipeReport(str(path))
-    try:
-        report.method = method_from_path(path) if method is None else recipe_kind(method)
-    except ValueError as err:
-        report.problems.append(str(err))
-        return report
-    if report.method is None:
-        report.problems.append(f"unknown method {method!r}; choose one of {', '.join(KINDS)}")
-        return report
-    config, error = load_recipe(path)
+    report.method, config, error = read_recipe(path, method)
     if error:
         report.problems.append(error)
         return report
     return check_config(report, config)
+
+
+def read_recipe(path: str | Path, method: str | None = None) -> tuple[str | None, dict | None, str | None]:
+    """`(kind, mapping, None)` for the recipe at `path` (its kind from `method` or the path, see [`method_from_path`]),
+    or `(kind or None, None, problem)` when the kind cannot be told or the file not read as a recipe."""
+    path = Path(path)
+    try:
+        kind = method_from_path(path) if method is None else recipe_kind(method)
+    except ValueError as err:
+        return None, None, str(err)
+    if kind is None:
+        return None, None, f"unknown method {method!r}; choose one of {', '.join(KINDS)}"
+    config, error = load_recipe(path)
+    return kind, config, error
 
 
 def check_config(report: RecipeReport, config: dict) -> RecipeReport:

@@ -32,10 +32,8 @@ from trl_rewardweighted.scripts.check_recipe import (
     RENAMED_KEYS,
     RecipeReport,
     check_config,
-    load_recipe,
-    method_from_path,
+    read_recipe,
     recipe_fields,
-    recipe_kind,
 )
 
 __all__ = ["FIXES", "Migration", "migrate_recipe", "write_migration"]
@@ -332,14 +330,9 @@ def migrate_recipe(path: str | Path, method: str | None = None) -> Migration:
     """
     path = Path(path)
     result = Migration(str(path))
-    try:
-        result.method = method_from_path(path) if method is None else recipe_kind(method)
-    except ValueError as err:
-        result.refused.append(str(err))
-        return result
-    config, error = load_recipe(path)
-    if error or result.method is None:
-        result.refused.append(error or f"unknown method {method!r}")
+    result.method, config, error = read_recipe(path, method)
+    if error:
+        result.refused.append(error)
         return result
     fields = recipe_fields(result.method)
     text = path.read_text()
