@@ -171,7 +171,7 @@ def test_iterate_recipe_overrides_and_unknown_keys(tmp_path, capsys):
 def test_shipped_iterate_recipe(capsys):
     from trl_rewardweighted.scripts.check_recipe import check_recipe
 
-    recipe = ROOT / "recipes" / "quickstart" / "iterate_var.yaml"
+    recipe = ROOT / "trl_rewardweighted" / "recipes" / "quickstart" / "iterate_var.yaml"
     assert cli_main(["iterate", "--config", str(recipe), "--check"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["method"] == "var" and shown["model"] == "smollm2" and shown["rounds"] == 2

@@ -23,7 +23,7 @@ from trl_rewardweighted.model_utils import sequence_logps
 from trl_rewardweighted.sampling import generate_with_goal
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes" / "reward_augmented_dpo"
+RECIPES = ROOT / "trl_rewardweighted" / "recipes" / "reward_augmented_dpo"
 PRECOMPUTE_SCRIPT = ROOT / "tests" / "distributed" / "ra_dpo_precompute.py"
 
 
