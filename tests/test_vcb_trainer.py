@@ -654,7 +654,7 @@ def test_recipes_use_current_field_names():
     from trl import ModelConfig, ScriptArguments
 
     allowed = {f.name for cls in (VCBConfig, ModelConfig, ScriptArguments) for f in dataclasses.fields(cls)}
-    recipes = sorted((Path(__file__).parents[1] / "recipes" / "vcb").glob("*/config_*.yaml"))
+    recipes = sorted((Path(__file__).parents[1] / "trl_rewardweighted" / "recipes" / "vcb").glob("*/config_*.yaml"))
     assert {p.name for p in recipes} >= {"config_full.yaml", "config_qlora.yaml"}
     for path in recipes:
         config = yaml.safe_load(path.read_text())
