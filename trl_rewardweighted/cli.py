@@ -366,7 +366,7 @@ def _add_recipes_parser(subparsers) -> None:
     )
     p.add_argument("action", choices=["list", "copy", "path"])
     p.add_argument("names", nargs="*", metavar="NAME", help="copy: NAME DIR; path: NAME")
-    _add_overwrite_arg(p)
+    p.add_argument("--overwrite", action="store_true", help="copy: replace files that exist in DIR (default: refuse)")
     p.set_defaults(func=_cmd_recipes)
 
 
