@@ -178,3 +178,39 @@ def torchrun_deepspeed(*script_and_args, nproc=1, timeout=300, cwd=None):
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc, *script_and_args]
     return run_launcher(cmd, {"DS_ACCELERATOR": "cpu"}, timeout, cwd)
+
+
+def stand_in_vllm(monkeypatch, tokenizer):
+    """Install a stand-in `vllm` module (the real one needs a CUDA GPU and is not installed here) that records its calls.
+
+    Reply `j` of a request with seed `s` is the text `s<s>-<j>`, returned as vLLM returns a sample: its token ids, EOS
+    included. Returns `(engines, requests)`: the `vllm.LLM` arguments of every engine built and the `SamplingParams`
+    arguments of every request, in order.
+    """
+    import importlib.machinery
+    import sys
+    import types
+
+    engines, requests = [], []
+
+    def sampled(text):
+        return types.SimpleNamespace(token_ids=tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+
+    class LLM:
+        def __init__(self, **kwargs):
+            engines.append(kwargs)
+
+        def generate(self, prompts, sampling, use_tqdm=True):
+            requests.extend(p.kwargs for p in sampling)
+            return [types.SimpleNamespace(outputs=[sampled(f"s{p.kwargs['seed']}-{j}") for j in range(p.kwargs["n"])])
+                    for p in sampling]  # fmt: skip
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return engines, requests

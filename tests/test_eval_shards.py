@@ -7,12 +7,11 @@ tests/distributed/eval_shards.py once and compares its reports with a one-proces
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests._helpers import accelerate_two_processes
+from tests._helpers import accelerate_two_processes, stand_in_vllm
 from trl_rewardweighted import cli, shards
 from trl_rewardweighted.evaluation import REFERENCE, EvalConfig, ModelSpec, evaluate_models
 from trl_rewardweighted.sampling import generate_completions
@@ -155,34 +154,9 @@ def test_vllm_backend_builds_one_engine_per_model_and_seeds_by_prompt(
     """`--backend vllm` (a stand-in module: vLLM needs a CUDA GPU): an engine per row, built from the model path and
     shut down before the next; prompt i is sampled with seed + i whatever its chunk; the rewards and log-probs of
     every row are computed afterwards, with transformers, on the ids vLLM sampled."""
-    import importlib.machinery
-    import types
-
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    engines, requests = [], []
-
-    class LLM:
-        def __init__(self, **kwargs):
-            engines.append(kwargs)
-
-        def generate(self, prompts, params, use_tqdm=True):
-            requests.extend(p.kwargs for p in params)
-            reply = lambda text: types.SimpleNamespace(
-                token_ids=tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-            )  # noqa: E731
-            return [types.SimpleNamespace(outputs=[reply(f"s{p.kwargs['seed']}-{j}") for j in range(p.kwargs["n"])])
-                    for p in params]  # fmt: skip
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    module = types.ModuleType("vllm")
-    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    engines, requests = stand_in_vllm(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_path))
     seen = _stop_after(monkeypatch, None)
     out = tmp_path / "eval"
     argv = ["eval", "--model", f"same={tiny_model_path}", "--reference", tiny_model_path, "--prompts", prompts_file]

@@ -6,14 +6,13 @@ outputs with a one-process run of the same command.
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 
-from tests._helpers import accelerate_two_processes
+from tests._helpers import accelerate_two_processes, stand_in_vllm
 from trl_rewardweighted import cli, shards
 from trl_rewardweighted.data.convert import load_dataset_any
 from trl_rewardweighted.sampling import (
@@ -296,34 +295,9 @@ def test_half_precision_reward_model_gets_a_float32_head(tiny_reward_model_path)
 def test_vllm_engine_is_built_once_and_seeds_follow_the_global_prompt_index(
     tmp_path, prompts_txt, tiny_model_path, monkeypatch
 ):
-    import importlib.machinery
-    import types
-
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    engines, params = [], []
-
-    def sampled(text):  # vLLM returns the sampled ids, EOS included
-        return types.SimpleNamespace(token_ids=tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
-
-    class LLM:
-        def __init__(self, **kwargs):
-            engines.append(kwargs)
-
-        def generate(self, prompts, sampling, use_tqdm=True):
-            params.extend(p.kwargs for p in sampling)
-            return [types.SimpleNamespace(outputs=[sampled(f"s{p.kwargs['seed']}-{j}")
-                                                   for j in range(p.kwargs["n"])]) for p in sampling]  # fmt: skip
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    module = types.ModuleType("vllm")
-    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    engines, params = stand_in_vllm(monkeypatch, AutoTokenizer.from_pretrained(tiny_model_path))
     output = tmp_path / "groups.jsonl"
     argv = ["generate", "--model", tiny_model_path, "--prompts", prompts_txt, "--n", "2", "--seed", "10"]
     argv += ["--backend", "vllm", "--chunk-size", "2", "--vllm-kwargs", '{"max_model_len": 512}', "--no-progress"]
