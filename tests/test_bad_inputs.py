@@ -232,7 +232,7 @@ def test_var_single_nan_row_is_skipped_and_counted(tiny_model_path, tmp_path):
         (dict(beta="1"), r"VARConfig\.beta must be a finite number > 0, got '1'\."),
         (dict(beta=True), r"VARConfig\.beta must be a finite number > 0, got True\."),
         (dict(beta=-0.5), r"VARConfig\.beta must be a finite number > 0, got -0\.5\."),
-        (dict(z_scope="Step"), r"VARConfig\.z_scope must be one of \('step', 'micro_batch'\), got 'Step'\."),
+        (dict(z_scope="Step"), r"VARConfig\.z_scope must be one of \('step', 'micro_batch', 'prompt'\), got 'Step'\."),
     ],
 )
 def test_var_config_values(tmp_path, kw, match):

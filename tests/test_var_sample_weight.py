@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests._helpers import cpu_args, first_loss
 from tests.distributed.var_grad_layout import ROWS
 from tests.distributed.var_prompt_layout import ROWS as GROUP_ROWS
-from tests.distributed.var_prompt_layout import run_prompt_layout
+from tests.distributed.var_prompt_layout import hand_logps_and_grad_model, run_prompt_layout
 from trl_rewardweighted import VARConfig, VARTrainer
 from trl_rewardweighted.trainers.var_trainer import DataCollatorForVAR
 
@@ -63,19 +62,12 @@ def test_gradient_equals_hand_weighted_nll(tiny_model_path, tmp_path):
     skipped."""
     rows = dict(ROWS, sample_weight=WEIGHTS)
     grad, ref, trainer = run_layout(tiny_model_path, str(tmp_path), bs=4, ga=1, rows=rows)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    logps = []
-    for p, c in zip(ROWS["prompt"], ROWS["completion"]):
-        n_prompt = len(tok(p)["input_ids"])
-        ids = torch.tensor([tok(p + c + tok.eos_token)["input_ids"]])
-        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        logps.append(lp[torch.arange(ids.shape[1] - 1), ids[0, 1:]][n_prompt - 1 :].sum())
+    model, logps = hand_logps_and_grad_model(tiny_model_path, ROWS)
     x = [r / 0.7 + ref_i + (math.log(s) if s > 0 else -math.inf) for r, ref_i, s in zip(ROWS["reward"], ref, WEIGHTS)]
     z = sum(math.exp(v) for v in x if math.isfinite(v))
     w = torch.tensor([math.exp(v) / z if math.isfinite(v) else 0.0 for v in x])
     assert w[1] == 0 and 0.05 < w.max() < 0.95  # not one-hot: the comparison is sensitive
-    (-(w * torch.stack(logps)).sum()).backward()
+    (-(w * logps).sum()).backward()
     manual = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert rel_diff(grad, manual) < 1e-4
     log = trainer.state.log_history[0]

@@ -10,7 +10,12 @@ import torch
 from datasets import Dataset
 
 from tests._helpers import accelerate_two_processes, cpu_args
-from tests.distributed.var_prompt_layout import ROWS, build_prompt_trainer, run_prompt_layout
+from tests.distributed.var_prompt_layout import (
+    ROWS,
+    build_prompt_trainer,
+    hand_logps_and_grad_model,
+    run_prompt_layout,
+)
 from trl_rewardweighted import VARConfig, VARTrainer
 from trl_rewardweighted.losses import online_var_weights, var_log_weights, var_prompt_loss, var_prompt_weights
 from trl_rewardweighted.trainers.var_trainer import PromptGroupSampler, group_slot_size, prompt_group_ids
@@ -252,20 +257,11 @@ def test_prompt_scope_gradient_is_layout_independent(tiny_model_path, tmp_path, 
 
 def test_prompt_scope_gradient_equals_hand_per_prompt_loss(tiny_model_path, tmp_path):
     """The first step's gradient is the gradient of the mean over prompts of -sum_i w_i log pi(y_i|x) by hand."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     rows = {k: v[:6] for k, v in ROWS.items()}  # groups 0 and 1, one step of 6 rows
     grads, _ = run_prompt_layout(tiny_model_path, str(tmp_path), bs=6, ga=1, rows=rows, max_steps=1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    logps = []
-    for p, c in zip(rows["prompt"], rows["completion"]):
-        n_prompt = len(tok(p)["input_ids"])
-        ids = torch.tensor([tok(p + c + tok.eos_token)["input_ids"]])
-        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        logps.append(lp[torch.arange(ids.shape[1] - 1), ids[0, 1:]][n_prompt - 1 :].sum())
+    model, logps = hand_logps_and_grad_model(tiny_model_path, rows)
     loss = var_prompt_loss(
-        torch.stack(logps),
+        logps,
         torch.tensor(rows["reward"]),
         0.7,
         torch.tensor(rows["group"]),
@@ -573,3 +569,23 @@ def test_group_column_separates_equal_prompts_and_eval_runs(tiny_model_path, tmp
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_var/ess"] > 1.0
     metrics = trainer.evaluate(Dataset.from_dict(ROWS))  # prepared (and grouped) when given
     assert math.isfinite(metrics["eval_loss"])
+
+
+def test_resume_mid_epoch_continues_the_same_group_order(tiny_model_path, tmp_path):
+    """The group order of an epoch is seeded by seed + epoch: a run resumed in the middle of its second epoch sees the
+    steps the uninterrupted run saw."""
+
+    def groups_per_step(trainer, **kwargs):
+        steps = record_step_weights(trainer)
+        trainer.train(**kwargs)
+        return [sorted({g for g, *_ in step}) for step in steps]
+
+    common = dict(max_steps=-1, num_train_epochs=3)  # 3 groups, one per step of 4 rows: 9 steps
+    trainer, _ = build_prompt_trainer(tiny_model_path, str(tmp_path / "full"), 2, 2, **common)
+    full = groups_per_step(trainer)
+    assert len(full) == 9 and full[:3] != full[3:6]  # reshuffled per epoch
+    out = str(tmp_path / "resumed")
+    trainer, _ = build_prompt_trainer(tiny_model_path, out, 2, 2, save_strategy="steps", save_steps=4, **common)
+    groups_per_step(trainer)
+    trainer, _ = build_prompt_trainer(tiny_model_path, out, 2, 2, **common)
+    assert groups_per_step(trainer, resume_from_checkpoint=f"{out}/checkpoint-4") == full[4:]

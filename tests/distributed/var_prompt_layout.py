@@ -40,6 +40,22 @@ ROWS = {
 }  # fmt: skip
 
 
+def hand_logps_and_grad_model(model_path, rows):
+    """A fresh copy of the model and the summed completion log-probs of `rows` computed from its full logits (with a
+    graph), one row at a time: the slow path the trainer's fused head must match."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    logps = []
+    for p, c in zip(rows["prompt"], rows["completion"]):
+        n_prompt = len(tok(p)["input_ids"])
+        ids = torch.tensor([tok(p + c + tok.eos_token)["input_ids"]])
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        logps.append(lp[torch.arange(ids.shape[1] - 1), ids[0, 1:]][n_prompt - 1 :].sum())
+    return model, torch.stack(logps)
+
+
 def build_prompt_trainer(model_path, out_dir, bs, ga, z_scope="prompt", rows=None, max_steps=2, **overrides):
     """The trainer for `max_steps` steps, and a callback that collects the gradient of each step."""
     from trl_rewardweighted import VARConfig, VARTrainer
