@@ -2,6 +2,7 @@
 against itself, goal-conditioned prompts for reward-augmented models, matched training budgets."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,10 +79,26 @@ def test_eval_cli_writes_report(tiny_model_path, tmp_path):
 
 
 def test_compare_end_to_end(tiny_model_path, tmp_path):
+    """Every method with a training block of LoRA adapters and activation checkpointing (`--config`, one method's
+    learning rate of its own): matched budgets, each method's adapter saved, the base weights unchanged, checkpointing
+    on in every trainer, the report files."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    config = tmp_path / "lora.yaml"
+    config.write_text(
+        "use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.0\nlora_target_modules: [all-linear]\n"
+        "activation_checkpointing: true\nmethods:\n  dpo: {learning_rate: 1.0e-4}\n"
+    )
+    weights = sorted(Path(tiny_model_path).glob("*.safetensors"))
+    digest = lambda: [hashlib.sha256(p.read_bytes()).hexdigest() for p in weights]  # noqa: E731
+    before = digest()
     out = tmp_path / "compare"
     argv = ["compare", "--model", tiny_model_path, "--reward", "tests.test_evaluation:word_reward"]
     argv += ["--reward-range", "0,2", "--num-train-prompts", "4", "--num-eval-prompts", "2", "--steps", "2"]
     argv += ["--eval-samples", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress"]
+    argv += ["--config", str(config)]
     methods = ["sft", "dpo", "var", "vcb", "reward_augmented_dpo", "reward_augmented_dpo_twins", "online_var", "grpo"]
     assert cli_main(argv + ["--methods", ",".join(methods)]) == 0
     summary = json.loads((out / "compare.json").read_text())
@@ -93,9 +110,18 @@ def test_compare_end_to_end(tiny_model_path, tmp_path):
         budget = summary["budgets"][method]
         assert budget["steps"] == 2
         assert budget["batch_size"] * per_row.get(method, 1) == 8
+        assert budget["learning_rate"] == (1e-4 if method == "dpo" else 2e-5)
+        model = out / "models" / method
+        assert (model / "adapter_config.json").exists() and not (model / "model.safetensors").exists(), method
+        lora_b = [t for k, t in load_file(model / "adapter_model.safetensors").items() if "lora_B" in k]
+        assert lora_b and any(t.abs().sum() > 0 for t in lora_b), method  # trained (B starts at zero)
+        result = json.loads((out / "phases" / f"train_{method}.result.json").read_text())
+        assert result["peft"] is True and result["activation_checkpointing"] is True, method
+    assert digest() == before  # the base model's weights are unchanged
     assert set(summary["models"]) == {REFERENCE, REFERENCE + " + goal", *methods}
     text = (out / "compare.md").read_text()
     assert "## Pairwise" in text and "| reward_augmented_dpo_twins |" in text
+    assert "| dpo | 2 | 4 | 4 x 1 x 1 | 8 | 0.0001 | float32 | LoRA | yes |" in text
     for name in ("eval.json", "eval.md", "reward_distribution.png", "reward_vs_kl.png"):
         assert (out / "eval" / name).exists(), name
 
