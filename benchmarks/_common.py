@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -181,6 +182,21 @@ def child_json(stdout: str):
         if lines[start][:1] in "{[":
             return json.loads("\n".join(lines[start:]))
     raise ValueError(f"no JSON value in the child's output: {stdout[-500:]!r}")
+
+
+def memory_in_children(script: str, argv: list[str] | None, kinds) -> dict:
+    """`{kind: what it printed}`: run `script` again with `argv` (default: this process's arguments) plus
+    `--_memory_child KIND` for each of `kinds`, a fresh process each (its memory figures its own), and read the JSON
+    it printed last ([`child_json`])."""
+    import subprocess
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    memory = {}
+    for kind in kinds:
+        cmd = [sys.executable, os.path.abspath(script), *argv, "--_memory_child", kind]
+        memory[kind] = child_json(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return memory
 
 
 def write_json(path: str | None, results: dict) -> None:

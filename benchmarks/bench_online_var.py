@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,10 +36,10 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     StepTimer,
     bench_args,
-    child_json,
     compared_row,
     device_name,
     interleaved_step_medians,
+    memory_in_children,
     model_path,
     train_peak_memory,
     write_json,
@@ -227,14 +225,7 @@ def main(argv=None):
         f"num_generations={opts.num_generations} max_completion_length={opts.max_completion_length} bf16={opts.bf16}"
     )
     times, tokens_per_s, same = run_timing(opts)
-    memory = {}
-    if not opts.no_memory:
-        for kind in opts.kinds:
-            child_argv = list(argv if argv is not None else sys.argv[1:]) + ["--_memory_child", kind]
-            res = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), *child_argv], capture_output=True, text=True, check=True
-            )
-            memory[kind] = child_json(res.stdout)
+    memory = {} if opts.no_memory else memory_in_children(__file__, argv, opts.kinds)
     results = json_results(opts, device, times, tokens_per_s, memory, same)
     print(f"{'trainer':<34}{'vs':<30}{'step (ms)':>10}{'ratio':>8}{'tokens/s':>10}{'peak MiB':>10}{'ratio':>8}")
     for r in results["rows"]:

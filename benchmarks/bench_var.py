@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,9 +24,9 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     StepTimer,
     bench_args,
-    child_json,
     device_name,
     interleaved_step_medians,
+    memory_in_children,
     train_peak_memory,
     write_json,
 )
@@ -141,12 +139,7 @@ def main(argv=None):
     times, tokens_per_s = run_timing(opts)
     memory = {}
     if not opts.no_memory:
-        for kind in KINDS:
-            child_argv = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--_memory_child", kind]
-            res = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), *child_argv], capture_output=True, text=True, check=True
-            )
-            memory[kind] = child_json(res.stdout)["peak_mib"]
+        memory = {k: v["peak_mib"] for k, v in memory_in_children(__file__, argv, KINDS).items()}
     print(f"{'trainer':<28}{'median step (s)':>16}{'time ratio':>12}{'peak MiB':>12}{'mem ratio':>11}")
     for kind in KINDS:
         t_ratio = times[kind] / times["sft"]

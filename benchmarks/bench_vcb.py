@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,10 +34,10 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     StepTimer,
     bench_args,
-    child_json,
     compared_row,
     device_name,
     interleaved_step_medians,
+    memory_in_children,
     train_peak_memory,
     write_json,
 )
@@ -221,14 +219,7 @@ def main(argv=None):
         f"max_length={opts.max_length} bf16={opts.bf16}"
     )
     times, tokens_per_s = run_timing(opts)
-    memory = {}
-    if not opts.no_memory:
-        for kind in opts.kinds:
-            child_argv = list(argv if argv is not None else sys.argv[1:]) + ["--_memory_child", kind]
-            res = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), *child_argv], capture_output=True, text=True, check=True
-            )
-            memory[kind] = child_json(res.stdout)
+    memory = {} if opts.no_memory else memory_in_children(__file__, argv, opts.kinds)
     cuda = torch.cuda.is_available()
     header = f"{'trainer':<30}{'median step (s)':>16}{'s/completion':>14}{'cost ratio':>12}"
     if memory:
