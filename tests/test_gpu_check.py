@@ -76,7 +76,20 @@ def test_dry_run_without_gpu_checks_everything_and_exits_0(no_gpu, tmp_path, cap
             "compare has no --config",
         )
     lora = yaml.safe_load((work / "compare_lora.yaml").read_text())
-    assert (lora["bf16"], lora["use_peft"], lora["lora_target_modules"]) == (True, True, ["all-linear"])
+    assert (lora["preset"], lora["use_peft"], lora["lora_target_modules"]) == ("gpu-bf16", True, ["all-linear"])
+
+
+def test_dry_run_checks_the_compare_training_block(no_gpu, tmp_path, monkeypatch, capsys):
+    if not gpu_check.compare_supports_config():
+        pytest.skip("trl-rw compare has no --config in this checkout")
+    monkeypatch.setitem(gpu_check.COMPARE_LORA_CONFIG, "lora_rr", 8)
+    assert gpu_check.main(["--only", "compare", "--work-dir", str(tmp_path)]) == 1
+    text = capsys.readouterr().out
+    assert (
+        f"NO  compare LoRA block: --config {tmp_path}/compare_lora.yaml: unknown key `lora_rr`: not a field of the "
+        "methods' configs or of ModelConfig."
+    ) in text
+    assert "Did you mean `lora_r`?" in text
 
 
 def test_dry_run_problems_exit_1_with_the_reason(no_gpu, tmp_path, monkeypatch, capsys):
