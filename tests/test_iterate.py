@@ -177,3 +177,125 @@ def test_shipped_iterate_recipe(capsys):
     assert shown["method"] == "var" and shown["model"] == "smollm2" and shown["rounds"] == 2
     report = check_recipe(recipe)
     assert report.ok and report.method == "iterate"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training settings like a recipe (`training`), launched training phases
+# ----------------------------------------------------------------------------------------------------------------------
+
+TRAINING = {
+    "bf16": True,
+    "use_peft": True,
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "lora_target_modules": ["all-linear"],
+    "activation_checkpointing": True,
+}
+
+
+@pytest.mark.parametrize("method", ["var", "dpo"])
+def test_iterate_training_block_reaches_the_trainers(
+    method, tiny_model_path, prompts_file, tmp_path, monkeypatch, capsys
+):
+    """The `training` block of an iterate recipe: bf16 (CPU autocast here) and LoRA reach every round's trainer; each
+    round saves its adapter and the merged model the next round starts from, the base model unchanged."""
+    import hashlib
+
+    import yaml
+
+    from trl_rewardweighted import methods
+
+    seen = []
+    real = methods.build_trainer
+
+    def spy(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        seen.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(methods, "build_trainer", spy)
+    recipe = tmp_path / "iterate.yaml"
+    recipe.write_text(yaml.safe_dump({"rounds": 2, "training": TRAINING}))
+    weights = Path(tiny_model_path) / "model.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    assert cli_main(_argv(method, tiny_model_path, prompts_file, out, "--config", recipe)) == 0
+    assert len(seen) == 2
+    for trainer in seen:
+        assert trainer.args.bf16 and trainer.accelerator.mixed_precision == "bf16"
+        assert type(trainer.model).__name__.startswith("Peft") and trainer.model.is_gradient_checkpointing
+    for k in (1, 2):
+        d = out / f"round_{k}"
+        assert (d / "adapter" / "adapter_config.json").exists() and (d / "model" / "model.safetensors").exists()
+        train = _metrics(out, k)["train"]
+        assert train["peft"] is True and train["mixed_precision"] == "bf16" and train["activation_checkpointing"]
+    assert _metrics(out, 2)["policy"] == str(out / "round_1" / "model")  # the merged model of round 1
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    # A resumed run keeps its training settings: a changed key is refused, naming it.
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({"rounds": 3, "training": {**TRAINING, "lora_r": 8}}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(_argv(method, tiny_model_path, prompts_file, out, "--config", changed))
+    assert "error: --training: `lora_r` is 8 but the run in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "training, message",
+    [
+        (
+            {"learning_rate": 1e-3},
+            "--training {path}: `learning_rate` is set by --learning-rate in this command; remove it.",
+        ),
+        (
+            {"lora_rnk": 4},
+            "--training {path}: unknown key `lora_rnk`: not a field of the methods' configs or of ModelConfig.",
+        ),
+        (
+            {"methods": {"dpo": {"beta": 0.1}}},
+            "--training {path}: settings for dpo, which is not a method of this run (var).",
+        ),
+        ({"gradient_accumulation_steps": 3}, "var: a step of 4 rows (--batch-size 4) does not split into"),
+        ({"use_peft": True, "load_in_4bit": True}, "var: load_in_4bit (QLoRA) needs a CUDA GPU"),
+    ],
+)
+def test_iterate_refuses_bad_training_settings_before_sampling(
+    tiny_model_path, prompts_file, tmp_path, capsys, monkeypatch, training, message
+):
+    import torch
+    import yaml
+
+    from trl_rewardweighted import iterate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(iterate, "_sample", lambda *a, **k: pytest.fail("sampling started"))
+    path = tmp_path / "training.yaml"
+    path.write_text(yaml.safe_dump(training))
+    with pytest.raises(SystemExit) as err:  # given on the command line as a file
+        cli_main(_argv("var", tiny_model_path, prompts_file, tmp_path / "out", "--training", path))
+    assert err.value.code == 2
+    assert message.format(path=path) in capsys.readouterr().err
+    assert not (tmp_path / "out" / "iterate.json").exists()
+
+
+@pytest.mark.slow
+def test_iterate_training_phase_on_two_processes(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    """`--num-processes 2`: every round's sampling (`trl-rw sample`) and training run as 2-process launches on the CPU;
+    the samples are those of one process, and the first loss of round 1 too."""
+    import os
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.chdir(ROOT)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli_main(_argv("var", tiny_model_path, prompts_file, one, "--rounds", "1")) == 0
+    argv = _argv("var", tiny_model_path, prompts_file, two, "--rounds", "1", "--num-processes", "2")
+    assert cli_main(argv) == 0
+    from datasets import load_from_disk
+
+    samples = [load_from_disk(str(d / "round_1" / "samples")).to_dict() for d in (one, two)]
+    assert samples[0]["completions"] == samples[1]["completions"]
+    first = [_first_log(_metrics(d, 1))["loss"] for d in (one, two)]
+    assert first[1] == pytest.approx(first[0], rel=1e-5)
+    assert _metrics(two, 1)["train"]["num_processes"] == 2

@@ -48,6 +48,7 @@ from .methods import (
     check_batch_layout,
     check_block_keys,
     check_training_settings,
+    launch_processes,
     method_recipe,
     parse_training_settings,
     read_training_block,
@@ -248,22 +249,6 @@ def _given_flags(method: str, opts) -> dict:
     return {key: getattr(opts, dest) for key, dest in flags.items() if dest in given}
 
 
-def training_processes(accelerate_config, num_processes) -> int:
-    """The processes of a launched phase: `num_processes`, else the accelerate config's `num_processes`, else 1."""
-    if num_processes is not None:
-        if num_processes < 1:
-            raise ValueError(f"--num-processes must be >= 1, got {num_processes}.")
-        return num_processes
-    if accelerate_config is None:
-        return 1
-    import yaml
-
-    from .launch import resolve_accelerate_config
-
-    config = yaml.safe_load(Path(resolve_accelerate_config(accelerate_config)).read_text()) or {}
-    return int(config.get("num_processes", 1))
-
-
 def plan_training(opts, methods: list[str], out: Path) -> dict[str, dict]:
     """Each method's training recipe, checked before anything runs: the training settings (`opts.config`,
     `opts.set`) parsed with `TrlParser` into the method's config and `ModelConfig`, the matched budget split over
@@ -276,7 +261,7 @@ def plan_training(opts, methods: list[str], out: Path) -> dict[str, dict]:
     names = {m: VARIANTS.get(m, m) for m in methods}
     for key, lacking in check_block_keys(block, names, OWNED_SETTINGS).items():
         print(f"[compare] training setting `{key}` does not apply to {', '.join(lacking)} (not a field of its config)")
-    processes = training_processes(opts.accelerate_config, opts.num_processes)
+    processes = launch_processes(opts.accelerate_config, opts.num_processes)
     rows = _batch_sizes(opts.sequences_per_step, opts.candidates)
     plan = {}
     for m in methods:

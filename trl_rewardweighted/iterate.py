@@ -38,7 +38,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 import shutil
 import statistics
 import time
@@ -53,7 +52,7 @@ from .scripts.iterate_config import METHODS, IterateConfig, make_parser
 __all__ = ["METHODS", "IterateConfig", "add_arguments", "make_parser", "resolve_options", "run_iterate", "main"]
 
 # Options that may differ between a run and its resumption.
-_NOT_FINGERPRINTED = ("rounds", "output_dir", "overwrite", "no_progress")
+_NOT_FINGERPRINTED = ("rounds", "output_dir", "overwrite", "no_progress", "accelerate_config", "num_processes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +169,14 @@ def _prepare_output(out: Path, opts, prompts_hash: str) -> dict:
             before["method"] = DEPRECATED_NAMES[before["method"]]
         now = _fingerprint(opts)
         for name, value in now.items():
+            if name == "training" and isinstance(value, dict) and isinstance(before.get(name), dict):
+                for key in sorted(set(value) | set(before[name])):
+                    if value.get(key) != before[name].get(key):
+                        raise ValueError(
+                            f"--training: `{key}` is {value.get(key)!r} but the run in {out} used "
+                            f"{before[name].get(key)!r}: a resumed run must keep its options (only --rounds may "
+                            "change). Pass --overwrite to start over, or use another --output-dir."
+                        )
             if name in before and before[name] != value:
                 raise ValueError(
                     f"--{name.replace('_', '-')} is {value!r} but the run in {out} used {before[name]!r}: a resumed run "
@@ -210,35 +217,51 @@ def _reward_stats(groups) -> dict:
     }
 
 
-def _sample(policy: str, prompts: list, opts, scorer, seed: int, goal: bool):
-    """Sample and score `--n` replies per prompt from `policy` (under the goal prompt when `goal`)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
+def _launched(opts) -> bool:
+    return opts.accelerate_config is not None or opts.num_processes is not None
 
-    from .sampling import generate_completions, score_completions
 
-    tokenizer = AutoTokenizer.from_pretrained(policy)
-    data, column = Dataset.from_dict({"prompt": prompts}), "prompt"
-    if goal:
-        from .data.relabel import build_goal_prompt
+def _sample(policy: str, prompts_file: Path, opts, output: Path, seed: int, goal: bool):
+    """Sample and score `--n` replies per prompt from `policy` (under the goal prompt when `goal`) with the sampling
+    pipeline of `trl-rw sample`, into `output`; launched as `trl-rw sample` with `--accelerate-config` /
+    `--num-processes`. Returns the scored groups."""
+    from .data.convert import load_dataset_any
 
-        goals = [build_goal_prompt(p, score=opts.goal_score, tokenizer=tokenizer, system_role="auto") for p in prompts]
-        data, column = data.add_column("generation_prompt", goals), "generation_prompt"
-    groups = generate_completions(
-        policy,
-        data,
+    goal_score = opts.goal_score if goal else None
+    if _launched(opts):
+        from .launch import launch_command, run_launched
+
+        argv = ["trl_rewardweighted.cli", "sample", "--model", policy, "--prompts", prompts_file, "--n", opts.n]
+        argv += ["--temperature", opts.temperature, "--top-p", opts.top_p, "--max-new-tokens", opts.max_new_tokens]
+        argv += ["--seed", seed, "--batch-size", opts.gen_batch_size, "--backend", opts.backend, "--scorer"]
+        argv += [opts.reward, "--score-batch-size", 16, "--chunk-size", opts.chunk_size, "--output-groups", output]
+        argv += (["--goal-score", goal_score] if goal else []) + (["--no-progress"] if opts.no_progress else [])
+        cmd = launch_command(argv, opts.accelerate_config, opts.num_processes)
+        run_launched(cmd, env={"TOKENIZERS_PARALLELISM": "false"})
+        return load_dataset_any(output)
+    from .pipeline import GenerationSettings, ScoringSettings, run_sample
+
+    generation = GenerationSettings(
+        model=policy,
         n=opts.n,
-        tokenizer=tokenizer,
         temperature=opts.temperature,
         top_p=opts.top_p,
         max_new_tokens=opts.max_new_tokens,
         seed=seed,
         batch_size=opts.gen_batch_size,
-        progress=not opts.no_progress,
-        prompt_column=column,
         backend=opts.backend,
+        goal_score=goal_score,
     )
-    return score_completions(groups, scorer, batch_size=16, progress=not opts.no_progress)
+    scoring = ScoringSettings(scorers=[opts.reward], batch_size=16)
+    groups, _ = run_sample(
+        prompts_file,
+        {"groups": output},
+        generation,
+        scoring,
+        chunk_size=opts.chunk_size,
+        progress=not opts.no_progress,
+    )
+    return groups
 
 
 def _completion_logps(model_path: str, groups) -> list[list[float]]:
@@ -306,56 +329,90 @@ def _settings(method: str, opts: IterateConfig, same: bool) -> dict:
     }[method]
 
 
-def _train(method: str, policy: str, reference: str, data, opts, seed: int, out: Path) -> dict:
-    """Train `policy` on `data` against `reference`; save the model and tokenizer to `out / "model"` (atomically)."""
-    from transformers import AutoTokenizer
-
+def training_recipe(opts: IterateConfig, out: Path, seed: int, same: bool) -> tuple[dict, int]:
+    """The method's training recipe in a round (see [`~trl_rewardweighted.methods.method_recipe`]): the `cpu-demo`
+    preset (or the training settings' own), the round's settings, the training settings (`--training`), and the
+    budget: `--steps` (or `--epochs`) of `--batch-size` completions per step, split over `gradient_accumulation_steps`
+    and the training processes. Returns `(recipe, rows per step)`."""
     from .methods import METHODS as METHOD_TABLE
-    from .methods import build_trainer, build_training_args, run_training
+    from .methods import launch_processes, method_recipe, parse_training_settings, read_training_block
 
-    batch_size = METHOD_TABLE[method].rows_per_step(opts.batch_size, opts.n)
+    method = opts.method
+    block = read_training_block(opts.training, option="--training")
+    rows = METHOD_TABLE[method].rows_per_step(opts.batch_size, opts.n)
     budget = {"max_steps": opts.steps} if opts.steps is not None else {"num_train_epochs": opts.epochs}
+    defaults = dict(gradient_accumulation_steps=1, disable_tqdm=opts.no_progress)
+    forced = dict(learning_rate=opts.learning_rate, seed=seed, **budget, **_settings(method, opts, same))
+    trainer_dir = out / "trainer_output"
+    recipe = method_recipe(block, method, method, trainer_dir, defaults, forced)
+    accumulation = parse_training_settings(method, recipe, deepspeed=False)[0].gradient_accumulation_steps
+    processes = launch_processes(opts.accelerate_config, opts.num_processes)
+    per_device, rest = divmod(rows, accumulation * processes)
+    if rest or per_device < 1:
+        raise ValueError(
+            f"{method}: a step of {rows} rows (--batch-size {opts.batch_size}) does not split into "
+            f"gradient_accumulation_steps {accumulation} x {processes} process(es); make --batch-size a multiple of "
+            "their product times the sequences of one row."
+        )
+    forced["per_device_train_batch_size"] = per_device
+    return method_recipe(block, method, method, trainer_dir, defaults, forced), rows
+
+
+def check_training(opts: IterateConfig) -> None:
+    """Check the training settings of every round before anything runs: parsed with `TrlParser` into the method's
+    config and `ModelConfig`, the budget's split, QLoRA without a GPU, VAR's normaliser."""
+    from .methods import check_batch_layout, check_training_settings, launch_processes, parse_training_settings
+
+    for same in {True, opts.update_reference}:  # round 1 trains against its sampler; later rounds may not
+        recipe, _ = training_recipe(opts, Path(opts.output_dir), opts.seed, same)
+        args, model_config = parse_training_settings(opts.method, recipe, deepspeed=False)
+        check_training_settings(opts.method, args, model_config)
+        processes = launch_processes(opts.accelerate_config, opts.num_processes)
+        check_batch_layout(opts.method, args, processes, group_size=opts.n)
+
+
+def _train(method: str, policy: str, reference: str, data, opts, seed: int, out: Path) -> dict:
+    """Train `policy` on `data` against `reference` as a training phase (in this process, or launched): the model and
+    tokenizer go to `out / "model"` (with PEFT: the adapter to `out / "adapter"` and the merged model to
+    `out / "model"`, the next round's start)."""
+    from .methods import parse_training_settings
+    from .scripts.train_phase import train, write_phase
+
     same = reference == policy
-    args = build_training_args(
-        method,
-        out / "trainer_output",
-        preset="cpu-demo",
-        learning_rate=opts.learning_rate,
-        per_device_train_batch_size=batch_size,
-        seed=seed,
-        gradient_accumulation_steps=1,
-        disable_tqdm=opts.no_progress,
-        **budget,
-        **_settings(method, opts, same),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(policy)
+    recipe, batch_size = training_recipe(opts, out, seed, same)
+    peft = parse_training_settings(method, recipe, deepspeed=False)[1].use_peft
+    columns = None
     if method == "var":  # VAR's reference enters through the `ref_logps` column (module docstring)
-        data = data.select_columns(["prompt", "completion", "reward"] + ([] if same else ["ref_logps"]))
-    ref_model = reference if method in ("vcb", "reward_augmented_dpo", "dpo") else None
-    trainer = build_trainer(method, policy, args, data, processing_class=tokenizer, ref_model=ref_model)
-    run = run_training(trainer)
-    final, tmp = out / "model", out / ".model.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    os.replace(tmp, final)
-    shutil.rmtree(out / "trainer_output", ignore_errors=True)
-    metrics = {**run, "batch_size": batch_size, "train_rows": len(data), "log_history": trainer.state.log_history}
+        columns = ["prompt", "completion", "reward"] + ([] if same else ["ref_logps"])
+    phase = write_phase(
+        out / "train_phase.json",
+        method=method,
+        name=method,
+        model=policy,
+        data=str(out / "train_data"),
+        columns=columns,
+        recipe=recipe,
+        ref_model=reference if method in ("vcb", "reward_augmented_dpo", "dpo") else None,
+        output=str(out / ("adapter" if peft else "model")),
+        merged=str(out / "model") if peft else None,
+        result=str(out / "train_result.json"),
+    )
+    metrics = train(phase, opts.accelerate_config, opts.num_processes)
+    metrics = {**metrics, "batch_size": batch_size, "train_rows": len(data)}
     if method == "var":
         metrics["ref_weighting"] = not same
-    del trainer
     gc.collect()
     return metrics
 
 
-def _run_round(k: int, policy: str, initial: str, prompts: list, opts, scorer, out: Path) -> dict:
+def _run_round(k: int, policy: str, initial: str, prompts: list, opts, out: Path) -> dict:
     """Round `k`: sample from `policy`, score, build the data, train; returns the round's metrics."""
     from .data.convert import load_dataset_any, save_dataset
 
     d = _round_dir(out, k)
     d.mkdir(parents=True, exist_ok=True)
-    for stale in ("model", "train_data", "metrics.json", ".model.tmp", "trainer_output"):
+    stale_files = ("model", "adapter", ".model.tmp", ".adapter.tmp", "trainer_output", "train_phase.json")
+    for stale in ("train_data", "metrics.json", "train_result.json", *stale_files):
         path = d / stale
         if path.is_dir():
             shutil.rmtree(path)
@@ -374,8 +431,7 @@ def _run_round(k: int, policy: str, initial: str, prompts: list, opts, scorer, o
             + (f", goal {opts.goal_score}" if goal else "")
             + ") and scoring"
         )
-        groups = _sample(policy, prompts, opts, scorer, seed, goal)
-        save_dataset(groups, d / "samples")
+        groups = _sample(policy, out / "prompts.jsonl", opts, d / "samples", seed, goal)
     timings["sample_and_score"] = round(time.time() - t0, 1)
     stats = _reward_stats(groups)
     print(f"[iterate] round {k}: mean reward {_fmt(stats['reward_mean'])} (std {_fmt(stats['reward_std'])})")
@@ -426,14 +482,15 @@ def _summary_row(metrics: dict) -> dict:
 def run_iterate(opts) -> dict:
     """Run the rounds described in the module docstring with `opts`: an [`IterateConfig`], or the parsed command line
     (see [`add_arguments`]; `opts.check` only validates and prints the options). Returns the `iterate.json` summary."""
+    from datasets import Dataset
     from transformers import AutoTokenizer
 
     from .data.convert import save_dataset
     from .quickstart import resolve_model
-    from .sampling import load_scorer
 
     check = bool(getattr(opts, "check", False))
     opts = resolve_options(opts)
+    check_training(opts)  # every training setting, before anything runs
     if check:
         print(dumps_json(asdict(opts)))
         return {"args": _fingerprint(opts)}
@@ -442,7 +499,7 @@ def run_iterate(opts) -> dict:
     prompts = _load_prompts(opts, AutoTokenizer.from_pretrained(initial))
     prompts_hash = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
     state = _prepare_output(out, opts, prompts_hash)
-    scorer = load_scorer(opts.reward)
+    save_dataset(Dataset.from_dict({"prompt": prompts}), out / "prompts.jsonl")  # what the sampling phases read
     t0 = time.time()
     policy, rows = initial, []
     for k in range(1, opts.rounds + 1):
@@ -452,7 +509,7 @@ def run_iterate(opts) -> dict:
             print(f"[iterate] round {k}/{opts.rounds}: finished in an earlier run, skipped ({d / 'model'})")
         else:
             print(f"[iterate] round {k}/{opts.rounds}")
-            metrics = _run_round(k, policy, initial, prompts, opts, scorer, out)
+            metrics = _run_round(k, policy, initial, prompts, opts, out)
         policy = str(d / "model")
         rows.append({**_summary_row(metrics), "model": policy})
         state["rounds"] = rows
@@ -469,8 +526,8 @@ def run_iterate(opts) -> dict:
             + (f", goal {opts.goal_score})" if goal else ")")
         )
         start = time.time()
-        final = _sample(policy, prompts, opts, scorer, seed, goal)
-        save_dataset(final, out / "final_samples")
+        shutil.rmtree(out / "final_samples", ignore_errors=True)  # of an earlier final model
+        final = _sample(policy, out / "prompts.jsonl", opts, out / "final_samples", seed, goal)
         state["final"] = {
             "after_round": opts.rounds,
             "model": policy,

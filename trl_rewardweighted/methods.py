@@ -36,6 +36,7 @@ __all__ = [
     "check_block_keys",
     "check_reward_funcs",
     "check_training_settings",
+    "launch_processes",
     "get_method",
     "method_names",
     "model_init_kwargs",
@@ -306,6 +307,10 @@ class TrainingBlock:
     overrides: tuple = ()
     source: str = "--config"
 
+    def as_mapping(self) -> dict:
+        """The file's content: the shared keys, `methods` and `preset` (the overrides are not part of it)."""
+        return {**self.shared, "methods": self.methods, "preset": self.preset or "none"}
+
     def keys(self, name: str | None = None) -> list[str]:
         """The keys set for every method (`name=None`), or for the method `name` (its own and the shared ones)."""
         own = [] if name is None else list(self.methods.get(name, {}))
@@ -559,6 +564,22 @@ def check_training_settings(method: str, args, model_config, *, where: str | Non
             )
     if model_config.use_peft and importlib.util.find_spec("peft") is None:
         raise ImportError(f"{where}: use_peft needs peft: pip install peft.")
+
+
+def launch_processes(accelerate_config, num_processes) -> int:
+    """The processes of a launched phase: `num_processes`, else the accelerate config's `num_processes`, else 1."""
+    if num_processes is not None:
+        if num_processes < 1:
+            raise ValueError(f"--num-processes must be >= 1, got {num_processes}.")
+        return num_processes
+    if accelerate_config is None:
+        return 1
+    import yaml
+
+    from .launch import resolve_accelerate_config
+
+    config = yaml.safe_load(Path(resolve_accelerate_config(accelerate_config)).read_text()) or {}
+    return int(config.get("num_processes", 1))
 
 
 def check_batch_layout(method: str, args, num_processes: int = 1, group_size: int | None = None) -> None:

@@ -9,7 +9,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 
-__all__ = ["BACKENDS", "METHODS", "IterateConfig", "make_parser"]
+__all__ = ["BACKENDS", "METHODS", "OWNED_SETTINGS", "IterateConfig", "make_parser"]
 
 METHODS = ("var", "vcb", "reward_augmented_dpo", "dpo", "sft")
 DEFAULT_REWARD = "trl_rewardweighted.rewards:vader_positivity"
@@ -73,6 +73,27 @@ class IterateConfig:
         False, "use the policy each round starts from as its reference (default: the starting model in every round)"
     )
     seed: int = _option(0, "round k samples with seed + k - 1 and trains with the same seed")
+    training: dict | str | None = _option(
+        None,
+        "training settings like a recipe (as `trl-rw compare --config`): a YAML file, or in a recipe the mapping itself; "
+        "keys of the method's config and of TRL's ModelConfig (bf16, use_peft, lora_r, activation_checkpointing, "
+        "gradient_accumulation_steps, lr_scheduler_type, deepspeed, ...), `methods: {METHOD: {...}}`, `preset: "
+        "cpu-demo|gpu-bf16|none` (default: cpu-demo). The options above that are training settings (learning_rate, "
+        "max_length, beta, beta_dpo, gamma, seed, batch_size, steps, epochs) stay options",
+    )
+    accelerate_config: str | None = _option(
+        None,
+        "run each round's sampling (trl-rw sample) and training as an `accelerate launch` with this config: a path or "
+        "a name (this package's, then TRL's: multi_gpu, zero3, ...)",
+    )
+    num_processes: int | None = _option(
+        None, "processes of each launched phase (overrides the accelerate config's; without one, data-parallel)"
+    )
+    chunk_size: int = _option(
+        256,
+        "prompts per chunk of the sampling phases: the unit split over processes and resumed; the samples depend on "
+        "it, not on the number of processes",
+    )
     output_dir: str = _option("iterate_output", "where the rounds, iterate.json and the final samples go")
     overwrite: bool = _option(False, "delete the rounds already in --output-dir and start over")
     no_progress: bool = _option(False, "hide progress bars")
@@ -109,6 +130,39 @@ class IterateConfig:
             raise ValueError("--method vcb needs --n >= 2: VCB calibrates the replies of a prompt against each other.")
         if self.method in ("dpo", "reward_augmented_dpo") and self.n < 2:
             raise ValueError(f"--method {self.method} needs --n >= 2 to build best-against-worst pairs.")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"--num-processes must be >= 1, got {self.num_processes}.")
+        if self.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}.")
+        if self.training is not None:
+            self.training = _training_block(self.training, self.method)
+
+
+# The training settings that `trl-rw iterate` sets itself: its own options, or what each round decides.
+OWNED_SETTINGS = {
+    "output_dir": "--output-dir",
+    "max_steps": "--steps",
+    "num_train_epochs": "--epochs",
+    "per_device_train_batch_size": "--batch-size (split over gradient_accumulation_steps and the processes)",
+    "model_name_or_path": "--model",
+    "learning_rate": "--learning-rate",
+    "max_length": "--max-length",
+    "beta": "--beta / --beta-dpo",
+    "gamma": "--gamma",
+    "seed": "--seed",
+    "ref_weighting": "each round (from its sampler and reference)",
+    "score_range": "--reward-range",
+}
+
+
+def _training_block(value, method: str) -> dict:
+    """The training settings as a mapping (a YAML file is read), checked against `method`'s config and
+    `ModelConfig`: unknown keys and the keys iterate sets itself are refused, naming them."""
+    from trl_rewardweighted.methods import check_block_keys, read_training_block
+
+    block = read_training_block(value, option="--training")
+    check_block_keys(block, {method: method}, OWNED_SETTINGS)
+    return block.as_mapping()
 
 
 def _dash(name: str) -> str:
@@ -133,7 +187,7 @@ _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 _KINDS = {
     name: next((k for k in (bool, int, float, str) if k in typing.get_args(tp) or tp is k), None)
     for name, tp in typing.get_type_hints(IterateConfig).items()
-    if name != "goal_score"
+    if name not in ("goal_score", "training")
 }
 
 
