@@ -217,3 +217,20 @@ def test_compare_on_two_processes_matches_one(tiny_model_path, tmp_path, capsys,
         assert two["budgets"][method]["layout"].endswith(" x 2")
     assert set(two["models"]) == set(one["models"])
     shutil.rmtree(tmp_path / "one")
+
+
+@pytest.mark.parametrize("name", ["cpu_lora", "gpu_lora_bf16"])
+def test_shipped_compare_training_settings_plan_every_method(name, tmp_path):
+    """The example training settings in recipes/compare/ parse for every method (the GPU one on this CPU with
+    `--set use_cpu=true`, at the 8-process layout its comment gives)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    extra = ["--set", "use_cpu=true", "--num-processes", "8", "--sequences-per-step", "64"] if "gpu" in name else []
+    opts = parser.parse_args(["--config", str(ROOT / "recipes" / "compare" / f"{name}.yaml"), *extra])
+    plan = compare.plan_training(opts, list(compare.METHODS), tmp_path)
+    assert set(plan) == set(compare.METHODS) and all(p["peft"] == "LoRA" for p in plan.values())
+    if "gpu" in name:
+        assert plan["dpo"]["layout"] == "2 x 2 x 8" and plan["vcb"]["layout"] == "1 x 2 x 8"
+        assert all(p["precision"] == "bf16" and p["checkpointing"] for p in plan.values())

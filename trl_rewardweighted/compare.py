@@ -41,7 +41,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .data.utils import write_json
+from .data.utils import remove_path, write_json
 from .evaluation import REFERENCE, EvalConfig, ModelSpec, evaluate_models, markdown_table, write_report
 from .methods import (
     DEPRECATED_NAMES,
@@ -337,11 +337,7 @@ def _prepare_output(out: Path, opts, fingerprint: dict) -> dict:
         raise FileExistsError(f"{out / 'compare.json'} exists; pass --overwrite to replace it.")
     if opts.overwrite:
         for name in _RUN_FILES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            remove_path(out / name)
     elif state_path.exists():
         state = json.loads(state_path.read_text())
         for name, before in state["settings"].items():

@@ -45,7 +45,7 @@ import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .data.utils import dumps_json, write_json
+from .data.utils import dumps_json, remove_path, write_json
 from .methods import DEPRECATED_NAMES
 from .scripts.iterate_config import METHODS, IterateConfig, make_parser
 
@@ -157,11 +157,8 @@ def _prepare_output(out: Path, opts, prompts_hash: str) -> dict:
     state_path = out / "iterate.json"
     rounds = sorted(out.glob("round_*")) if out.is_dir() else []
     if opts.overwrite:
-        for path in [*rounds, out / "final_samples", state_path]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        for path in [*rounds, out / "final_samples", out / "prompts.jsonl", state_path]:
+            remove_path(path)
     elif state_path.exists():
         state = json.loads(state_path.read_text())
         before = dict(state.get("args", {}))
@@ -413,11 +410,7 @@ def _run_round(k: int, policy: str, initial: str, prompts: list, opts, out: Path
     d.mkdir(parents=True, exist_ok=True)
     stale_files = ("model", "adapter", ".model.tmp", ".adapter.tmp", "trainer_output", "train_phase.json")
     for stale in ("train_data", "metrics.json", "train_result.json", *stale_files):
-        path = d / stale
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        remove_path(d / stale)
     t0, seed = time.time(), opts.seed + k - 1
     reference = policy if opts.update_reference else initial
     timings = {}

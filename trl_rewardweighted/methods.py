@@ -567,7 +567,17 @@ def check_training_settings(method: str, args, model_config, *, where: str | Non
 
 
 def launch_processes(accelerate_config, num_processes) -> int:
-    """The processes of a launched phase: `num_processes`, else the accelerate config's `num_processes`, else 1."""
+    """The processes of a launched phase (training batches are split over them).
+
+    Args:
+        accelerate_config (`str` or `None`):
+            An accelerate config path or name ([`~trl_rewardweighted.launch.resolve_accelerate_config`]).
+        num_processes (`int` or `None`):
+            The processes asked for on the command line.
+
+    Returns:
+        `int`: `num_processes`, else the accelerate config's `num_processes` (every machine's), else 1.
+    """
     if num_processes is not None:
         if num_processes < 1:
             raise ValueError(f"--num-processes must be >= 1, got {num_processes}.")

@@ -18,6 +18,7 @@ __all__ = [
     "json_safe",
     "write_json",
     "replace_atomically",
+    "remove_path",
     "check_prompt_and_completion",
     "check_text_or_messages",
     "completion_text",
@@ -225,7 +226,9 @@ def write_json(path: str | os.PathLike, value: Any, indent: int | None = 1, **kw
     return path
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file or a folder (a link itself, not what it points to); nothing when `path` does not exist."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -272,7 +275,7 @@ def replace_atomically(path: str | os.PathLike) -> Iterator[Path]:
                 old = None
             raise
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
     if old is not None:
-        _remove(old)
+        remove_path(old)

@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from trl_rewardweighted.data.utils import write_json
+from trl_rewardweighted.data.utils import remove_path, write_json
 
 __all__ = ["main", "phase_finished", "run_phase", "train", "write_phase"]
 
@@ -52,8 +52,7 @@ def phase_finished(phase: dict) -> bool:
 
 
 def _replace(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
+    remove_path(final)
     os.replace(tmp, final)
 
 
@@ -108,8 +107,8 @@ def run_phase(phase_file) -> dict:
     state = PartialState()
     output = Path(phase["output"])
     tmp = output.with_name(f".{output.name}.tmp")
-    if state.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if state.is_main_process:
+        remove_path(tmp)
     state.wait_for_everyone()
     trainer.save_model(str(tmp))  # on every process: ZeRO-3 and FSDP gather the weights
     metrics = {
@@ -125,8 +124,7 @@ def run_phase(phase_file) -> dict:
         if phase["merged"] and model_config.use_peft:
             merged = Path(phase["merged"])
             merged_tmp = merged.with_name(f".{merged.name}.tmp")
-            if merged_tmp.exists():
-                shutil.rmtree(merged_tmp)
+            remove_path(merged_tmp)
             _merge_adapter(phase["model"], tmp, merged_tmp, model_config.dtype)
             tokenizer.save_pretrained(str(merged_tmp))
             _replace(merged_tmp, merged)
