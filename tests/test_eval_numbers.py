@@ -100,7 +100,10 @@ def test_every_number_recomputed_independently(both_forms, tiny_model_path, othe
             kls, lengths, logratios = [], [], []
             for j, ids in enumerate(run["completion_ids"][i]):
                 assert len(ids) <= 8 and eos not in ids[:-1]  # the sampled ids, cut after the first EOS
-                assert tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True) == run["completions"][i][j]
+                assert (
+                    tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
+                    == run["completions"][i][j]
+                )
                 lp = _full_logits_logp(models["other"], list(context), ids)
                 lr = _full_logits_logp(models[REFERENCE], list(context), ids)
                 assert run["logps"][i][j] == pytest.approx(lp, abs=2e-4)
@@ -158,5 +161,10 @@ def test_eval_json_is_standard_json(both_forms, tmp_path):
     patched = {**as_strings, "models": {"other": {"summary": summary, "samples": {}}}}
     from trl_rewardweighted.data.utils import dumps_json
 
-    assert json.loads(dumps_json(patched), parse_constant=refuse)["models"]["other"]["summary"]["reward_per_nat"] is None
-    assert loaded["models"]["other"]["samples"]["completion_ids"] == as_strings["models"]["other"]["samples"]["completion_ids"]
+    assert (
+        json.loads(dumps_json(patched), parse_constant=refuse)["models"]["other"]["summary"]["reward_per_nat"] is None
+    )
+    assert (
+        loaded["models"]["other"]["samples"]["completion_ids"]
+        == as_strings["models"]["other"]["samples"]["completion_ids"]
+    )

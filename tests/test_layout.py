@@ -143,8 +143,9 @@ def test_no_private_import_from_another_module(path):
 
 def test_version_is_the_installed_metadata():
     """The version is kept once (pyproject.toml); the package reads it from its installed metadata."""
-    import tomllib
     from importlib.metadata import version
+
+    import tomllib
 
     import trl_rewardweighted
 

@@ -576,7 +576,9 @@ def test_relabel_fields_defined_once(tmp_path):
     ]  # fmt: skip
     config_fields = {f.name: f for f in dataclasses.fields(RewardAugmentedDPOConfig)}
     assert all(config_fields[f.name] is f for f in relabel)
-    assert issubclass(RewardAugmentedDPOConfig, RewardAugmentFields) and issubclass(AugmentOptions, RewardAugmentFields)
+    assert issubclass(RewardAugmentedDPOConfig, RewardAugmentFields) and issubclass(
+        AugmentOptions, RewardAugmentFields
+    )
     assert {f.name for f in dataclasses.fields(AugmentOptions)} == {f.name for f in relabel}
     # every relabeling field is documented once, and the config's docstring shows it
     for f in relabel:
@@ -584,7 +586,11 @@ def test_relabel_fields_defined_once(tmp_path):
         assert RewardAugmentedDPOConfig.__doc__.count(f"        {f.name} (`") == 1
     short = AugmentOptions(mode="chosen_only", fraction=0.5, score_columns=("a", "b"), attributes=None, ties="keep")
     long = AugmentOptions(
-        augment_mode="chosen_only", augment_fraction=0.5, score_chosen_column="a", score_rejected_column="b", ties="keep"
+        augment_mode="chosen_only",
+        augment_fraction=0.5,
+        score_chosen_column="a",
+        score_rejected_column="b",
+        ties="keep",
     )
     assert short == long and (short.mode, short.fraction, short.score_columns) == ("chosen_only", 0.5, ("a", "b"))
     config = RewardAugmentedDPOConfig(

@@ -202,6 +202,7 @@ def fake_vllm(monkeypatch, tiny_tokenizer):
 
         def generate(self, prompts, params, use_tqdm=True):
             calls["prompts"], calls["params"] = prompts, [p.kwargs for p in params]
+
             def completion(text):
                 ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
                 return types.SimpleNamespace(text=text, token_ids=ids)

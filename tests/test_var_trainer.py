@@ -286,7 +286,9 @@ def test_bad_beta(beta):
 
 
 def test_bad_z_scope():
-    with pytest.raises(ValueError, match=r"VARConfig.z_scope must be one of \('step', 'micro_batch', 'prompt'\), got 'global'"):
+    with pytest.raises(
+        ValueError, match=r"VARConfig.z_scope must be one of \('step', 'micro_batch', 'prompt'\), got 'global'"
+    ):
         VARConfig(**cpu_args(output_dir="x", z_scope="global"))
 
 
