@@ -603,7 +603,7 @@ def test_config_defaults_and_dpo_config_rejected(tiny_model_path, tmp_path):
     assert (args.completions_column, args.rewards_column) == ("completions", "rewards")
     from trl import DPOConfig
 
-    with pytest.raises(TypeError, match=r"`args` must be a `VCBConfig`, got `DPOConfig`"):
+    with pytest.raises(TypeError, match=r"`args` must be a VCBConfig, got DPOConfig"):
         VCBTrainer(
             model=tiny_model_path, args=DPOConfig(output_dir=str(tmp_path), **cpu_args()), train_dataset=strings()
         )

@@ -29,6 +29,7 @@ __all__ = [
     "check_model_source",
     "completion_logps_from_ids",
     "compute_rowwise_distributed",
+    "default_or_checked_args",
     "dpo_prompt_ids",
     "ensure_fused_lm_head",
     "frozen_copy",
@@ -337,6 +338,37 @@ def _as_assistant_messages(completion, row) -> list[dict]:
         f"Row {row}: a completion of a conversational prompt must be an assistant text or a list of messages "
         f"(e.g. [{{'role': 'assistant', 'content': ...}}]), got {type(completion).__name__}."
     )
+
+
+def default_or_checked_args(args, model, config_class: type, suffix: str, fix: str | None = None):
+    """A trainer's `args`: when None, a `config_class` named `<model name>-<suffix>` (as TRL's trainers name their
+    default output folder); otherwise `args` itself, refused with a `TypeError` unless it is a `config_class`.
+
+    Args:
+        args (`TrainingArguments` or `None`):
+            What the user passed.
+        model (`str` or `PreTrainedModel`):
+            The model id / path or object (its `config._name_or_path` names the default output folder).
+        config_class (`type`):
+            The trainer's config class.
+        suffix (`str`):
+            The default output folder's suffix, e.g. `"VAR"`.
+        fix (`str`, *optional*):
+            How to build the right config (default: `"Build one with <Config>(**your_args.to_dict())."`).
+
+    Returns:
+        An instance of `config_class`.
+    """
+    name = config_class.__name__
+    if args is None:
+        model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+        return config_class(f"{str(model_name).rstrip('/').split('/')[-1] or 'model'}-{suffix}")
+    if not isinstance(args, config_class):
+        raise TypeError(
+            f"`args` must be {'an' if name[0] in 'AEIOU' else 'a'} {name}, got {type(args).__name__}. "
+            + (fix or f"Build one with {name}(**your_args.to_dict()).")
+        )
+    return args
 
 
 def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"):

@@ -14,7 +14,7 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from ..losses import online_var_weights, weighted_nll
-from ..model_utils import resolve_reference_model
+from ..model_utils import default_or_checked_args, resolve_reference_model
 from .online_var_config import OnlineVARConfig, sampler_changing_generation_kwargs
 from .var_trainer import VARTrainer
 
@@ -97,14 +97,7 @@ class OnlineVARTrainer(GRPOTrainer):
         ref_model: str | PreTrainedModel | None = None,
         **kwargs,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = OnlineVARConfig(f"{str(name).split('/')[-1] or 'model'}-OnlineVAR")
-        elif not isinstance(args, OnlineVARConfig):
-            raise TypeError(
-                f"`args` must be an OnlineVARConfig, got {type(args).__name__}. Build one with "
-                "OnlineVARConfig(**your_args.to_dict())."
-            )
+        args = default_or_checked_args(args, model, OnlineVARConfig, "OnlineVAR")
         if reward_funcs is None:
             raise ValueError(
                 "OnlineVARTrainer needs `reward_funcs`: the weights are softmax(r / beta + log pi_ref - log q) of the "

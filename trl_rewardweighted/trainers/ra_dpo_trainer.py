@@ -32,7 +32,12 @@ from ..data.relabel import (
 )
 from ..data.utils import first_row
 from ..data.weights import check_weight_columns
-from ..model_utils import CheckpointedCountersMixin, compute_rowwise_distributed, resolve_reference_model
+from ..model_utils import (
+    CheckpointedCountersMixin,
+    compute_rowwise_distributed,
+    default_or_checked_args,
+    resolve_reference_model,
+)
 from .ra_dpo_config import RewardAugmentedDPOConfig
 from .weighted_dpo_config import check_pairwise_loss_types
 from .weighted_dpo_trainer import SampleWeightedDPOMixin
@@ -169,16 +174,14 @@ class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, SampleWeightedDPOMixi
         quantization_config=None,
         peft_config=None,
     ):
-        if args is None:
-            from trl.trainer.utils import get_config_model_id
-
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = RewardAugmentedDPOConfig(f"{str(model_name).split('/')[-1]}-RA-DPO")
-        elif not isinstance(args, RewardAugmentedDPOConfig):
-            raise TypeError(
-                f"`args` must be a RewardAugmentedDPOConfig (a DPOConfig plus the relabeling options), got "
-                f"{type(args).__name__}. Build one with the same fields: RewardAugmentedDPOConfig(output_dir=..., ...)."
-            )
+        args = default_or_checked_args(
+            args,
+            model,
+            RewardAugmentedDPOConfig,
+            "RA-DPO",
+            "It is a DPOConfig plus the relabeling options: build "
+            "RewardAugmentedDPOConfig(output_dir=..., ...) with the same fields.",
+        )
         if train_dataset is not None:
             _check_not_empty(train_dataset, "train dataset")
             sample = next(iter(train_dataset))

@@ -29,6 +29,7 @@ from ..model_utils import (
     KeepFloat32InputsMixin,
     adapters_disabled,
     compute_rowwise_distributed,
+    default_or_checked_args,
     ensure_fused_lm_head,
     hidden_from_base_init,
     resolve_reference_model,
@@ -431,13 +432,7 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         peft_config=None,
         formatting_func=None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = VARConfig(f"{str(name).split('/')[-1] or 'model'}-VAR")
-        elif not isinstance(args, VARConfig):
-            raise TypeError(
-                f"`args` must be a VARConfig, got {type(args).__name__}. Build one with VARConfig(**your_args.to_dict())."
-            )
+        args = default_or_checked_args(args, model, VARConfig, "VAR")
         for what, value in (
             ("compute_metrics", compute_metrics),
             ("preprocess_logits_for_metrics", preprocess_logits_for_metrics),

@@ -28,7 +28,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
+from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
 from ..data.utils import check_float_column, first_row, to_float
 from ..data.weights import check_weight_columns, example_weights
@@ -38,6 +38,7 @@ from ..model_utils import (
     KeepFloat32InputsMixin,
     adapters_disabled,
     compute_rowwise_distributed,
+    default_or_checked_args,
     hidden_from_base_init,
     resolve_reference_model,
     sequence_logps,
@@ -297,14 +298,14 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = VCBConfig(f"{model_name.split('/')[-1]}-VCB")
-        elif not isinstance(args, VCBConfig):
-            raise TypeError(
-                f"`args` must be a `VCBConfig`, got `{type(args).__name__}`. VCB needs its own fields (`gamma`, `lam`, "
-                "`pair_mode`, column names): build `VCBConfig(...)` with the same arguments."
-            )
+        args = default_or_checked_args(
+            args,
+            model,
+            VCBConfig,
+            "VCB",
+            "VCB needs its own fields (`gamma`, `lam`, `pair_mode`, column names): build "
+            "`VCBConfig(...)` with the same arguments.",
+        )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         if compute_metrics is not None:

@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
-from trl.trainer.utils import get_config_model_id
 
 from ..data.weights import check_weight_columns, example_weights
 from ..losses import sample_weight_factors
-from ..model_utils import KeepFloat32InputsMixin
+from ..model_utils import KeepFloat32InputsMixin, default_or_checked_args
 from .weighted_dpo_config import WeightedDPOConfig
 
 __all__ = ["DataCollatorWithSampleWeights", "SampleWeightedDPOMixin", "WeightedDPOTrainer"]
@@ -238,15 +237,14 @@ class WeightedDPOTrainer(SampleWeightedDPOMixin, DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = WeightedDPOConfig(f"{str(model_name).split('/')[-1]}-WeightedDPO")
-        elif not isinstance(args, WeightedDPOConfig):
-            raise TypeError(
-                f"`args` must be a WeightedDPOConfig, got {type(args).__name__}: build one with the same fields, "
-                "WeightedDPOConfig(**your_args.to_dict()), plus `sample_weight_column` if your column is not "
-                "`sample_weight`."
-            )
+        args = default_or_checked_args(
+            args,
+            model,
+            WeightedDPOConfig,
+            "WeightedDPO",
+            "Build one with WeightedDPOConfig(**your_args.to_dict()), plus `sample_weight_column` if your "
+            "column is not `sample_weight`.",
+        )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
         check_weight_columns(train_dataset, eval_dataset, args.sample_weight_column, train_required=True)

@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from trl import SFTTrainer
-from trl.trainer.utils import get_config_model_id
 
 from ..data.weights import check_weight_columns, example_weights
 from ..losses import sample_weight_factors
-from ..model_utils import KeepFloat32InputsMixin
+from ..model_utils import KeepFloat32InputsMixin, default_or_checked_args
 from .weighted_sft_config import WeightedSFTConfig
 
 __all__ = ["DataCollatorWithTokenWeights", "WeightedSFTTrainer"]
@@ -167,15 +166,14 @@ class WeightedSFTTrainer(KeepFloat32InputsMixin, SFTTrainer):
         peft_config=None,
         formatting_func=None,
     ):
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = WeightedSFTConfig(f"{str(model_name).split('/')[-1]}-WeightedSFT")
-        elif not isinstance(args, WeightedSFTConfig):
-            raise TypeError(
-                f"`args` must be a WeightedSFTConfig, got {type(args).__name__}: build one with the same fields, "
-                "WeightedSFTConfig(**your_args.to_dict()), plus `sample_weight_column` if your column is not "
-                "`sample_weight`."
-            )
+        args = default_or_checked_args(
+            args,
+            model,
+            WeightedSFTConfig,
+            "WeightedSFT",
+            "Build one with WeightedSFTConfig(**your_args.to_dict()), plus `sample_weight_column` if your "
+            "column is not `sample_weight`.",
+        )
         if compute_loss_func is not None:
             raise ValueError(
                 "`compute_loss_func` is not supported by WeightedSFTTrainer: it would replace the weighted loss. Weight "
