@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install install-torch install-dev install-demo demo test test-slow lint bench gpu-check clean
+.PHONY: test-compat install install-torch install-dev install-demo demo test test-slow lint bench gpu-check clean
 
 # torch first, from the pinned build, so that resolving `torch>=2.4` never pulls a multi-GB GPU build on a CPU machine.
 install-torch:
@@ -61,3 +61,7 @@ gpu-check:
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache quickstart_output
+
+# The compatibility matrix: the suite against TRL x transformers versions, each in its own virtualenv (.ci/compat.py).
+test-compat: install-dev
+	$(PYTHON) .ci/compat.py $(COMPAT_ARGS)
