@@ -114,8 +114,8 @@ def _run(argv, capsys) -> tuple[int, str]:
 
 def _walk(command, modes, values, tmp_path, capsys, monkeypatch, setup, skip=()):
     """For each mode (`name -> (argv, patch)`) and each option but `skip` (tested by the caller): refused, or the
-    recorded calls change."""
-    problems = []
+    recorded calls change. Returns `{mode: [options refused as having no effect there]}`."""
+    problems, refused = [], {}
     for mode, (argv, patch) in modes.items():
         recorder = _Recorder(monkeypatch)
         setup(recorder)
@@ -124,6 +124,7 @@ def _walk(command, modes, values, tmp_path, capsys, monkeypatch, setup, skip=())
         code, err = _run([command, *argv], capsys)
         assert code == 0, f"{command} [{mode}] base run failed: {err}"
         base = recorder.calls
+        refused[mode] = []
         for action in _options(command):
             flag = action.option_strings[0]
             if flag in skip:
@@ -132,6 +133,7 @@ def _walk(command, modes, values, tmp_path, capsys, monkeypatch, setup, skip=())
             value = _other_value(action, values, tmp_path)
             code, err = _run([command, *_with(argv, flag, value)], capsys)
             if code == 2 and f"{flag} " in err and "no effect" in err:
+                refused[mode].append(flag)
                 continue  # refused in this mode
             if code == 2 and value is not None and value in err:
                 continue  # read: this value is refused with a message of its own
@@ -140,6 +142,7 @@ def _walk(command, modes, values, tmp_path, capsys, monkeypatch, setup, skip=())
             elif recorder.calls == base:
                 problems.append(f"[{mode}] {flag}: accepted, and nothing it controls changed (ignored)")
     assert not problems, "\n".join(problems)
+    return refused
 
 
 @pytest.fixture
@@ -203,7 +206,7 @@ def test_generate_score_sample_use_or_refuse_every_option(tmp_path, files, capsy
         monkeypatch,
         setup,
     )
-    _walk(
+    refused = _walk(
         "sample",
         {
             "groups, one function, transformers": ([*model, *one_judge, "--output-groups", out[1]], None),
@@ -218,6 +221,11 @@ def test_generate_score_sample_use_or_refuse_every_option(tmp_path, files, capsy
         monkeypatch,
         setup,
     )
+    # Every other option changed what reached the pipeline; these were refused as having no effect in that mode.
+    assert refused == {
+        "groups, one function, transformers": ["--combine", "--max-length", "--strategy", "--ties"],
+        "pairs, two judges, vllm": ["--batch-size"],
+    }
 
 
 def test_convert_uses_or_refuses_every_option(tmp_path, files, capsys, monkeypatch):
@@ -238,7 +246,16 @@ def test_convert_uses_or_refuses_every_option(tmp_path, files, capsys, monkeypat
         "adapter to pairs": ([*groups, "--adapter", "ultrafeedback_groups", "--to", "pairs", *out], None),
     }
     values = {**VALUES, "--input": str(files["groups2"]), "--to": "groups"}
-    _walk("convert", modes, values, tmp_path, capsys, monkeypatch, setup)
+    refused = _walk("convert", modes, values, tmp_path, capsys, monkeypatch, setup)
+    # Every other option changed what reached the conversion; these were refused as having no effect in that mode.
+    pair_options, adapter_options = ["--strategy", "--ties", "--seed"], ["--adapter-kwargs", "--split"]
+    assert refused == {
+        "groups to rows": adapter_options + pair_options,
+        "groups to pairs": adapter_options,
+        "pairs to pairs": adapter_options + pair_options,
+        "adapter": pair_options,
+        "adapter to pairs": [],
+    }
 
 
 def test_eval_uses_or_refuses_every_option(tmp_path, files, capsys, monkeypatch):
