@@ -297,29 +297,9 @@ ARM_REWARDS = [0.0, 1.0, 2.0]
 
 def _build_bandit(path):
     """A 1-layer Llama over 6 tokens: two prompts (p, q), three arms (a, b, c), EOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tests._helpers import build_word_bandit
 
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(BANDIT_VOCAB)}, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(BANDIT_VOCAB),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        tie_word_embeddings=False,
-        eos_token_id=0,
-        pad_token_id=0,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return tokenizer
+    return build_word_bandit(path, BANDIT_VOCAB)
 
 
 def _arm_logps(model, prompt_id):
