@@ -578,7 +578,7 @@ def _add_compare_parser(subparsers) -> None:
 
 # The options of `compare` and `iterate` that only some methods use (every other option is used by every method).
 _COMPARE_METHOD_OPTIONS = {
-    "beta_var": ("var", "online_var"),
+    "beta_var": ("var", "var_step", "online_var"),
     "beta_dpo": ("dpo", "reward_augmented_dpo", "reward_augmented_dpo_twins"),
     "gamma": ("vcb",),
     "reward_range": ("reward_augmented_dpo", "reward_augmented_dpo_twins"),

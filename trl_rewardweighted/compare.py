@@ -6,7 +6,9 @@ evaluate each on held-out prompts and write one comparison.
    default: SmolLM2-135M-Instruct, VADER positivity, the packaged prompts; fully offline), with the sampling pipeline
    of `trl-rw sample` ([`~trl_rewardweighted.pipeline.run_sample`]): chunks of `--chunk-size` prompts, resumable.
 2. Build each method's data from the same groups: SFT on the best reply per prompt; DPO on best vs worst; VAR on every
-   reply with its reward (`ref_weighting=False`: the replies were sampled from the reference); VCB on the groups;
+   reply with its reward (`ref_weighting=False`: the replies were sampled from the reference), `var` with one
+   normaliser per prompt (`z_scope="prompt"`: the softmax over each prompt's replies), `var_step` with the paper's
+   normaliser over the optimizer step (`z_scope="step"`); VCB on the groups;
    reward-augmented DPO on best vs worst with the rewards mapped to the 1-10 goal scale (with and without
    `keep_twins_together` when `reward_augmented_dpo_twins` is selected).
 3. Train each for the same number of optimizer steps, each step seeing the same number of sequences (a DPO pair
@@ -69,11 +71,11 @@ __all__ = [
 
 # The methods of the table (`trl_rewardweighted.methods.METHODS`) plus one variant: reward-augmented DPO with
 # `keep_twins_together=True`.
-VARIANTS = {"reward_augmented_dpo_twins": "reward_augmented_dpo"}
+VARIANTS = {"reward_augmented_dpo_twins": "reward_augmented_dpo", "var_step": "var"}
 METHODS = (
-    "sft", "dpo", "var", "vcb", "reward_augmented_dpo", "reward_augmented_dpo_twins", "online_var", "grpo"
+    "sft", "dpo", "var", "var_step", "vcb", "reward_augmented_dpo", "reward_augmented_dpo_twins", "online_var", "grpo"
 )  # fmt: skip
-DEFAULT_METHODS = "sft,dpo,var,vcb,reward_augmented_dpo,online_var,grpo"
+DEFAULT_METHODS = "sft,dpo,var,var_step,vcb,reward_augmented_dpo,online_var,grpo"
 GOAL_CONDITIONED = ("reward_augmented_dpo", "reward_augmented_dpo_twins")
 DEFAULT_REWARD = "trl_rewardweighted.rewards:vader_positivity"
 
@@ -90,6 +92,7 @@ OWNED_SETTINGS = {
     "ref_weighting": "compare (its replies are sampled from the starting model: false)",
     "score_range": "--reward-range",
     "keep_twins_together": "the method name (reward_augmented_dpo_twins)",
+    "z_scope": "the method name (var: one normaliser per prompt; var_step: over the optimizer step)",
 }
 # Options that may change between a run and its resumption (the training settings are compared method by method).
 _NOT_FINGERPRINTED = ("output_dir", "overwrite", "no_progress", "methods", "config", "set", "accelerate_config")
@@ -198,6 +201,7 @@ def build_method_data(groups, reward_range: str = "-1,1") -> dict:
         "sft": sft,
         "dpo": dpo,
         "var": groups_to_rows(groups),
+        "var_step": groups_to_rows(groups),
         "vcb": groups.select_columns(["prompt", "completions", "rewards"]),
         "reward_augmented_dpo": ra,
         "reward_augmented_dpo_twins": ra,
@@ -227,7 +231,10 @@ def _settings(method: str, opts) -> dict:
     return {
         "sft": dict(max_length=256),
         "dpo": dict(beta=opts.beta_dpo, max_length=256),
-        "var": dict(beta=opts.beta_var, ref_weighting=False, max_length=256),
+        # VAR with one normaliser per prompt (its `candidates` replies, kept in one step) and with the paper's
+        # normaliser over the whole step.
+        "var": dict(beta=opts.beta_var, ref_weighting=False, max_length=256, z_scope="prompt"),
+        "var_step": dict(beta=opts.beta_var, ref_weighting=False, max_length=256, z_scope="step"),
         "vcb": dict(gamma=opts.gamma, max_length=256, precompute_ref_log_probs=True),
         "reward_augmented_dpo": dict(beta=opts.beta_dpo, max_length=None, score_range=opts.reward_range),
         "reward_augmented_dpo_twins": dict(
@@ -240,7 +247,7 @@ def _given_flags(method: str, opts) -> dict:
     """The settings of compare's own flags that were given on the command line: they win over --config."""
     given = getattr(opts, "given", set())
     flags = {"learning_rate": "learning_rate", "seed": "seed"}
-    if method in ("var", "online_var"):
+    if method in ("var", "var_step", "online_var"):
         flags["beta"] = "beta_var"
     elif method in ("dpo", *GOAL_CONDITIONED):
         flags["beta"] = "beta_dpo"
