@@ -44,7 +44,18 @@ import time
 from pathlib import Path
 
 from .data.utils import remove_path, write_json
-from .evaluation import REFERENCE, EvalConfig, ModelSpec, evaluate_models, markdown_table, write_report
+from .evaluation import (
+    REFERENCE,
+    EvalConfig,
+    ModelSpec,
+    evaluate_models,
+    markdown_table,
+    pairwise_table,
+    pool_results,
+    pooled_markdown_table,
+    write_pooled_report,
+    write_report,
+)
 from .methods import (
     DEPRECATED_NAMES,
     check_batch_layout,
@@ -57,15 +68,14 @@ from .methods import (
     resolve_method_name,
 )
 from .methods import METHODS as METHOD_TABLE
-from .metrics import paired_bootstrap_diff
 
 __all__ = [
     "METHODS",
+    "run_seeds",
     "OWNED_SETTINGS",
     "add_arguments",
     "run_compare",
     "build_method_data",
-    "pairwise_table",
     "plan_training",
 ]
 
@@ -92,11 +102,10 @@ OWNED_SETTINGS = {
     "ref_weighting": "compare (its replies are sampled from the starting model: false)",
     "score_range": "--reward-range",
     "keep_twins_together": "the method name (reward_augmented_dpo_twins)",
-    "z_scope": "the method name (var: one normaliser per prompt; var_step: over the optimizer step)",
 }
 # Options that may change between a run and its resumption (the training settings are compared method by method).
 _NOT_FINGERPRINTED = ("output_dir", "overwrite", "no_progress", "methods", "config", "set", "accelerate_config")
-_NOT_FINGERPRINTED += ("num_processes",)
+_NOT_FINGERPRINTED += ("num_processes", "seeds")
 # Files and folders of a comparison in --output-dir (removed by --overwrite).
 _RUN_FILES = ("run.json", "compare.json", "compare.md", "prompts_train.jsonl", "prompts_eval.jsonl")
 _RUN_FILES += ("train_groups.jsonl", "train_groups.jsonl.parts", "data", "phases", "models", "eval")
@@ -145,6 +154,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta-dpo", type=float, default=0.1, help="DPO and reward-augmented DPO beta")
     p.add_argument("--gamma", type=float, default=0.05, help="VCB gamma")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat the whole comparison (sampling, training, evaluation) with seeds --seed, --seed+1, ... each in "
+        "<output-dir>/seed_<s>, and pool the paired differences with a bootstrap over seeds and prompts (default: 1)",
+    )
     group = p.add_argument_group("training settings (a recipe) and processes")
     group.add_argument(
         "--config",
@@ -340,8 +356,6 @@ def _prepare_output(out: Path, opts, fingerprint: dict) -> dict:
     """Create, replace (`--overwrite`) or resume the comparison in `out`; returns its `run.json` state. A changed
     option is refused, naming it."""
     state_path = out / "run.json"
-    if (out / "compare.json").exists() and not opts.overwrite:
-        raise FileExistsError(f"{out / 'compare.json'} exists; pass --overwrite to replace it.")
     if opts.overwrite:
         for name in _RUN_FILES:
             remove_path(out / name)
@@ -480,31 +494,14 @@ def _train_phase(opts, name: str, plan: dict, model_path: str, data, out: Path) 
     return train(phase_file, opts.accelerate_config, opts.num_processes)
 
 
-def pairwise_table(results: dict, names: list[str], n_resamples: int = 2000) -> str:
-    """Paired differences of mean reward between every two models (row minus column), over the same prompts and
-    sampling seed, with 95 % paired-bootstrap intervals. "≈" when the interval contains 0: not distinguishable."""
-    import numpy as np
-
-    def mean(group):  # a reward read back from eval.json is null where it was NaN
-        return float(np.mean([np.nan if r is None else r for r in group]))
-
-    per_prompt = {n: np.asarray([mean(g) for g in results["models"][n]["samples"]["rewards"]]) for n in names}
-    lines = ["| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for a in names:
-        cells = []
-        for b in names:
-            if a == b:
-                cells.append("–")
-                continue
-            d = paired_bootstrap_diff(per_prompt[a], per_prompt[b], n_resamples=n_resamples)
-            mark = "+" if d.low > 0 else ("−" if d.high < 0 else "≈")
-            cells.append(f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}] {mark}")
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def run_compare(opts) -> dict:
-    """Run the comparison described in the module docstring with the parsed `opts`; returns the summary dict."""
+    """Run the comparison described in the module docstring with the parsed `opts`; returns the summary dict.
+
+    With `opts.seeds` > 1, one whole comparison per seed in `<output-dir>/seed_<s>` (each resumable as above, and
+    each the same as `--seed s --seeds 1 --output-dir <output-dir>/seed_<s>`: seeds can run apart and be pooled
+    after), then the pooled report in `<output-dir>` (see [`run_seeds`])."""
+    if getattr(opts, "seeds", 1) != 1:
+        return run_seeds(opts)
     from datasets import Dataset
 
     from .data.convert import load_dataset_any, read_prompts, save_dataset
@@ -596,6 +593,52 @@ def run_compare(opts) -> dict:
     return summary
 
 
+def run_seeds(opts) -> dict:
+    """`--seeds N`: the comparison with seeds `--seed` ... `--seed + N - 1`, each a whole run in
+    `<output-dir>/seed_<s>` (sampled data, training seed and evaluation sampling seed all change with it; the held-out
+    prompts stay the same), pooled with [`~evaluation.pool_results`]: `compare.md` (the pooled table with every seed's
+    point estimate, the pooled pairwise differences), `compare.json`, `pooled.json` and `reward_vs_kl_pooled.png`.
+    A method is called better only when the pooled interval (over seeds and prompts) excludes 0."""
+    if opts.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {opts.seeds}.")
+    out = Path(opts.output_dir)
+    seeds = [opts.seed + k for k in range(opts.seeds)]
+    summaries, results = {}, []
+    for k, seed in enumerate(seeds):
+        folder = out / f"seed_{seed}"
+        print(f"[compare] seed {seed} ({k + 1}/{len(seeds)}): {folder}")
+        summaries[seed] = run_compare(
+            argparse.Namespace(**{**vars(opts), "seed": seed, "seeds": 1, "output_dir": str(folder)})
+        )
+        results.append(json.loads((folder / "eval" / "eval.json").read_text()))
+    pooled = pool_results(results, seeds)
+    paths = write_pooled_report(pooled, out)
+    methods = summaries[seeds[0]]["methods"]
+    plain = [REFERENCE] + [m for m in methods if m not in GOAL_CONDITIONED]
+    text = [
+        f"# Comparison over {len(seeds)} seeds\n",
+        f"Seeds {', '.join(map(str, seeds))}: each a whole comparison in `seed_<s>/` (its own sampled training data, "
+        f"training seed and evaluation sampling seed; the same {pooled['num_prompts']} held-out prompts), with the "
+        "settings of `seed_<s>/compare.md`. Intervals: 95 %, two-level bootstrap over seeds, then prompts within each "
+        "seed. Verdict `+`/`−` only when the pooled interval excludes 0.\n",
+        pooled_markdown_table(pooled),
+        "\n## Pairwise (row − column), mean reward, pooled over seeds and prompts\n",
+        pairwise_table(results, plain),
+    ]
+    ra = [m for m in methods if m in GOAL_CONDITIONED]
+    if ra:
+        text += [
+            "\nReward-augmented models under the goal prompt:\n",
+            pairwise_table(results, [REFERENCE + " + goal", *ra]),
+        ]
+    (out / "compare.md").write_text("\n".join(text))
+    summary = {"seeds": seeds, "methods": methods, "pooled": pooled["models"], "files": paths}
+    summary["per_seed"] = {str(s): summaries[s] for s in seeds}
+    write_json(out / "compare.json", summary)
+    print((out / "compare.md").read_text())
+    return summary
+
+
 def _write_report(out, opts, methods, plan, budgets, results, num_train, num_eval, timings) -> None:
     plain = [REFERENCE] + [m for m in methods if m not in GOAL_CONDITIONED]
     text = [
@@ -627,13 +670,13 @@ def _write_report(out, opts, methods, plan, budgets, results, num_train, num_eva
         "(not distinguishable at this size).\n",
         markdown_table(results),
         "\n## Pairwise (row − column), mean reward, paired over prompts\n",
-        pairwise_table(results, plain),
+        pairwise_table([results], plain),
     ]
     ra = [m for m in methods if m in GOAL_CONDITIONED]
     if ra:
         text += [
             "\nReward-augmented models under the goal prompt:\n",
-            pairwise_table(results, [REFERENCE + " + goal", *ra]),
+            pairwise_table([results], [REFERENCE + " + goal", *ra]),
         ]
     text.append(f"\nTimings (s): {json.dumps(timings)}\n")
     (out / "compare.md").write_text("\n".join(text))

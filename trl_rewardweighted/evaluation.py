@@ -42,6 +42,7 @@ from .metrics import (
     kl_summary,
     misalignment_rate,
     paired_bootstrap_diff,
+    pooled_paired_diff,
     response_length_summary,
     reward_per_nat,
     self_bleu,
@@ -49,7 +50,18 @@ from .metrics import (
 )
 from .model_utils import completion_logps_from_ids, tokenize_prompt_completions
 
-__all__ = ["EvalConfig", "ModelSpec", "evaluate_models", "eval_manifest", "write_report", "markdown_table"]
+__all__ = [
+    "EvalConfig",
+    "ModelSpec",
+    "evaluate_models",
+    "eval_manifest",
+    "markdown_table",
+    "pairwise_table",
+    "pool_results",
+    "pooled_markdown_table",
+    "write_pooled_report",
+    "write_report",
+]
 
 REFERENCE = "reference"
 GOAL_SUFFIX = " + goal"
@@ -799,3 +811,168 @@ def summary_line(results: dict) -> str:
         s = entry["summary"]
         lines.append(f"{name}: reward {s['reward']['mean']:+.3f}, KL {s['kl']['mean']:.2f}")
     return "; ".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several seeds
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _prompt_means(groups) -> np.ndarray:
+    """Per-prompt means of groups read from `eval.json`, where an undefined value was written as null."""
+    return np.asarray([float(np.mean([np.nan if x is None else x for x in g])) for g in groups], dtype=np.float64)
+
+
+def _seed_columns(results_by_seed: Sequence[dict], name: str) -> tuple[list, list]:
+    """Per seed, `name`'s per-prompt mean reward and per-prompt KL to the reference (nats per reply)."""
+    rewards, kls = [], []
+    for results in results_by_seed:
+        samples = results["models"][name]["samples"]
+        rewards.append(_prompt_means(samples["rewards"]))
+        kls.append(_prompt_means(samples["logps"]) - _prompt_means(samples["ref_logps"]))
+    return rewards, kls
+
+
+def _pooled(a_by_seed, b_by_seed=None, n_resamples: int = 2000) -> dict:
+    b_by_seed = b_by_seed or [np.zeros_like(a) for a in a_by_seed]
+    d = pooled_paired_diff(a_by_seed, b_by_seed, n_resamples=n_resamples)
+    return {"mean": d.diff, "low": d.low, "high": d.high, "frac_le_zero": d.frac_le_zero, "per_seed": list(d.per_seed)}
+
+
+def pool_results(results_by_seed: Sequence[dict], seeds: Sequence[int], n_resamples: int = 2000) -> dict:
+    """Pool the evaluations of several seeds (the same models or methods, the same prompts, repeated with another
+    seed) with [`~metrics.pooled_paired_diff`]: a bootstrap over seeds and prompts.
+
+    Args:
+        results_by_seed (`Sequence[dict]`):
+            One result of [`evaluate_models`] (or its `eval.json`) per seed, with the same model names and prompts.
+        seeds (`Sequence[int]`):
+            The seeds, in the same order (reported).
+        n_resamples (`int`, *optional*, defaults to `2000`):
+            Bootstrap resamples.
+
+    Returns:
+        `dict`: `seeds`, `num_prompts` and `models`: per model, `reward` and `kl` (pooled mean, interval, `per_seed`)
+        and, against its baseline `vs`, `reward_diff` (pooled paired difference, interval, `frac_le_zero`,
+        `per_seed`).
+
+    Raises:
+        `ValueError`: when the seeds' evaluations hold other models or other prompts.
+    """
+    if len(results_by_seed) != len(seeds) or not seeds:
+        raise ValueError(f"Got {len(results_by_seed)} evaluations for {len(seeds)} seeds: give one per seed.")
+    first = results_by_seed[0]
+    names = list(first["models"])
+    for seed, results in zip(seeds, results_by_seed):
+        if list(results["models"]) != names or results["prompts"] != first["prompts"]:
+            raise ValueError(
+                f"Seed {seed} evaluated models {list(results['models'])} on {len(results['prompts'])} prompts, seed "
+                f"{seeds[0]} {names} on {len(first['prompts'])}: seeds are pooled only over the same models and "
+                "prompts."
+            )
+    models = {}
+    for name in names:
+        rewards, kls = _seed_columns(results_by_seed, name)
+        entry = {"reward": _pooled(rewards, n_resamples=n_resamples), "kl": _pooled(kls, n_resamples=n_resamples)}
+        vs = first["models"][name]["summary"].get("vs")
+        if vs is not None:
+            entry["vs"] = vs
+            entry["reward_diff"] = _pooled(rewards, _seed_columns(results_by_seed, vs)[0], n_resamples)
+        models[name] = entry
+    return {"seeds": list(seeds), "num_prompts": len(first["prompts"]), "models": models}
+
+
+def _per_seed(values: Sequence[float]) -> str:
+    return " / ".join(f"{v:+.3f}" for v in values)
+
+
+def _verdict(d: dict) -> str:
+    return "+" if d["low"] > 0 else ("−" if d["high"] < 0 else "≈")
+
+
+def pooled_markdown_table(pooled: dict) -> str:
+    """The pooled summary of [`pool_results`] as a Markdown table: the pooled estimates with their 95 % intervals
+    over seeds and prompts, and each seed's point estimate beside them. Verdict `+` / `−` only when the pooled
+    interval of the difference to the baseline excludes 0."""
+    lines = [
+        "| model | reward (pooled, 95 % CI) | reward per seed | vs | Δ reward (pooled, 95 % CI) | verdict | "
+        "Δ reward per seed | KL (nats, pooled, 95 % CI) | KL per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in pooled["models"].items():
+        diff = e.get("reward_diff")
+        lines.append(
+            f"| {name} | {_fmt_interval(e['reward'])} | {_per_seed(e['reward']['per_seed'])} | {e.get('vs', '–')} | "
+            f"{_fmt_interval(diff)} | {_verdict(diff) if diff else '–'} | "
+            f"{_per_seed(diff['per_seed']) if diff else '–'} | {_fmt_interval(e['kl'], 2)} | "
+            f"{_per_seed(e['kl']['per_seed'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pairwise_table(results_by_seed: Sequence[dict], names: Sequence[str], n_resamples: int = 2000) -> str:
+    """Paired differences of mean reward between every two models (row minus column), over the same prompts and
+    sampling seeds, with 95 % intervals (one seed: the paired bootstrap over prompts; several: pooled over seeds and
+    prompts, [`~metrics.pooled_paired_diff`]). "≈" when the interval contains 0: not distinguishable."""
+    rewards = {n: _seed_columns(results_by_seed, n)[0] for n in names}
+    lines = ["| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            if a == b:
+                cells.append("–")
+                continue
+            d = _pooled(rewards[a], rewards[b], n_resamples)
+            cells.append(f"{_fmt_interval(d)} {_verdict(d)}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pooled_plot(pooled: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (name, e) in enumerate(pooled["models"].items()):
+        kl, r = e["kl"], e["reward"]
+        color = f"C{i % 10}"
+        ax.scatter(kl["per_seed"], r["per_seed"], s=12, alpha=0.5, color=color)
+        ax.errorbar(
+            kl["mean"],
+            r["mean"],
+            xerr=[[kl["mean"] - kl["low"]], [kl["high"] - kl["mean"]]],
+            yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]],
+            fmt="o",
+            capsize=3,
+            color=color,
+            label=name,
+        )
+    ax.set_xlabel("KL to the reference (nats per reply)")
+    ax.set_ylabel("mean reward (pooled 95 % CI; dots: seeds)")
+    ax.set_title(f"Reward vs KL over {len(pooled['seeds'])} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reward_vs_kl_pooled.png", dpi=120)
+    plt.close(fig)
+    return ["reward_vs_kl_pooled.png"]
+
+
+def write_pooled_report(pooled: dict, output_dir: str | Path) -> dict[str, str]:
+    """Write `pooled.json`, `pooled.md` (the table of [`pooled_markdown_table`]) and `reward_vs_kl_pooled.png` (when
+    matplotlib is installed) to `output_dir`; returns the written paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"pooled_json": str(out / "pooled.json"), "pooled_markdown": str(out / "pooled.md")}
+    write_json(out / "pooled.json", pooled)
+    seeds = ", ".join(str(s) for s in pooled["seeds"])
+    (out / "pooled.md").write_text(
+        f"Pooled over seeds {seeds} x {pooled['num_prompts']} prompts (two-level bootstrap).\n\n"
+        + pooled_markdown_table(pooled)
+    )
+    for name in _pooled_plot(pooled, out):
+        paths[name.removesuffix(".png")] = str(out / name)
+    return paths

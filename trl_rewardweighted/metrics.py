@@ -34,6 +34,7 @@ __all__ = [
     "kl_summary",
     "misalignment_rate",
     "paired_bootstrap_diff",
+    "pooled_paired_diff",
     "response_length_summary",
     "reward_per_nat",
     "self_bleu",
@@ -62,6 +63,17 @@ class PairedDifference(NamedTuple):
     low: float
     high: float
     frac_le_zero: float
+
+
+class PooledDifference(NamedTuple):
+    """Mean paired difference pooled over seeds, its two-level bootstrap interval, the fraction of resampled means
+    `<= 0`, and the point estimate of each seed."""
+
+    diff: float
+    low: float
+    high: float
+    frac_le_zero: float
+    per_seed: tuple[float, ...]
 
 
 class Misalignment(NamedTuple):
@@ -275,6 +287,88 @@ def paired_bootstrap_diff(
     dist = _bootstrap_distribution(d, n_resamples, seed, np.mean)
     low, high = _percentiles(dist, confidence)
     return PairedDifference(estimate, low, high, float(np.mean(dist <= 0)))
+
+
+def pooled_paired_diff(
+    a_by_seed: Sequence[Any],
+    b_by_seed: Sequence[Any],
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PooledDifference:
+    """Paired difference `a - b` pooled over several seeds (independent repeats of a run), with a two-level bootstrap
+    over seeds and prompts.
+
+    `a_by_seed[s][k]` and `b_by_seed[s][k]` are the scores of two methods on prompt `k` in repeat `s`. The pooled
+    estimate is the mean over seeds of each seed's mean difference. Each resample draws the seeds with replacement,
+    then, for every drawn seed, its prompts with replacement, and takes the same mean: the interval holds the
+    spread between seeds (a training run that went differently) as well as between prompts. With one seed it is the
+    paired bootstrap over prompts ([`paired_bootstrap_diff`]); with few seeds it is wide, as it should be.
+
+    Args:
+        a_by_seed (`Sequence`):
+            Per seed, a 1-D sequence of scores of method A, one per prompt.
+        b_by_seed (`Sequence`):
+            Per seed, the scores of method B on the same prompts in the same order (same lengths as `a_by_seed`).
+        n_resamples (`int`, *optional*, defaults to `2000`):
+            Number of bootstrap resamples.
+        confidence (`float`, *optional*, defaults to `0.95`):
+            Coverage of the interval, in `(0, 1)`.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of `numpy.random.default_rng`.
+
+    Returns:
+        [`PooledDifference`]: `(diff, low, high, frac_le_zero, per_seed)`.
+
+    Raises:
+        `ValueError`: on no seeds, lengths that differ, empty or non-finite input.
+
+    Example:
+
+    ```python
+    >>> pooled_paired_diff([[1.0, 2.0], [3.0, 3.0]], [[0.0, 1.0], [1.0, 1.0]]).per_seed
+    (1.0, 2.0)
+    ```
+    """
+    _check_bootstrap_args(n_resamples, confidence)
+    if len(a_by_seed) != len(b_by_seed) or not len(a_by_seed):
+        raise ValueError(
+            f"`a_by_seed` has {len(a_by_seed)} seeds and `b_by_seed` {len(b_by_seed)}: give both methods' scores for "
+            "the same seeds (at least one)."
+        )
+    diffs = []
+    for s, (a, b) in enumerate(zip(a_by_seed, b_by_seed)):
+        x, y = _sample_1d(f"a_by_seed[{s}]", a), _sample_1d(f"b_by_seed[{s}]", b)
+        if x.shape != y.shape:
+            raise ValueError(
+                f"Seed {s}: `a` has {x.size} values but `b` has {y.size}: a paired comparison needs one score of each "
+                "method per prompt, in the same prompt order."
+            )
+        diffs.append(x - y)
+    per_seed = tuple(float(np.mean(d)) for d in diffs)
+    if len(diffs) == 1:
+        return PooledDifference(
+            *paired_bootstrap_diff(diffs[0], np.zeros_like(diffs[0]), n_resamples, confidence, seed), per_seed
+        )
+    estimate = float(np.mean(per_seed))
+    if all(d.size == 1 or np.all(d == d[0]) for d in diffs) and len(set(per_seed)) == 1:
+        return PooledDifference(estimate, estimate, estimate, 1.0 if estimate <= 0 else 0.0, per_seed)
+    rng = np.random.default_rng(seed)
+    num_seeds = len(diffs)
+    # means[s][i, j]: seed s's mean difference over its prompts resampled for resample i at seed position j.
+    means = [
+        np.stack(
+            [_bootstrap_distribution(d, n_resamples, int(rng.integers(2**31)), np.mean) for _ in range(num_seeds)],
+            axis=1,
+        )
+        for d in diffs
+    ]
+    drawn = rng.integers(0, num_seeds, size=(n_resamples, num_seeds))
+    stacked = np.stack(means)  # (seeds, resamples, positions)
+    rows = np.arange(n_resamples)[:, None]
+    dist = stacked[drawn, rows, np.arange(num_seeds)[None, :]].mean(axis=1)
+    low, high = _percentiles(dist, confidence)
+    return PooledDifference(estimate, low, high, float(np.mean(dist <= 0)), per_seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
