@@ -47,6 +47,8 @@ _LAZY = {
     "groups_to_pairs": "trl_rewardweighted.data.convert",
     "var_weights": "trl_rewardweighted.losses",
     "var_loss": "trl_rewardweighted.losses",
+    "var_prompt_loss": "trl_rewardweighted.losses",
+    "var_prompt_weights": "trl_rewardweighted.losses",
     "online_var_weights": "trl_rewardweighted.losses",
     "vcb_loss": "trl_rewardweighted.losses",
 }
@@ -76,6 +78,8 @@ __all__ = [
     "reward_augment_dataset",
     "score_completions",
     "var_loss",
+    "var_prompt_loss",
+    "var_prompt_weights",
     "var_weights",
     "vcb_loss",
 ]
@@ -99,7 +103,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data.convert import groups_to_pairs, groups_to_rows
     from .data.relabel import AugmentOptions, build_goal_prompt, reward_augment_dataset
     from .ira import implicit_reward_relabel
-    from .losses import online_var_weights, var_loss, var_weights, vcb_loss
+    from .losses import online_var_weights, var_loss, var_prompt_loss, var_prompt_weights, var_weights, vcb_loss
     from .sampling import generate_completions, generate_with_goal, score_completions
     from .trainers.online_var_config import OnlineVARConfig
     from .trainers.online_var_trainer import OnlineVARTrainer
