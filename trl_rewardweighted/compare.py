@@ -133,7 +133,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=["transformers", "vllm", "auto"],
         default="transformers",
-        help="generation backend of the sampling phase (default: transformers; 'auto': vLLM when usable)",
+        help="generation backend of the sampling and evaluation phases (default: transformers; 'auto': vLLM when "
+        "usable)",
     )
     p.add_argument(
         "--chunk-size",
@@ -457,7 +458,8 @@ def _eval_phase(opts, specs: list[ModelSpec], model_path: str, prompts: Path, ou
             argv += ["--goal-model" if spec.goal_conditioned else "--model", f"{spec.name}={spec.model}"]
         argv += ["--reward", opts.reward, "--output-dir", out, "--num-samples", opts.eval_samples]
         argv += ["--max-new-tokens", opts.max_new_tokens, "--seed", opts.seed + 1000, "--batch-size"]
-        argv += [opts.gen_batch_size, "--overwrite"] + (["--no-progress"] if opts.no_progress else [])
+        argv += [opts.gen_batch_size, "--backend", opts.backend, "--overwrite"]
+        argv += ["--no-progress"] if opts.no_progress else []
         _launch(opts, argv)
         return
     from .data.convert import read_prompts
@@ -467,6 +469,7 @@ def _eval_phase(opts, specs: list[ModelSpec], model_path: str, prompts: Path, ou
         max_new_tokens=opts.max_new_tokens,
         seed=opts.seed + 1000,
         batch_size=opts.gen_batch_size,
+        backend=opts.backend,
         progress=not opts.no_progress,
     )
     results = evaluate_models(specs, model_path, list(read_prompts(prompts)["prompt"]), opts.reward, config)
