@@ -23,8 +23,8 @@ command refuses every option that has no effect in the mode chosen (`args.given`
 command line; tests/test_cli_flags.py walks the parser to keep it so) and checks the model paths with
 `trl_rewardweighted.model_utils.check_model_source`.
 
-Adding a subcommand: write `_add_<name>_parser(subparsers)` that registers it with `set_defaults(func=_cmd_<name>)`
-and call it from [`build_parser`]. A command returns nothing on success; for bad input it raises
+Adding a subcommand: write `_<name>_arguments(parser)`, which adds its arguments, and `_cmd_<name>(args)`, which runs it,
+and list them with the command's help in `_COMMANDS` (read by [`build_parser`]). A command returns nothing on success; for bad input it raises
 `ValueError` (JSON errors included) / `OSError` (`FileNotFoundError`, `FileExistsError`) / `ImportError` with a
 one-line message, which [`main`] prints as `trl-rw <command>: error: ...` and exits with code 2 (set
 `TRL_RW_DEBUG=1` to get the traceback instead). Other exceptions are bugs and keep their traceback. Outputs are
@@ -38,7 +38,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["main", "build_parser"]
 
@@ -67,9 +69,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
     group.add_argument("--seed", type=int, default=0, help="same seed, same completions (default: 0)")
     group.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: 16)")
-    group.add_argument(
-        "--backend", choices=["auto", "transformers", "vllm"], default="auto", help="default: auto (vLLM if usable)"
-    )
+    _add_backend_arg(group, "default: auto (vLLM if usable)")
     group.add_argument("--system-prompt", default=None, help="system message added for generation only")
     group.add_argument(
         "--goal-score",
@@ -80,6 +80,10 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--goal-template", default=None, help="goal text template used at training (default: the paper's wording)"
     )
+
+
+def _add_backend_arg(parser, help: str) -> None:
+    parser.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="auto", help=help)
 
 
 def _add_pair_args(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -100,10 +104,6 @@ def _add_pair_args(parser: argparse.ArgumentParser, defaults: bool = True) -> No
     )
 
 
-def _add_progress_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
 def _add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
@@ -120,7 +120,8 @@ def _add_run_args(
     chunk_size: int = 256,
     work_dir: str = "the first output + '.parts'",
 ) -> None:
-    """Chunked, resumable, multi-process runs (`generate`, `score`, `sample`, `eval`; see trl_rewardweighted.shards)."""
+    """Chunked, resumable, multi-process runs (`generate`, `score`, `sample`, `eval`; see trl_rewardweighted.shards),
+    and the options every such run has: `--overwrite` and `--no-progress`."""
     group = parser.add_argument_group("chunks, resuming, several processes")
     group.add_argument(
         "--chunk-size",
@@ -149,6 +150,8 @@ def _add_run_args(
         group.add_argument(
             "--vllm-kwargs", default=None, help="extra vllm.LLM arguments as JSON, e.g. '{\"max_model_len\": 4096}'"
         )
+    _add_overwrite_arg(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_scorer_args(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +168,7 @@ def _add_scorer_args(parser: argparse.ArgumentParser) -> None:
         default="mean",
         help="several judges: `rewards` is their mean (default) or the scores of the judge named here",
     )
+    parser.add_argument("--max-length", type=int, default=None, help="truncate reward-model inputs (default: none)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -172,44 +176,21 @@ def _add_scorer_args(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _add_generate_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "generate",
-        help="sample n completions per prompt",
-        description="Sample n completions per prompt and write a groups dataset (prompt, completions).",
-    )
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     _add_generation_args(parser)
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder (save_to_disk)")
     _add_run_args(parser)
-    _add_overwrite_arg(parser)
-    _add_progress_arg(parser)
-    parser.set_defaults(func=_cmd_generate)
 
 
-def _add_score_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "score",
-        help="score the completions of a groups dataset",
-        description="Add a `rewards` column (one float per completion) to a groups dataset.",
-    )
+def _score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="groups dataset (prompt, completions)")
     _add_scorer_args(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="completions per scorer call (default: 16)")
-    parser.add_argument("--max-length", type=int, default=None, help="truncate reward-model inputs (default: none)")
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
     _add_run_args(parser, vllm=False)
-    _add_overwrite_arg(parser)
-    _add_progress_arg(parser)
-    parser.set_defaults(func=_cmd_score)
 
 
-def _add_convert_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert between groups, rows and pairs",
-        description="Convert a groups or rows dataset into rows (VAR), groups (VCB) or pairs (DPO / RA-DPO), "
-        "or re-save a dataset in another format (by the output suffix).",
-    )
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="groups, rows or pairs dataset (with --adapter: the source)")
     parser.add_argument(
         "--to", default=None, choices=["rows", "groups", "pairs"], help="target shape (optional with --adapter)"
@@ -233,70 +214,28 @@ def _add_convert_parser(subparsers) -> None:
     )
     parser.add_argument("--output", required=True, help="output: .jsonl, .json, .parquet, or a folder")
     _add_overwrite_arg(parser)
-    parser.set_defaults(func=_cmd_convert)
 
 
-def _add_sample_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "sample",
-        help="generate + score + write groups / rows / pairs in one go",
-        description="Sample n completions per prompt, score them, and write one or more dataset shapes.",
-    )
+def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     _add_generation_args(parser)
     _add_scorer_args(parser)
     parser.add_argument("--score-batch-size", type=int, default=None, help="default: --batch-size")
-    parser.add_argument("--max-length", type=int, default=None, help="truncate reward-model inputs (default: none)")
     _add_pair_args(parser)
     parser.add_argument("--output-groups", default=None, help="write prompt, completions, rewards here")
     parser.add_argument("--output-rows", default=None, help="write prompt, completion, reward here")
     parser.add_argument("--output-pairs", default=None, help="write prompt, chosen, rejected, score_* here")
     _add_run_args(parser)
-    _add_overwrite_arg(parser)
-    _add_progress_arg(parser)
-    parser.set_defaults(func=_cmd_sample)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `trl-rw` parser with all subcommands (each sets `func` to the function that runs it)."""
-    from trl_rewardweighted import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="trl-rw",
-        description="trl-rewardweighted: sample and score completions, build rows / groups / pairs datasets.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_generate_parser(subparsers)
-    _add_score_parser(subparsers)
-    _add_convert_parser(subparsers)
-    _add_sample_parser(subparsers)
-    _add_train_parser(subparsers)
-    _add_check_recipe_parser(subparsers)
-    _add_recipes_parser(subparsers)
-    _add_eval_parser(subparsers)
-    _add_compare_parser(subparsers)
-    _add_iterate_parser(subparsers)
-    return parser
-
-
-def _add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train with a recipe (same as `python -m trl_rewardweighted.scripts.<method>`)",
-        description="Train VAR, VCB, reward-augmented DPO or online VAR. Everything after the method is parsed by the "
-        "method's launch script: `--config RECIPE` (a YAML file, or a packaged recipe by name: `trl-rw recipes list`) "
-        "plus any config field as `--field value` (strict: unknown keys fail). With --accelerate-config and/or "
-        "--num-processes (before or after the method) it starts `accelerate launch` itself, as `trl sft "
-        "--accelerate_config` does; without them it trains in this process.",
-    )
-    p.add_argument(
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--accelerate-config",
         default=None,
         metavar="NAME|PATH",
         help="launch under `accelerate launch` with this config: a path, or a name (this package's own first, e.g. "
         "multi_node_zero3, then TRL's: single_gpu, multi_gpu, zero1, zero2, zero3, fsdp1, fsdp2)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--num-processes",
         type=int,
         default=None,
@@ -308,13 +247,12 @@ def _add_train_parser(subparsers) -> None:
     from trl_rewardweighted.scripts.train import LAUNCH_METHODS
 
     # A deprecated name (`ra_dpo`) is accepted with a FutureWarning; the usage shows the public names only.
-    p.add_argument(
+    parser.add_argument(
         "method",
         choices=[*LAUNCH_METHODS, *(old for old, new in DEPRECATED_NAMES.items() if new in LAUNCH_METHODS)],
         metavar="{" + ",".join(LAUNCH_METHODS) + "}",
     )
-    p.add_argument("script_args", nargs=argparse.REMAINDER, help="--config RECIPE and config overrides")
-    p.set_defaults(func=_cmd_train)
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="--config RECIPE and config overrides")
 
 
 def _cmd_train(args) -> None:
@@ -333,19 +271,10 @@ def _cmd_train(args) -> None:
         raise SystemExit(err.returncode) from None
 
 
-def _add_check_recipe_parser(subparsers) -> None:
+def _check_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     from trl_rewardweighted.scripts.check_recipe import add_arguments
 
-    p = subparsers.add_parser(
-        "check-recipe",
-        help="validate recipes without loading a model or data",
-        description="Parse each recipe strictly with its method's config, ModelConfig and script arguments (no model "
-        "or data is loaded): renamed, misspelled and mistyped keys are reported, one message per problem. Exits 1 "
-        "when any recipe has a problem. With --fix OUT, the recipe's renamed and removed keys are migrated and OUT "
-        "written (or each key that needs a decision named, and nothing written).",
-    )
-    add_arguments(p)
-    p.set_defaults(func=_cmd_check_recipe)
+    add_arguments(parser)
 
 
 def _cmd_check_recipe(args) -> None:
@@ -355,19 +284,12 @@ def _cmd_check_recipe(args) -> None:
         raise SystemExit(1)
 
 
-def _add_recipes_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "recipes",
-        help="list, copy or locate the packaged recipes and accelerate configs",
-        description="`list`: the packaged recipes by name (method, model) and the accelerate configs by name (this "
-        "package's and TRL's). `copy NAME DIR`: copy a packaged recipe or folder, with the files it reads, under DIR "
-        "at its path in the recipes folder (so that the copy runs from DIR). `path NAME`: print the file of a "
-        "packaged recipe or folder, an accelerate config name, or launch.slurm.",
+def _recipes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["list", "copy", "path"])
+    parser.add_argument("names", nargs="*", metavar="NAME", help="copy: NAME DIR; path: NAME")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="copy: replace files that exist in DIR (default: refuse)"
     )
-    p.add_argument("action", choices=["list", "copy", "path"])
-    p.add_argument("names", nargs="*", metavar="NAME", help="copy: NAME DIR; path: NAME")
-    p.add_argument("--overwrite", action="store_true", help="copy: replace files that exist in DIR (default: refuse)")
-    p.set_defaults(func=_cmd_recipes)
 
 
 def _cmd_recipes(args) -> None:
@@ -414,20 +336,11 @@ def _cmd_recipes(args) -> None:
         print(f"SLURM script for several nodes: trl-rw recipes path {launch.SLURM_SCRIPT}")
 
 
-def _add_eval_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate trained models against a reference: reward, win rate, KL, length, diversity",
-        description="Generate (sampled and greedy) replies of each model and of the reference on a prompt set, score "
-        "them, and report mean reward with 95 %% bootstrap intervals, the paired difference and win / tie / loss "
-        "rate against the reference, KL to the reference on the model's own samples, reward per nat, length, "
-        "distinct-1/2, self-BLEU and the misalignment rate. Writes eval.json, eval.md and PNG plots. "
-        "See docs/evaluation.md.",
-    )
-    p.add_argument(
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--model", action="append", default=[], metavar="[NAME=]PATH", help="a model to evaluate (repeatable)"
     )
-    p.add_argument(
+    parser.add_argument(
         "--goal-model",
         action="append",
         default=[],
@@ -435,42 +348,37 @@ def _add_eval_parser(subparsers) -> None:
         help="a reward-augmented DPO model: it answers goal-conditioned prompts, and the reference is also evaluated "
         "under the same goal prompt (repeatable)",
     )
-    p.add_argument("--reference", required=True, help="the reference model (usually the starting model)")
-    p.add_argument(
+    parser.add_argument("--reference", required=True, help="the reference model (usually the starting model)")
+    parser.add_argument(
         "--prompts",
         required=True,
         help="prompt file (.txt, one per line) or dataset file / folder with a `prompt` column (strings or chat)",
     )
-    p.add_argument("--reward", required=True, help="reward model path / Hub id, or `module:function`")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument(
+    parser.add_argument("--reward", required=True, help="reward model path / Hub id, or `module:function`")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument(
         "--reference-column",
         default=None,
         help="a column of the prompt dataset with one reference response per prompt (e.g. `chosen`): adds a win rate "
         "against it",
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N prompts only")
-    p.add_argument("--num-samples", type=int, default=4, help="sampled replies per prompt (default: 4)")
-    p.add_argument("--no-greedy", action="store_true", help="skip the greedy replies")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
-    p.add_argument("--goal-score", type=float, default=10.0, help="goal of --goal-model models (default: 10)")
-    p.add_argument("--goal-template", default=None, help="goal text template used at training")
-    p.add_argument("--tie-tolerance", type=float, default=0.0)
-    p.add_argument(
-        "--backend",
-        choices=["auto", "transformers", "vllm"],
-        default="auto",
-        help="generation backend (default: auto: vLLM if installed and a GPU is visible); rewards and log-probs are "
-        "computed with transformers",
+    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N prompts only")
+    parser.add_argument("--num-samples", type=int, default=4, help="sampled replies per prompt (default: 4)")
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy replies")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    parser.add_argument("--goal-score", type=float, default=10.0, help="goal of --goal-model models (default: 10)")
+    parser.add_argument("--goal-template", default=None, help="goal text template used at training")
+    parser.add_argument("--tie-tolerance", type=float, default=0.0)
+    _add_backend_arg(
+        parser,
+        "generation backend (default: auto: vLLM if installed and a GPU is visible); rewards and log-probs are computed "
+        "with transformers",
     )
-    _add_run_args(p, rows="prompts", chunk_size=64, work_dir="<output-dir>/.parts")
-    _add_progress_arg(p)
-    _add_overwrite_arg(p)
-    p.set_defaults(func=_cmd_eval)
+    _add_run_args(parser, rows="prompts", chunk_size=64, work_dir="<output-dir>/.parts")
 
 
 def _named_models(values: list[str], option: str) -> list[tuple[str, str]]:
@@ -523,21 +431,12 @@ def _cmd_eval(args) -> None:
                 f"(columns: {ds.column_names})."
             )
         references = [completion_text(r) for r in ds[args.reference_column]]
+    names = ("num_samples", "max_new_tokens", "temperature", "top_p", "seed", "batch_size", "goal_score")
+    names += ("goal_template", "tie_tolerance", "chunk_size", "backend", "tensor_parallel_size")
     config = EvalConfig(
-        num_samples=args.num_samples,
+        **_values(args, *names),
         greedy=not args.no_greedy,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        goal_score=args.goal_score,
-        goal_template=args.goal_template,
-        tie_tolerance=args.tie_tolerance,
         progress=not args.no_progress,
-        chunk_size=args.chunk_size,
-        backend=args.backend,
-        tensor_parallel_size=args.tensor_parallel_size,
         vllm_kwargs=_vllm_kwargs(args),
     )
     work_dir = Path(args.work_dir) if args.work_dir else out / ".parts"
@@ -561,19 +460,10 @@ def _cmd_eval(args) -> None:
     print("written: " + ", ".join(paths.values()))
 
 
-def _add_compare_parser(subparsers) -> None:
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     from trl_rewardweighted.compare import add_arguments
 
-    p = subparsers.add_parser(
-        "compare",
-        help="train SFT, DPO, VAR, VCB, reward-augmented DPO, online VAR and GRPO with matched budgets and compare them",
-        description="Sample and score replies from a starting model, train every selected method on the same data "
-        "(the online methods on replies they sample themselves) with matched budgets, evaluate each (trl-rw eval) on "
-        "held-out prompts and write one table and plot. "
-        "The default runs offline on CPU (SmolLM2-135M-Instruct, VADER reward). See docs/compare.md.",
-    )
-    add_arguments(p)
-    p.set_defaults(func=_cmd_compare)
+    add_arguments(parser)
 
 
 # The options of `compare` and `iterate` that only some methods use (every other option is used by every method).
@@ -594,51 +484,40 @@ _ITERATE_METHOD_OPTIONS = {
 }
 
 
-def _refuse_method_options(args, methods: list[str], table: dict, option: str) -> None:
-    """Refuse the options given that none of `methods` uses (`table`: option -> the methods that use it)."""
+def _check_methods_and_models(args, methods: list[str], table: dict, option: str, model: str, reward: str) -> None:
+    """The checks of `compare` and `iterate` before they start: refuse the options given that none of `methods` uses
+    (`table`: option -> the methods that use it), then check the starting model and the reward model."""
+    from trl_rewardweighted.model_utils import check_model_source
     from trl_rewardweighted.pipeline import refuse_unused
+    from trl_rewardweighted.quickstart import BUILTIN_MODELS
 
     unused = [dest for dest, users in table.items() if not set(methods) & set(users)]
     refuse_unused(_given(args, *unused), f"with {option} {','.join(methods)}")
+    check_model_source(model, "--model", builtin=BUILTIN_MODELS)
+    check_model_source(reward, "--reward")
 
 
 def _cmd_compare(args) -> None:
     from trl_rewardweighted.compare import run_compare
     from trl_rewardweighted.methods import DEPRECATED_NAMES
-    from trl_rewardweighted.model_utils import check_model_source
-    from trl_rewardweighted.quickstart import BUILTIN_MODELS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    _refuse_method_options(args, [DEPRECATED_NAMES.get(m, m) for m in methods], _COMPARE_METHOD_OPTIONS, "--methods")
-    check_model_source(args.model, "--model", builtin=BUILTIN_MODELS)
-    check_model_source(args.reward, "--reward")
+    methods = [DEPRECATED_NAMES.get(m, m) for m in methods]
+    _check_methods_and_models(args, methods, _COMPARE_METHOD_OPTIONS, "--methods", args.model, args.reward)
     run_compare(args)
 
 
-def _add_iterate_parser(subparsers) -> None:
+def _iterate_arguments(parser: argparse.ArgumentParser) -> None:
     from trl_rewardweighted.iterate import add_arguments
 
-    p = subparsers.add_parser(
-        "iterate",
-        help="rounds of sample -> score -> train (VAR, VCB, reward-augmented DPO, DPO, SFT), resumable",
-        description="R rounds: sample n replies per prompt from the current policy, score them, train one offline "
-        "trainer on them, and start the next round from the trained model. The reference stays the starting model "
-        "unless --update-reference. Rerunning resumes after the last finished round. Options can come from a YAML "
-        "recipe (--config; flags override). See docs/iterate.md.",
-    )
-    add_arguments(p)
-    p.set_defaults(func=_cmd_iterate)
+    add_arguments(parser)
 
 
 def _cmd_iterate(args) -> None:
     from trl_rewardweighted.iterate import resolve_options, run_iterate
-    from trl_rewardweighted.model_utils import check_model_source
-    from trl_rewardweighted.quickstart import BUILTIN_MODELS
 
     opts = resolve_options(args)  # the recipe and the flags: the method may come from the recipe
-    _refuse_method_options(args, [opts.method], _ITERATE_METHOD_OPTIONS, "--method")
-    check_model_source(opts.model, "--model", builtin=BUILTIN_MODELS)
-    check_model_source(opts.reward, "--reward")
+    _check_methods_and_models(args, [opts.method], _ITERATE_METHOD_OPTIONS, "--method", opts.model, opts.reward)
     run_iterate(args)
 
 
@@ -676,7 +555,7 @@ def _generation(args):
         refuse_unused(_given(args, "tensor_parallel_size", "vllm_kwargs"), "with the transformers backend")
     names = ("model", "n", "temperature", "top_p", "max_new_tokens", "seed", "batch_size", "backend")
     names += ("system_prompt", "goal_score", "goal_template", "tensor_parallel_size")
-    return GenerationSettings(**{name: getattr(args, name) for name in names}, vllm_kwargs=_vllm_kwargs(args))
+    return GenerationSettings(**_values(args, *names), vllm_kwargs=_vllm_kwargs(args))
 
 
 def _scoring(args, batch_size: int):
@@ -697,13 +576,8 @@ def _scoring(args, batch_size: int):
 
 
 def _run_options(args) -> dict:
-    return dict(
-        chunk_size=args.chunk_size,
-        work_dir=args.work_dir,
-        restart=args.restart,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    """The options of a chunked run (see `_add_run_args`), as the `trl_rewardweighted.pipeline` runs take them."""
+    return dict(**_values(args, "chunk_size", "work_dir", "restart", "overwrite"), progress=not args.no_progress)
 
 
 def _cmd_generate(args) -> None:
@@ -745,7 +619,7 @@ def _cmd_convert(args) -> None:
     from trl_rewardweighted.pipeline import run_convert
 
     options = ("to", "adapter", "adapter_kwargs", "split", "strategy", "ties", "seed", "overwrite")
-    out, shape, path, num_input = run_convert(args.input, args.output, **{o: getattr(args, o) for o in options})
+    out, shape, path, num_input = run_convert(args.input, args.output, **_values(args, *options))
     via = f" ({args.adapter})" if args.adapter else ""
     print(f"convert: wrote {len(out)} {shape}{via} to {path} (from {num_input} rows)")
 
@@ -753,6 +627,117 @@ def _cmd_convert(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Command(NamedTuple):
+    """A subcommand: its line in `trl-rw --help`, its description in `trl-rw <command> --help`, the function that adds
+    its arguments to its parser and the one that runs it."""
+
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+_COMMANDS = {
+    "generate": _Command(
+        "sample n completions per prompt",
+        "Sample n completions per prompt and write a groups dataset (prompt, completions).",
+        _generate_arguments,
+        _cmd_generate,
+    ),
+    "score": _Command(
+        "score the completions of a groups dataset",
+        "Add a `rewards` column (one float per completion) to a groups dataset.",
+        _score_arguments,
+        _cmd_score,
+    ),
+    "convert": _Command(
+        "convert between groups, rows and pairs",
+        "Convert a groups or rows dataset into rows (VAR), groups (VCB) or pairs (DPO / RA-DPO), or re-save a dataset "
+        "in another format (by the output suffix).",
+        _convert_arguments,
+        _cmd_convert,
+    ),
+    "sample": _Command(
+        "generate + score + write groups / rows / pairs in one go",
+        "Sample n completions per prompt, score them, and write one or more dataset shapes.",
+        _sample_arguments,
+        _cmd_sample,
+    ),
+    "train": _Command(
+        "train with a recipe (same as `python -m trl_rewardweighted.scripts.<method>`)",
+        "Train VAR, VCB, reward-augmented DPO or online VAR. Everything after the method is parsed by the method's "
+        "launch script: `--config RECIPE` (a YAML file, or a packaged recipe by name: `trl-rw recipes list`) plus any "
+        "config field as `--field value` (strict: unknown keys fail). With --accelerate-config and/or --num-processes "
+        "(before or after the method) it starts `accelerate launch` itself, as `trl sft --accelerate_config` does; "
+        "without them it trains in this process.",
+        _train_arguments,
+        _cmd_train,
+    ),
+    "check-recipe": _Command(
+        "validate recipes without loading a model or data",
+        "Parse each recipe strictly with its method's config, ModelConfig and script arguments (no model or data is "
+        "loaded): renamed, misspelled and mistyped keys are reported, one message per problem. Exits 1 when any recipe "
+        "has a problem. With --fix OUT, the recipe's renamed and removed keys are migrated and OUT written (or each key "
+        "that needs a decision named, and nothing written).",
+        _check_recipe_arguments,
+        _cmd_check_recipe,
+    ),
+    "recipes": _Command(
+        "list, copy or locate the packaged recipes and accelerate configs",
+        "`list`: the packaged recipes by name (method, model) and the accelerate configs by name (this package's and "
+        "TRL's). `copy NAME DIR`: copy a packaged recipe or folder, with the files it reads, under DIR at its path in "
+        "the recipes folder (so that the copy runs from DIR). `path NAME`: print the file of a packaged recipe or "
+        "folder, an accelerate config name, or launch.slurm.",
+        _recipes_arguments,
+        _cmd_recipes,
+    ),
+    "eval": _Command(
+        "evaluate trained models against a reference: reward, win rate, KL, length, diversity",
+        "Generate (sampled and greedy) replies of each model and of the reference on a prompt set, score them, and "
+        "report mean reward with 95 %% bootstrap intervals, the paired difference and win / tie / loss rate against "
+        "the reference, KL to the reference on the model's own samples, reward per nat, length, distinct-1/2, "
+        "self-BLEU and the misalignment rate. Writes eval.json, eval.md and PNG plots. See docs/evaluation.md.",
+        _eval_arguments,
+        _cmd_eval,
+    ),
+    "compare": _Command(
+        "train SFT, DPO, VAR, VCB, reward-augmented DPO, online VAR and GRPO with matched budgets and compare them",
+        "Sample and score replies from a starting model, train every selected method on the same data (the online "
+        "methods on replies they sample themselves) with matched budgets, evaluate each (trl-rw eval) on held-out "
+        "prompts and write one table and plot. The default runs offline on CPU (SmolLM2-135M-Instruct, VADER reward). "
+        "See docs/compare.md.",
+        _compare_arguments,
+        _cmd_compare,
+    ),
+    "iterate": _Command(
+        "rounds of sample -> score -> train (VAR, VCB, reward-augmented DPO, DPO, SFT), resumable",
+        "R rounds: sample n replies per prompt from the current policy, score them, train one offline trainer on them, "
+        "and start the next round from the trained model. The reference stays the starting model unless "
+        "--update-reference. Rerunning resumes after the last finished round. Options can come from a YAML recipe "
+        "(--config; flags override). See docs/iterate.md.",
+        _iterate_arguments,
+        _cmd_iterate,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `trl-rw` parser with all subcommands (each sets `func` to the function that runs it)."""
+    from trl_rewardweighted import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="trl-rw",
+        description="trl-rewardweighted: sample and score completions, build rows / groups / pairs datasets.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in _COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=command.help, description=command.description)
+        command.add_arguments(subparser)
+        subparser.set_defaults(func=command.run)
+    return parser
 
 
 def _given_options(parser: argparse.ArgumentParser, args, argv: list[str]) -> set[str]:
@@ -775,6 +760,11 @@ def _given_options(parser: argparse.ArgumentParser, args, argv: list[str]) -> se
 def _given(args, *dests: str) -> list[str]:
     """The options among `dests` that the user gave, as flags (`"--batch-size"`)."""
     return ["--" + dest.replace("_", "-") for dest in dests if dest in args.given]
+
+
+def _values(args, *dests: str) -> dict:
+    """`{dest: value}` of the options among `dests`, handed on as they are."""
+    return {dest: getattr(args, dest) for dest in dests}
 
 
 def _one_line(err: BaseException) -> str:
