@@ -1,8 +1,8 @@
 """The dataset pipeline behind `trl-rw generate`, `score`, `sample` and `convert`, callable from code.
 
 [`run_generate`], [`run_score`] and [`run_sample`] sample and score in chunks with
-[`~shards.run_chunks`]: resumable (rerun the same call after a kill) and split across the processes of an
-`accelerate launch`; the main process merges the chunks, writes the outputs atomically and gets the datasets back
+[`~shards.run_chunks`] (their keyword options are the fields of [`RunSettings`]): resumable (rerun the same call after a
+kill) and split across the processes of an `accelerate launch`; the main process merges the chunks, writes the outputs atomically and gets the datasets back
 (the other processes get `None`). The settings of a run are recorded in its work folder's manifest under the names
 of the `trl-rw` options (`--model`, `--n`, ...), and errors name those options too.
 
@@ -28,6 +28,7 @@ from pathlib import Path
 __all__ = [
     "GenerationSettings",
     "ScoringSettings",
+    "RunSettings",
     "check_outputs",
     "check_parent_folders",
     "goal_prompts",
@@ -119,6 +120,33 @@ class ScoringSettings:
     combine: str = "mean"
     batch_size: int = 16
     max_length: int | None = None
+
+
+@dataclass
+class RunSettings:
+    """How a run is split into chunks, resumed and written (the `trl-rw` options of every sampling command); the keyword
+    options of [`run_generate`], [`run_score`] and [`run_sample`].
+
+    Args:
+        chunk_size (`int`, *optional*, defaults to `256`):
+            Rows per chunk: the unit of work written to disk, split across processes and resumed. The samples depend
+            on it (not on the number of processes).
+        work_dir (`str` or `None`, *optional*, defaults to `None`):
+            The folder of finished chunks and the manifest (default: the first output + `.parts`), visible to every
+            process; removed once the outputs are written.
+        restart (`bool`, *optional*, defaults to `False`):
+            Discard an unfinished run in the work folder instead of resuming it.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace existing outputs.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar.
+    """
+
+    chunk_size: int = 256
+    work_dir: str | None = None
+    restart: bool = False
+    overwrite: bool = False
+    progress: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,10 +498,8 @@ def scoring_stages(judges, scoring: ScoringSettings, source: Callable) -> list:
     """One stage per judge, so that one model at a time is in memory.
 
     Args:
-        judges (`list[tuple[str, str]]`):
-            From [`checked_judges`].
-        scoring ([`ScoringSettings`]):
-            The scoring settings.
+        judges, scoring:
+            As in [`scoring_manifest`].
         source (`Callable`):
             `source(chunk_index, start, end)` gives the groups dataset of a chunk.
 
@@ -586,7 +612,7 @@ def _work_dir(work_dir, outputs) -> Path:
     return first.with_name(first.name + ".parts")
 
 
-def _run_chunks(command, settings, inputs, num_rows, stages, work_dir, chunk_size, restart, progress, group_size=1):
+def _run_chunks(command, settings, inputs, num_rows, stages, work_dir, run: RunSettings, group_size=1):
     from .shards import run_chunks
 
     manifest = {"command": command, "settings": settings, "inputs": inputs}
@@ -595,26 +621,16 @@ def _run_chunks(command, settings, inputs, num_rows, stages, work_dir, chunk_siz
         work_dir,
         manifest,
         num_rows,
-        chunk_size,
+        run.chunk_size,
         stages,
-        restart=restart,
+        restart=run.restart,
         group_size=group_size,
-        progress=progress,
+        progress=run.progress,
         log=log,
     )
 
 
-def run_generate(
-    prompts,
-    output,
-    generation: GenerationSettings,
-    *,
-    chunk_size: int = 256,
-    work_dir=None,
-    restart: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-):
+def run_generate(prompts, output, generation: GenerationSettings, **options):
     """Sample `generation.n` completions per prompt in chunks and write a groups dataset (`prompt`, `completions`).
 
     Args:
@@ -624,18 +640,8 @@ def run_generate(
             `.jsonl`, `.json`, `.parquet`, or a folder (`save_to_disk`).
         generation ([`GenerationSettings`]):
             The sampling settings.
-        chunk_size (`int`, *optional*, defaults to `256`):
-            Rows per chunk: the unit of work written to disk, split across processes and resumed. The samples depend
-            on it (not on the number of processes).
-        work_dir (`str` or `None`, *optional*, defaults to `None`):
-            The folder of finished chunks and the manifest (default: `output` + `.parts`), visible to every process;
-            removed once the output is written.
-        restart (`bool`, *optional*, defaults to `False`):
-            Discard an unfinished run in the work folder instead of resuming it.
-        overwrite (`bool`, *optional*, defaults to `False`):
-            Replace an existing output.
-        progress (`bool`, *optional*, defaults to `True`):
-            Show a progress bar.
+        **options:
+            The [`RunSettings`] of the run: `chunk_size`, `work_dir`, `restart`, `overwrite`, `progress`.
 
     Returns:
         `tuple` or `None`: on the main process `(groups, path written)`; `None` on the others.
@@ -645,32 +651,21 @@ def run_generate(
     from .data.convert import save_dataset
     from .shards import remove_work_dir
 
-    check_outputs({"--output": output}, overwrite, work_dir)
-    dataset, stage, backend, group_size = generation_plan(prompts, generation, chunk_size)
-    settings, inputs = generation_manifest(prompts, generation, backend, chunk_size)
-    folder = _work_dir(work_dir, [output])
-    chunks = _run_chunks(
-        "generate", settings, inputs, len(dataset), [stage], folder, chunk_size, restart, progress, group_size
-    )
+    run = RunSettings(**options)
+    check_outputs({"--output": output}, run.overwrite, run.work_dir)
+    dataset, stage, backend, group_size = generation_plan(prompts, generation, run.chunk_size)
+    settings, inputs = generation_manifest(prompts, generation, backend, run.chunk_size)
+    folder = _work_dir(run.work_dir, [output])
+    chunks = _run_chunks("generate", settings, inputs, len(dataset), [stage], folder, run, group_size)
     if chunks is None:  # not the main process
         return None
     groups = concatenate_datasets(chunks["generate"])
-    path = save_dataset(groups, output, overwrite=overwrite)
+    path = save_dataset(groups, output, overwrite=run.overwrite)
     remove_work_dir(folder)
     return groups, path
 
 
-def run_score(
-    input,
-    output,
-    scoring: ScoringSettings,
-    *,
-    chunk_size: int = 256,
-    work_dir=None,
-    restart: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-):
+def run_score(input, output, scoring: ScoringSettings, **options):
     """Add a `rewards` column (one float per completion) to a groups dataset, in chunks, and write it.
 
     Args:
@@ -680,8 +675,8 @@ def run_score(
             `.jsonl`, `.json`, `.parquet`, or a folder (`save_to_disk`).
         scoring ([`ScoringSettings`]):
             The judges and their settings.
-        chunk_size, work_dir, restart, overwrite, progress:
-            As in [`run_generate`].
+        **options:
+            The [`RunSettings`] of the run, as in [`run_generate`].
 
     Returns:
         `tuple` or `None`: on the main process `(scored groups, path written)`; `None` on the others.
@@ -690,21 +685,22 @@ def run_score(
     from .sampling import group_completions
     from .shards import content_fingerprint, remove_work_dir
 
-    check_outputs({"--output": output}, overwrite, work_dir)
+    run = RunSettings(**options)
+    check_outputs({"--output": output}, run.overwrite, run.work_dir)
     judges = checked_judges(scoring)
-    if scoring.batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"--batch-size and --chunk-size must be >= 1, got {scoring.batch_size} and {chunk_size}.")
+    if scoring.batch_size < 1 or run.chunk_size < 1:
+        raise ValueError(f"--batch-size and --chunk-size must be >= 1, got {scoring.batch_size} and {run.chunk_size}.")
     dataset = load_dataset_any(input)
     group_completions(dataset)  # the columns are checked before any model loads
-    settings, inputs = scoring_manifest(judges, scoring, chunk_size)
+    settings, inputs = scoring_manifest(judges, scoring, run.chunk_size)
     inputs["--input"] = {"path": str(input), "fingerprint": content_fingerprint(input)}
     stages = scoring_stages(judges, scoring, lambda k, start, end: dataset.select(range(start, end)))
-    folder = _work_dir(work_dir, [output])
-    chunks = _run_chunks("score", settings, inputs, len(dataset), stages, folder, chunk_size, restart, progress)
+    folder = _work_dir(run.work_dir, [output])
+    chunks = _run_chunks("score", settings, inputs, len(dataset), stages, folder, run)
     if chunks is None:
         return None
     dataset = add_judge_columns(dataset, chunks, judges, scoring.combine)
-    path = save_dataset(dataset, output, overwrite=overwrite)
+    path = save_dataset(dataset, output, overwrite=run.overwrite)
     remove_work_dir(folder)
     return dataset, path
 
@@ -717,11 +713,7 @@ def run_sample(
     *,
     strategy: str = "best_worst",
     ties: str = "drop",
-    chunk_size: int = 256,
-    work_dir=None,
-    restart: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options,
 ):
     """Sample, score and write one or more dataset shapes in one run (generation, then one stage per judge).
 
@@ -738,8 +730,8 @@ def run_sample(
             How pairs are drawn from each group (see [`~data.convert.groups_to_pairs`]).
         ties (`str`, *optional*, defaults to `"drop"`):
             Pairs with equal rewards: `"drop"` or `"keep"`.
-        chunk_size, work_dir, restart, overwrite, progress:
-            As in [`run_generate`].
+        **options:
+            The [`RunSettings`] of the run, as in [`run_generate`].
 
     Returns:
         `tuple` or `None`: on the main process `(scored groups, [(shape, dataset, path written), ...])`; `None` on
@@ -750,21 +742,20 @@ def run_sample(
     from .data.convert import groups_to_pairs, save_datasets
     from .shards import chunk_path, read_chunk, remove_work_dir
 
+    run = RunSettings(**options)
     if not any(outputs.values()):
         raise ValueError("Give at least one of --output-groups, --output-rows, --output-pairs.")
-    check_outputs({f"--output-{shape}": path for shape, path in outputs.items()}, overwrite, work_dir)
+    check_outputs({f"--output-{shape}": path for shape, path in outputs.items()}, run.overwrite, run.work_dir)
     judges = checked_judges(scoring)
-    dataset, generation_stage_, backend, group_size = generation_plan(prompts, generation, chunk_size)
-    settings, inputs = generation_manifest(prompts, generation, backend, chunk_size)
-    score_settings, score_inputs = scoring_manifest(judges, scoring, chunk_size)
+    dataset, generation_stage_, backend, group_size = generation_plan(prompts, generation, run.chunk_size)
+    settings, inputs = generation_manifest(prompts, generation, backend, run.chunk_size)
+    score_settings, score_inputs = scoring_manifest(judges, scoring, run.chunk_size)
     settings.update(score_settings)
     inputs.update(score_inputs)
-    folder = _work_dir(work_dir, list(outputs.values()))
+    folder = _work_dir(run.work_dir, list(outputs.values()))
     source = lambda k, start, end: read_chunk(chunk_path(folder, "generate", k))  # noqa: E731
     stages = [generation_stage_] + scoring_stages(judges, scoring, source)
-    chunks = _run_chunks(
-        "sample", settings, inputs, len(dataset), stages, folder, chunk_size, restart, progress, group_size
-    )
+    chunks = _run_chunks("sample", settings, inputs, len(dataset), stages, folder, run, group_size)
     if chunks is None:
         return None
     groups = add_judge_columns(concatenate_datasets(chunks["generate"]), chunks, judges, scoring.combine)
@@ -777,7 +768,7 @@ def run_sample(
         ),
     }
     built = [(shape, builders[shape](), path) for shape, path in outputs.items() if path]
-    paths = save_datasets([(ds, path) for _, ds, path in built], overwrite=overwrite)  # all or nothing
+    paths = save_datasets([(ds, path) for _, ds, path in built], overwrite=run.overwrite)  # all or nothing
     remove_work_dir(folder)
     return groups, [(shape, ds, path) for (shape, ds, _), path in zip(built, paths)]
 
