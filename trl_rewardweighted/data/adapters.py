@@ -141,13 +141,31 @@ def _from_columns(out: dict[str, list]):
     return Dataset.from_dict(out)
 
 
+class _Columns:
+    """The output columns of an adapter, filled one output row at a time. Every output row is built from an input row,
+    whose `carried` columns (those the input has) and `sample_weight` column are copied to it."""
+
+    def __init__(self, ds, names: Sequence[str], carried: Sequence[str] = ()):
+        carried = [c for c in (*carried, SAMPLE_WEIGHT_COLUMN) if c in ds.column_names]
+        self.carried = {c: list(ds[c]) for c in carried}
+        self.out: dict[str, list] = {name: [] for name in (*names, *carried)}
+
+    def add(self, i: int, **values) -> None:
+        """Append one output row built from input row `i`: `values` holds one value per column name."""
+        for name, value in values.items():
+            self.out[name].append(value)
+        for name, column in self.carried.items():
+            self.out[name].append(column[i])
+
+    def __len__(self) -> int:
+        return len(next(iter(self.out.values())))
+
+    def dataset(self):
+        return _from_columns(self.out)
+
+
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-def _weights_of(ds) -> list | None:
-    """The input's `sample_weight` column (carried to every output row built from an input row), or None."""
-    return list(ds[SAMPLE_WEIGHT_COLUMN]) if SAMPLE_WEIGHT_COLUMN in ds.column_names else None
 
 
 def _assistant(text: str) -> list[dict]:
@@ -228,7 +246,7 @@ def _uf_completion(completion: Any, where: str, score: str, aspects: Sequence[st
 
 
 def _uf_groups(ds, adapter: str, score: str, aspects, min_completions: int):
-    """Per row: `(index, row, prompt text, [(response, score, model)])` for the valid completions; skips counted."""
+    """Per row: `(index, prompt text, [(response, score, model)])` for the valid completions; skips counted."""
     _require(ds, ["instruction", "completions"], adapter, _UF_SCHEMA)
     _check_choice(score, UF_SCORES, "score", adapter)
     aspects = tuple(aspects)
@@ -259,7 +277,7 @@ def _uf_groups(ds, adapter: str, score: str, aspects, min_completions: int):
         if len(kept) < min_completions:
             skips.skip(f"fewer than {min_completions} scored completion(s) left", f"row {i}")
             continue
-        groups.append((i, row, instruction, kept))
+        groups.append((i, instruction, kept))
     return groups, skips
 
 
@@ -311,24 +329,17 @@ def ultrafeedback_groups(
     _check_choice(completions_as, ("text", "messages"), "completions_as", adapter)
     _check_bool(conversational, "conversational", adapter)
     groups, skips = _uf_groups(ds, adapter, score, aspects, min_completions)
-    has_source = "source" in ds.column_names
-    weights = _weights_of(ds)
-    out: dict[str, list] = {"prompt": [], "completions": [], "rewards": [], "models": []}
-    if has_source:
-        out["source"] = []
-    if weights is not None:
-        out[SAMPLE_WEIGHT_COLUMN] = []
-    for i, row, instruction, kept in groups:
-        out["prompt"].append(_uf_prompt(instruction, conversational))
-        out["completions"].append([r if completions_as == "text" else _assistant(r) for r, _, _ in kept])
-        out["rewards"].append([v for _, v, _ in kept])
-        out["models"].append([m for _, _, m in kept])
-        if has_source:
-            out["source"].append(row["source"])
-        if weights is not None:
-            out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
-    skips.report(len(out["prompt"]), stats)
-    return _from_columns(out)
+    out = _Columns(ds, ["prompt", "completions", "rewards", "models"], carried=["source"])
+    for i, instruction, kept in groups:
+        out.add(
+            i,
+            prompt=_uf_prompt(instruction, conversational),
+            completions=[r if completions_as == "text" else _assistant(r) for r, _, _ in kept],
+            rewards=[v for _, v, _ in kept],
+            models=[m for _, _, m in kept],
+        )
+    skips.report(len(out), stats)
+    return out.dataset()
 
 
 @_register
@@ -344,12 +355,9 @@ def ultrafeedback_rows(
     """VAR rows from `openbmb/UltraFeedback`: `prompt, completion, reward, model` (and `source`), one per completion.
 
     Args:
-        ds (`datasets.Dataset`):
-            One split of `openbmb/UltraFeedback`.
-        score (`str`, *optional*, defaults to `"overall"`):
-            `"overall"`, `"fine_grained"` or `"mean_aspects"`, as in [`ultrafeedback_groups`].
-        aspects (`Sequence[str]`, *optional*, defaults to the four aspects):
-            The aspects averaged by `score="mean_aspects"`.
+        ds, score, aspects:
+            As in [`ultrafeedback_groups`]: one split of `openbmb/UltraFeedback`, the score read as the reward
+            (`"overall"`, `"fine_grained"` or `"mean_aspects"`) and the aspects averaged by `score="mean_aspects"`.
         best_only (`bool`, *optional*, defaults to `False`):
             Keep only the best-scored completion of each instruction (ties broken at random with `seed`).
         conversational (`bool`, *optional*, defaults to `True`):
@@ -367,28 +375,17 @@ def ultrafeedback_rows(
     _check_bool(conversational, "conversational", adapter)
     groups, skips = _uf_groups(ds, adapter, score, aspects, min_completions=1)
     rng = random.Random(seed)
-    has_source = "source" in ds.column_names
-    weights = _weights_of(ds)
-    out: dict[str, list] = {"prompt": [], "completion": [], "reward": [], "model": []}
-    if has_source:
-        out["source"] = []
-    if weights is not None:
-        out[SAMPLE_WEIGHT_COLUMN] = []
-    for i, row, instruction, kept in groups:
+    out = _Columns(ds, ["prompt", "completion", "reward", "model"], carried=["source"])
+    for i, instruction, kept in groups:
         if best_only:
             top = max(v for _, v, _ in kept)
             kept = [rng.choice([k for k in kept if k[1] == top])]
         for response, value, model in kept:
-            out["prompt"].append(_uf_prompt(instruction, conversational))
-            out["completion"].append(_assistant(response) if conversational else response)
-            out["reward"].append(value)
-            out["model"].append(model)
-            if has_source:
-                out["source"].append(row["source"])
-            if weights is not None:
-                out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
-    skips.report(len(out["prompt"]), stats)
-    return _from_columns(out)
+            prompt = _uf_prompt(instruction, conversational)
+            completion = _assistant(response) if conversational else response
+            out.add(i, prompt=prompt, completion=completion, reward=value, model=model)
+    skips.report(len(out), stats)
+    return out.dataset()
 
 
 def _best_random(valid: list[tuple[int, float]], ties: str, rng: random.Random) -> list[tuple[int, int]]:
@@ -413,12 +410,9 @@ def ultrafeedback_pairs(
     `prompt, chosen, rejected, score_chosen, score_rejected, chosen_model, rejected_model` (and `source`).
 
     Args:
-        ds (`datasets.Dataset`):
-            One split of `openbmb/UltraFeedback`.
-        score (`str`, *optional*, defaults to `"overall"`):
-            `"overall"`, `"fine_grained"` or `"mean_aspects"`, as in [`ultrafeedback_groups`].
-        aspects (`Sequence[str]`, *optional*, defaults to the four aspects):
-            The aspects averaged by `score="mean_aspects"`.
+        ds, score, aspects:
+            As in [`ultrafeedback_groups`]: one split of `openbmb/UltraFeedback`, the score read as the reward
+            (`"overall"`, `"fine_grained"` or `"mean_aspects"`) and the aspects averaged by `score="mean_aspects"`.
         strategy (`str`, *optional*, defaults to `"best_random"`):
             `"best_random"`: the best completion against one other drawn at random (how
             `HuggingFaceH4/ultrafeedback_binarized` was built); `"best_worst"`, `"best_vs_rest"`, `"all_pairs"`: as
@@ -440,31 +434,27 @@ def ultrafeedback_pairs(
     groups, skips = _uf_groups(ds, adapter, score, aspects, min_completions=2)
     pick = _best_random if strategy == "best_random" else PAIR_SELECTORS[strategy]
     rng = random.Random(seed)
-    has_source = "source" in ds.column_names
     names = ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "chosen_model", "rejected_model"]
-    out: dict[str, list] = {name: [] for name in names + (["source"] if has_source else [])}
-    weights = _weights_of(ds)
-    if weights is not None:
-        out[SAMPLE_WEIGHT_COLUMN] = []
-    for i, row, instruction, kept in groups:
+    out = _Columns(ds, names, carried=["source"])
+    for i, instruction, kept in groups:
         pairs = pick([(j, v) for j, (_, v, _) in enumerate(kept)], ties, rng)
         if not pairs:
             skips.skip("all scores tie (ties='drop')", f"row {i}")
             continue
         for a, b in pairs:
-            out["prompt"].append(_uf_prompt(instruction, conversational))
-            out["chosen"].append(_assistant(kept[a][0]) if conversational else kept[a][0])
-            out["rejected"].append(_assistant(kept[b][0]) if conversational else kept[b][0])
-            out["score_chosen"].append(kept[a][1])
-            out["score_rejected"].append(kept[b][1])
-            out["chosen_model"].append(kept[a][2])
-            out["rejected_model"].append(kept[b][2])
-            if has_source:
-                out["source"].append(row["source"])
-            if weights is not None:
-                out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
-    skips.report(len(out["prompt"]), stats)
-    return _from_columns(out)
+            (chosen, score_chosen, chosen_model), (rejected, score_rejected, rejected_model) = kept[a], kept[b]
+            out.add(
+                i,
+                prompt=_uf_prompt(instruction, conversational),
+                chosen=_assistant(chosen) if conversational else chosen,
+                rejected=_assistant(rejected) if conversational else rejected,
+                score_chosen=score_chosen,
+                score_rejected=score_rejected,
+                chosen_model=chosen_model,
+                rejected_model=rejected_model,
+            )
+    skips.report(len(out), stats)
+    return out.dataset()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -489,7 +479,7 @@ def _ufb_response(value: Any, i: int, column: str) -> str:
 
 
 def _ufb_pairs(ds, adapter: str):
-    """Per valid row: `(row, i, prompt, chosen text, rejected text, score_chosen, score_rejected)`."""
+    """Per valid row: `(i, prompt, chosen text, rejected text, score_chosen, score_rejected)`."""
     _require(ds, ["prompt", "chosen", "rejected", "score_chosen", "score_rejected"], adapter, _UFB_SCHEMA)
     skips = _Skips(adapter, len(ds))
     kept = []
@@ -508,7 +498,7 @@ def _ufb_pairs(ds, adapter: str):
         elif not (math.isfinite(sc) and math.isfinite(sr)):
             skips.skip("a missing or non-finite score", f"row {i}")
         else:
-            kept.append((row, i, prompt, chosen, rejected, sc, sr))
+            kept.append((i, prompt, chosen, rejected, sc, sr))
     return kept, skips
 
 
@@ -534,28 +524,21 @@ def ultrafeedback_binarized_pairs(ds, ties: str = "keep", conversational: bool =
     _check_choice(ties, TIE_OPTIONS, "ties", adapter)
     _check_bool(conversational, "conversational", adapter)
     kept, skips = _ufb_pairs(ds, adapter)
-    has_id = "prompt_id" in ds.column_names
-    weights = _weights_of(ds)
-    out: dict[str, list] = {n: [] for n in ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")}
-    if has_id:
-        out["prompt_id"] = []
-    if weights is not None:
-        out[SAMPLE_WEIGHT_COLUMN] = []
-    for row, i, prompt, chosen, rejected, sc, sr in kept:
+    out = _Columns(ds, ["prompt", "chosen", "rejected", "score_chosen", "score_rejected"], carried=["prompt_id"])
+    for i, prompt, chosen, rejected, sc, sr in kept:
         if ties == "drop" and sc == sr:
             skips.skip("score_chosen equals score_rejected (ties='drop')", f"row {i}")
             continue
-        out["prompt"].append(_user(prompt) if conversational else prompt)
-        out["chosen"].append(_assistant(chosen) if conversational else chosen)
-        out["rejected"].append(_assistant(rejected) if conversational else rejected)
-        out["score_chosen"].append(sc)
-        out["score_rejected"].append(sr)
-        if has_id:
-            out["prompt_id"].append(row["prompt_id"])
-        if weights is not None:
-            out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
-    skips.report(len(out["prompt"]), stats)
-    return _from_columns(out)
+        out.add(
+            i,
+            prompt=_user(prompt) if conversational else prompt,
+            chosen=_assistant(chosen) if conversational else chosen,
+            rejected=_assistant(rejected) if conversational else rejected,
+            score_chosen=sc,
+            score_rejected=sr,
+        )
+    skips.report(len(out), stats)
+    return out.dataset()
 
 
 @_register
@@ -574,24 +557,13 @@ def ultrafeedback_binarized_rows(ds, conversational: bool = True, stats: dict | 
     adapter = "ultrafeedback_binarized_rows"
     _check_bool(conversational, "conversational", adapter)
     kept, skips = _ufb_pairs(ds, adapter)
-    has_id = "prompt_id" in ds.column_names
-    weights = _weights_of(ds)
-    out: dict[str, list] = {"prompt": [], "completion": [], "reward": []}
-    if has_id:
-        out["prompt_id"] = []
-    if weights is not None:
-        out[SAMPLE_WEIGHT_COLUMN] = []
-    for row, i, prompt, chosen, rejected, sc, sr in kept:
+    out = _Columns(ds, ["prompt", "completion", "reward"], carried=["prompt_id"])
+    for i, prompt, chosen, rejected, sc, sr in kept:
         for text, value in ((chosen, sc), (rejected, sr)):
-            out["prompt"].append(_user(prompt) if conversational else prompt)
-            out["completion"].append(_assistant(text) if conversational else text)
-            out["reward"].append(value)
-            if has_id:
-                out["prompt_id"].append(row["prompt_id"])
-            if weights is not None:
-                out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
-    skips.report(len(out["prompt"]), stats)
-    return _from_columns(out)
+            completion = _assistant(text) if conversational else text
+            out.add(i, prompt=_user(prompt) if conversational else prompt, completion=completion, reward=value)
+    skips.report(len(out), stats)
+    return out.dataset()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -714,18 +686,13 @@ def hh_rlhf_sft(ds, conversational: bool = True, stats: dict | None = None):
     adapter = "hh_rlhf_sft"
     _check_bool(conversational, "conversational", adapter)
     parsed, skips = _hh_parsed(ds, adapter, "chosen", allow_empty_last=False)
-    weights = _weights_of(ds)
-    out: dict[str, list] = {"prompt": [], "completion": []}
-    if weights is not None:
-        out[SAMPLE_WEIGHT_COLUMN] = []
+    out = _Columns(ds, ["prompt", "completion"])
     for i, messages in parsed:
         prompt, last = messages[:-1], messages[-1]["content"]
-        out["prompt"].append(prompt if conversational else _hh_render(prompt))
-        out["completion"].append(_assistant(last) if conversational else " " + last)
-        if weights is not None:
-            out[SAMPLE_WEIGHT_COLUMN].append(weights[i])
-    skips.report(len(out["prompt"]), stats)
-    return _from_columns(out)
+        completion = _assistant(last) if conversational else " " + last
+        out.add(i, prompt=prompt if conversational else _hh_render(prompt), completion=completion)
+    skips.report(len(out), stats)
+    return out.dataset()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
