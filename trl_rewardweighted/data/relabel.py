@@ -407,6 +407,11 @@ def _normalise_attributes(attributes: Any) -> dict[str, tuple[str, str]] | None:
     return out
 
 
+def _choice_field(default: str, choices: Sequence[str], help: str) -> Any:
+    """A relabeling field that takes one of `choices` (TRL's parser offers and enforces them)."""
+    return field(default=default, metadata={"help": help, "choices": list(choices)})
+
+
 @dataclass
 class RewardAugmentFields:
     r"""
@@ -459,23 +464,19 @@ class RewardAugmentFields:
             each, replacing the single overall score.
     """
 
-    augment_mode: str = field(
-        default="both",
-        metadata={
-            "help": "'both' (RA: both goals, 2N rows) or 'chosen_only' (RA+: the chosen goal only, N rows).",
-            "choices": list(AUGMENT_MODES),
-        },
+    augment_mode: str = _choice_field(
+        "both",
+        AUGMENT_MODES,
+        help="'both' (RA: both goals, 2N rows) or 'chosen_only' (RA+: the chosen goal only, N rows).",
     )
     augment_fraction: float = field(
         default=1.0,
         metadata={"help": "Half-RA: augment only the first floor(fraction*N) training pairs (0.5 keeps the size)."},
     )
-    ties: str = field(
-        default="drop",
-        metadata={
-            "help": "Pairs with equal goal scores: 'drop' (paper's indicator reward) or 'keep' (released code).",
-            "choices": list(TIE_POLICIES),
-        },
+    ties: str = _choice_field(
+        "drop",
+        TIE_POLICIES,
+        help="Pairs with equal goal scores: 'drop' (paper's indicator reward) or 'keep' (released code).",
     )
     score_chosen_column: str = field(default="score_chosen", metadata={"help": "Score column of the chosen response."})
     score_rejected_column: str = field(
@@ -494,12 +495,8 @@ class RewardAugmentFields:
         default=None,
         metadata={"help": "Goal text template with {scores} and/or {score}; None = the released code's wording."},
     )
-    system_role: str = field(
-        default="auto",
-        metadata={
-            "help": "Goal placement for conversational prompts: 'auto', 'system' or 'prefix'.",
-            "choices": list(SYSTEM_ROLES),
-        },
+    system_role: str = _choice_field(
+        "auto", SYSTEM_ROLES, help="Goal placement for conversational prompts: 'auto', 'system' or 'prefix'."
     )
     attribute_columns: dict[str, Any] | str | None = field(
         default=None,
