@@ -23,12 +23,12 @@ command refuses every option that has no effect in the mode chosen (`args.given`
 command line; tests/test_cli_flags.py walks the parser to keep it so) and checks the model paths with
 `trl_rewardweighted.model_utils.check_model_source`.
 
-Adding a subcommand: write `_<name>_arguments(parser)`, which adds its arguments, and `_cmd_<name>(args)`, which runs it,
-and list them with the command's help in `_COMMANDS` (read by [`build_parser`]). A command returns nothing on success; for bad input it raises
-`ValueError` (JSON errors included) / `OSError` (`FileNotFoundError`, `FileExistsError`) / `ImportError` with a
-one-line message, which [`main`] prints as `trl-rw <command>: error: ...` and exits with code 2 (set
-`TRL_RW_DEBUG=1` to get the traceback instead). Other exceptions are bugs and keep their traceback. Outputs are
-checked before any work starts (an existing one needs `--overwrite`) and written atomically by
+Adding a subcommand: write `_<name>_arguments(parser)`, which adds its arguments, and `_cmd_<name>(args)`, which
+runs it, and list them with the command's help in `_COMMANDS` (read by [`build_parser`]). A command returns nothing on
+success; for bad input it raises `ValueError` (JSON errors included) / `OSError` (`FileNotFoundError`,
+`FileExistsError`) / `ImportError` with a one-line message, which [`main`] prints as `trl-rw <command>: error: ...` and
+exits with code 2 (set `TRL_RW_DEBUG=1` to get the traceback instead). Other exceptions are bugs and keep their
+traceback. Outputs are checked before any work starts (an existing one needs `--overwrite`) and written atomically by
 `trl_rewardweighted.data.convert.save_datasets`. Heavy libraries are imported inside the commands, so
 `trl-rw --help` stays fast.
 """
@@ -375,8 +375,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tie-tolerance", type=float, default=0.0)
     _add_backend_arg(
         parser,
-        "generation backend (default: auto: vLLM if installed and a GPU is visible); rewards and log-probs are computed "
-        "with transformers",
+        "generation backend (default: auto: vLLM if installed and a GPU is visible); rewards and log-probs are "
+        "computed with transformers",
     )
     _add_run_args(parser, rows="prompts", chunk_size=64, work_dir="<output-dir>/.parts")
 
@@ -678,9 +678,9 @@ _COMMANDS = {
     "check-recipe": _Command(
         "validate recipes without loading a model or data",
         "Parse each recipe strictly with its method's config, ModelConfig and script arguments (no model or data is "
-        "loaded): renamed, misspelled and mistyped keys are reported, one message per problem. Exits 1 when any recipe "
-        "has a problem. With --fix OUT, the recipe's renamed and removed keys are migrated and OUT written (or each key "
-        "that needs a decision named, and nothing written).",
+        "loaded): renamed, misspelled and mistyped keys are reported, one message per problem. Exits 1 when any "
+        "recipe has a problem. With --fix OUT, the recipe's renamed and removed keys are migrated and OUT written (or "
+        "each key that needs a decision named, and nothing written).",
         _check_recipe_arguments,
         _cmd_check_recipe,
     ),

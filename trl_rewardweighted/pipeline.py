@@ -1,10 +1,10 @@
 """The dataset pipeline behind `trl-rw generate`, `score`, `sample` and `convert`, callable from code.
 
-[`run_generate`], [`run_score`] and [`run_sample`] sample and score in chunks with
-[`~shards.run_chunks`] (their keyword options are the fields of [`RunSettings`]): resumable (rerun the same call after a
-kill) and split across the processes of an `accelerate launch`; the main process merges the chunks, writes the outputs atomically and gets the datasets back
-(the other processes get `None`). The settings of a run are recorded in its work folder's manifest under the names
-of the `trl-rw` options (`--model`, `--n`, ...), and errors name those options too.
+[`run_generate`], [`run_score`] and [`run_sample`] sample and score in chunks with [`~shards.run_chunks`] (their
+keyword options are the fields of [`RunSettings`]): resumable (rerun the same call after a kill) and split across the
+processes of an `accelerate launch`; the main process merges the chunks, writes the outputs atomically and gets the
+datasets back (the other processes get `None`). The settings of a run are recorded in its work folder's manifest
+under the names of the `trl-rw` options (`--model`, `--n`, ...), and errors name those options too.
 
 ```python
 from trl_rewardweighted.pipeline import GenerationSettings, ScoringSettings, run_sample
