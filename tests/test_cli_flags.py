@@ -269,6 +269,13 @@ def test_eval_uses_or_refuses_every_option(tmp_path, files, capsys, monkeypatch)
             return {}
 
         recorder.stub(evaluation, "write_report", result=report)
+        recorder.stub(evaluation, "pool_results", result={})
+
+        def pooled_report(pooled, out):
+            (out / "pooled.md").write_text("")
+            return {}
+
+        recorder.stub(evaluation, "write_pooled_report", result=pooled_report)
 
     base = ["--reference", "org/ref", "--prompts", files["prompts"], "--reward", FUNCTION]
     base += ["--output-dir", tmp_path / "eval"]

@@ -158,3 +158,29 @@ def test_compare_seeds_pools_resumable_seed_runs(tiny_model_path, tmp_path, caps
     code, printed, err = run(single, capsys)
     assert code == 0, err
     assert calls == [] and "3/3 evaluation: done in an earlier run" in printed
+
+
+def test_eval_seeds_pools_one_evaluation_per_sampling_seed(tiny_model_path, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi.\nName a colour.\nCount to three.\n")
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", f"same={tiny_model_path}", "--reference", tiny_model_path, "--prompts", str(prompts)]
+    argv += ["--reward", "tests.test_evaluation:word_reward", "--output-dir", str(out), "--num-samples", "2"]
+    argv += ["--max-new-tokens", "6", "--no-progress", "--seeds", "2", "--seed", "3"]
+    code, printed, err = run(argv, capsys)
+    assert code == 0, err
+    pooled = json.loads((out / "pooled.json").read_text())
+    assert pooled["seeds"] == [3, 4] and not (out / "eval.json").exists() and not (out / ".parts").exists()
+    for k, seed in enumerate((3, 4)):
+        results = json.loads((out / f"seed_{seed}" / "eval.json").read_text())
+        assert results["config"]["seed"] == seed
+        for name in ("reference", "same"):
+            assert pooled["models"][name]["reward"]["per_seed"][k] == pytest.approx(
+                results["models"][name]["summary"]["reward"]["mean"]
+            )
+            assert pooled["models"][name]["kl"]["per_seed"][k] == pytest.approx(
+                results["models"][name]["summary"]["kl"]["mean"], abs=1e-9
+            )
+    assert "Pooled over seeds 3, 4 x 3 prompts" in (out / "pooled.md").read_text()
+    code, _, err = run(argv, capsys)  # the pooled report exists
+    assert code == 2 and err.strip().endswith("pooled.json exists; pass --overwrite to replace it.")

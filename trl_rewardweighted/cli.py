@@ -369,6 +369,13 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default: 0)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="evaluate with sampling seeds --seed, --seed+1, ... (each in <output-dir>/seed_<s>) and pool the paired "
+        "differences with a bootstrap over seeds and prompts into pooled.md / pooled.json (default: 1)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--goal-score", type=float, default=10.0, help="goal of --goal-model models (default: 10)")
     parser.add_argument("--goal-template", default=None, help="goal text template used at training")
@@ -394,9 +401,19 @@ def _named_models(values: list[str], option: str) -> list[tuple[str, str]]:
 
 
 def _cmd_eval(args) -> None:
+    from dataclasses import replace
+
     from trl_rewardweighted.data.convert import read_prompts
     from trl_rewardweighted.data.utils import completion_text
-    from trl_rewardweighted.evaluation import EvalConfig, ModelSpec, evaluate_models, summary_line, write_report
+    from trl_rewardweighted.evaluation import (
+        EvalConfig,
+        ModelSpec,
+        evaluate_models,
+        pool_results,
+        summary_line,
+        write_pooled_report,
+        write_report,
+    )
     from trl_rewardweighted.model_utils import check_model_source
     from trl_rewardweighted.pipeline import check_parent_folders, refuse_unused
     from trl_rewardweighted.sampling import resolve_backend
@@ -414,8 +431,11 @@ def _cmd_eval(args) -> None:
     check_parent_folders(out / "eval.json", "--output-dir")
     if args.work_dir:
         check_parent_folders(args.work_dir, "--work-dir")
-    if (out / "eval.json").exists() and not args.overwrite:
-        raise FileExistsError(f"{out / 'eval.json'} exists; pass --overwrite to replace it.")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}.")
+    report = out / ("eval.json" if args.seeds == 1 else "pooled.json")
+    if report.exists() and not args.overwrite:
+        raise FileExistsError(f"{report} exists; pass --overwrite to replace it.")
     for spec in specs:
         check_model_source(spec.model, "--goal-model" if spec.goal_conditioned else "--model")
     check_model_source(args.reference, "--reference")
@@ -440,23 +460,35 @@ def _cmd_eval(args) -> None:
         vllm_kwargs=_vllm_kwargs(args),
     )
     work_dir = Path(args.work_dir) if args.work_dir else out / ".parts"
-    results = evaluate_models(
-        specs,
-        args.reference,
-        list(ds["prompt"]),
-        args.reward,
-        config,
-        reference_responses=references,
-        work_dir=work_dir,
-        restart=args.restart,
-        log=lambda line: print(f"trl-rw eval: {line}", file=sys.stderr),
-    )
-    if results is None:  # not the main process
+    # --seeds N: one evaluation per sampling seed (`seed_<s>/`, each resumable by chunk in the work folder), pooled.
+    seeds = [args.seed + k for k in range(args.seeds)]
+    runs = []
+    for seed in seeds:
+        several = len(seeds) > 1
+        results = evaluate_models(
+            specs,
+            args.reference,
+            list(ds["prompt"]),
+            args.reward,
+            replace(config, seed=seed),
+            reference_responses=references,
+            work_dir=work_dir / f"seed_{seed}" if several else work_dir,
+            restart=args.restart,
+            log=lambda line: print(f"trl-rw eval: {line}", file=sys.stderr),
+        )
+        if results is None:  # not the main process
+            continue
+        paths = write_report(results, out / f"seed_{seed}" if several else out)
+        runs.append(results)
+        print(f"seed {seed}: {summary_line(results)}" if several else (out / "eval.md").read_text())
+    if not runs:
         return
-    paths = write_report(results, out)
+    if len(seeds) > 1:
+        paths = write_pooled_report(pool_results(runs, seeds), out)
+        print((out / "pooled.md").read_text())
+    else:
+        print(summary_line(runs[0]))
     remove_work_dir(work_dir)
-    print((out / "eval.md").read_text())
-    print(summary_line(results))
     print("written: " + ", ".join(paths.values()))
 
 
