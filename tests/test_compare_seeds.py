@@ -184,3 +184,15 @@ def test_eval_seeds_pools_one_evaluation_per_sampling_seed(tiny_model_path, tmp_
     assert "Pooled over seeds 3, 4 x 3 prompts" in (out / "pooled.md").read_text()
     code, _, err = run(argv, capsys)  # the pooled report exists
     assert code == 2 and err.strip().endswith("pooled.json exists; pass --overwrite to replace it.")
+
+
+def test_iterate_takes_a_packaged_recipe_by_name(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from trl_rewardweighted.iterate import resolve_options
+
+    monkeypatch.chdir(tmp_path)
+    options = resolve_options(Namespace(config="quickstart/iterate_var", rounds=1))
+    assert options.method == "var" and options.rounds == 1
+    with pytest.raises(FileNotFoundError, match="--config quickstart/nothing: no such file"):
+        resolve_options(Namespace(config="quickstart/nothing"))

@@ -4,7 +4,7 @@ model to the next round.
 
 ```bash
 trl-rw iterate --method var --rounds 3                       # SmolLM2-135M-Instruct, VADER reward, offline, CPU
-trl-rw iterate --config "$(trl-rw recipes path quickstart/iterate_var)" --rounds 4 --output-dir runs/var
+trl-rw iterate --config quickstart/iterate_var --rounds 4 --output-dir runs/var
 ```
 
 Round `k` (1-based) of `--rounds`:
@@ -59,7 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `trl-rw iterate` options on `parser` (the `trl-rw` subcommand). Each is taken as given (every
     default is `None` here) and handed to [`resolve_options`], which parses the recipe and the flags with
     [`make_parser`]: a flag given on the command line wins over the recipe, which wins over the default."""
-    parser.add_argument("--config", default=None, help="YAML recipe whose keys are these options' names (underscores)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML recipe whose keys are these options' names (underscores): a file, or a packaged recipe's name "
+        "(quickstart/iterate_var; see `trl-rw recipes list`)",
+    )
     parser.add_argument(
         "--check", action="store_true", help="validate the options (and the recipe), print them and exit"
     )
@@ -91,8 +96,9 @@ def resolve_options(opts) -> IterateConfig:
     parser.error = error  # one `ValueError` line instead of argparse's usage and exit
     config = getattr(opts, "config", None)
     if config is not None:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"Recipe not found: {config}")
+        from .packaged import resolve_recipe
+
+        config = resolve_recipe(config)[0]  # a file, or a packaged recipe's name (`quickstart/iterate_var`)
         unknown = [k for k in _recipe_keys(config) if k not in {f.name for f in fields(IterateConfig)}]
         if unknown:
             close = difflib.get_close_matches(str(unknown[0]), [f.name for f in fields(IterateConfig)], n=1)
