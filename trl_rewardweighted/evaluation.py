@@ -746,13 +746,21 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(results: dict, out: Path) -> list[str]:
+def _pyplot():
+    """`matplotlib.pyplot` with the file-only backend, or `None` without matplotlib (the plots are skipped)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plots(results: dict, out: Path) -> list[str]:
+    plt = _pyplot()
+    if plt is None:
         return []
     names = list(results["models"])
     written = []
@@ -767,10 +775,20 @@ def _plots(results: dict, out: Path) -> list[str]:
     plt.close(fig)
     written.append("reward_distribution.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name in names:
-        s = results["models"][name]["summary"]
-        kl, r = s["kl"], s["reward"]
+    points = {n: (results["models"][n]["summary"]["kl"], results["models"][n]["summary"]["reward"]) for n in names}
+    _reward_vs_kl(plt, points, "mean reward (95 % CI)", "Reward vs KL", out / "reward_vs_kl.png")
+    written.append("reward_vs_kl.png")
+    return written
+
+
+def _reward_vs_kl(plt, points: dict, ylabel: str, title: str, path: Path) -> None:
+    """Mean reward against KL with both intervals, one point per model (`points`: name -> (kl, reward) dicts with
+    `mean`, `low`, `high`, and optionally `per_seed`: then one small dot per seed)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (name, (kl, r)) in enumerate(points.items()):
+        color = f"C{i % 10}"
+        if "per_seed" in kl:
+            ax.scatter(kl["per_seed"], r["per_seed"], s=12, alpha=0.5, color=color)
         ax.errorbar(
             kl["mean"],
             r["mean"],
@@ -778,17 +796,16 @@ def _plots(results: dict, out: Path) -> list[str]:
             yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]],
             fmt="o",
             capsize=3,
+            color=color,
             label=name,
         )
     ax.set_xlabel("KL to the reference (nats per reply)")
-    ax.set_ylabel("mean reward (95 % CI)")
-    ax.set_title("Reward vs KL")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "reward_vs_kl.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append("reward_vs_kl.png")
-    return written
 
 
 def write_report(results: dict, output_dir: str | Path) -> dict[str, str]:
@@ -929,35 +946,12 @@ def pairwise_table(results_by_seed: Sequence[dict], names: Sequence[str], n_resa
 
 
 def _pooled_plot(pooled: dict, out: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return []
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, (name, e) in enumerate(pooled["models"].items()):
-        kl, r = e["kl"], e["reward"]
-        color = f"C{i % 10}"
-        ax.scatter(kl["per_seed"], r["per_seed"], s=12, alpha=0.5, color=color)
-        ax.errorbar(
-            kl["mean"],
-            r["mean"],
-            xerr=[[kl["mean"] - kl["low"]], [kl["high"] - kl["mean"]]],
-            yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]],
-            fmt="o",
-            capsize=3,
-            color=color,
-            label=name,
-        )
-    ax.set_xlabel("KL to the reference (nats per reply)")
-    ax.set_ylabel("mean reward (pooled 95 % CI; dots: seeds)")
-    ax.set_title(f"Reward vs KL over {len(pooled['seeds'])} seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "reward_vs_kl_pooled.png", dpi=120)
-    plt.close(fig)
+    points = {name: (e["kl"], e["reward"]) for name, e in pooled["models"].items()}
+    title = f"Reward vs KL over {len(pooled['seeds'])} seeds"
+    _reward_vs_kl(plt, points, "mean reward (pooled 95 % CI; dots: seeds)", title, out / "reward_vs_kl_pooled.png")
     return ["reward_vs_kl_pooled.png"]
 
 

@@ -310,12 +310,8 @@ def pooled_paired_diff(
             Per seed, a 1-D sequence of scores of method A, one per prompt.
         b_by_seed (`Sequence`):
             Per seed, the scores of method B on the same prompts in the same order (same lengths as `a_by_seed`).
-        n_resamples (`int`, *optional*, defaults to `2000`):
-            Number of bootstrap resamples.
-        confidence (`float`, *optional*, defaults to `0.95`):
-            Coverage of the interval, in `(0, 1)`.
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of `numpy.random.default_rng`.
+        n_resamples, confidence, seed:
+            As in [`paired_bootstrap_diff`].
 
     Returns:
         [`PooledDifference`]: `(diff, low, high, frac_le_zero, per_seed)`.
