@@ -427,14 +427,7 @@ def _launch(opts, module_args: list) -> None:
 
 def _sample_phase(opts, model_path: str, prompts: Path, output: Path) -> None:
     """Sample `--candidates` replies per training prompt and score them into `output` (a groups dataset)."""
-    if _launched(opts):
-        argv = ["trl_rewardweighted.cli", "sample", "--model", model_path, "--prompts", prompts]
-        argv += ["--n", opts.candidates, "--max-new-tokens", opts.max_new_tokens, "--seed", opts.seed]
-        argv += ["--batch-size", opts.gen_batch_size, "--backend", opts.backend, "--chunk-size", opts.chunk_size]
-        argv += ["--scorer", opts.reward, "--output-groups", output] + (["--no-progress"] if opts.no_progress else [])
-        _launch(opts, argv)
-        return
-    from .pipeline import GenerationSettings, ScoringSettings, run_sample
+    from .pipeline import GenerationSettings, ScoringSettings, sample_groups
 
     generation = GenerationSettings(
         model=model_path,
@@ -445,8 +438,15 @@ def _sample_phase(opts, model_path: str, prompts: Path, output: Path) -> None:
         backend=opts.backend,
     )
     scoring = ScoringSettings(scorers=[opts.reward], batch_size=opts.gen_batch_size)
-    run_sample(
-        prompts, {"groups": output}, generation, scoring, chunk_size=opts.chunk_size, progress=not opts.no_progress
+    sample_groups(
+        prompts,
+        output,
+        generation,
+        scoring,
+        chunk_size=opts.chunk_size,
+        progress=not opts.no_progress,
+        accelerate_config=opts.accelerate_config,
+        num_processes=opts.num_processes,
     )
 
 

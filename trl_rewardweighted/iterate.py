@@ -220,29 +220,12 @@ def _reward_stats(groups) -> dict:
     }
 
 
-def _launched(opts) -> bool:
-    return opts.accelerate_config is not None or opts.num_processes is not None
-
-
 def _sample(policy: str, prompts_file: Path, opts, output: Path, seed: int, goal: bool):
     """Sample and score `--n` replies per prompt from `policy` (under the goal prompt when `goal`) with the sampling
     pipeline of `trl-rw sample`, into `output`; launched as `trl-rw sample` with `--accelerate-config` /
     `--num-processes`. Returns the scored groups."""
-    from .data.convert import load_dataset_any
 
-    goal_score = opts.goal_score if goal else None
-    if _launched(opts):
-        from .launch import launch_command, run_launched
-
-        argv = ["trl_rewardweighted.cli", "sample", "--model", policy, "--prompts", prompts_file, "--n", opts.n]
-        argv += ["--temperature", opts.temperature, "--top-p", opts.top_p, "--max-new-tokens", opts.max_new_tokens]
-        argv += ["--seed", seed, "--batch-size", opts.gen_batch_size, "--backend", opts.backend, "--scorer"]
-        argv += [opts.reward, "--score-batch-size", 16, "--chunk-size", opts.chunk_size, "--output-groups", output]
-        argv += (["--goal-score", goal_score] if goal else []) + (["--no-progress"] if opts.no_progress else [])
-        cmd = launch_command(argv, opts.accelerate_config, opts.num_processes)
-        run_launched(cmd, env={"TOKENIZERS_PARALLELISM": "false"})
-        return load_dataset_any(output)
-    from .pipeline import GenerationSettings, ScoringSettings, run_sample
+    from .pipeline import GenerationSettings, ScoringSettings, sample_groups
 
     generation = GenerationSettings(
         model=policy,
@@ -253,18 +236,19 @@ def _sample(policy: str, prompts_file: Path, opts, output: Path, seed: int, goal
         seed=seed,
         batch_size=opts.gen_batch_size,
         backend=opts.backend,
-        goal_score=goal_score,
+        goal_score=opts.goal_score if goal else None,
     )
     scoring = ScoringSettings(scorers=[opts.reward], batch_size=16)
-    groups, _ = run_sample(
+    return sample_groups(
         prompts_file,
-        {"groups": output},
+        output,
         generation,
         scoring,
         chunk_size=opts.chunk_size,
         progress=not opts.no_progress,
+        accelerate_config=opts.accelerate_config,
+        num_processes=opts.num_processes,
     )
-    return groups
 
 
 def _completion_logps(model_path: str, groups) -> list[list[float]]:

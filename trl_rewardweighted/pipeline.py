@@ -45,6 +45,7 @@ __all__ = [
     "run_generate",
     "run_score",
     "run_sample",
+    "sample_groups",
     "convert_dataset",
     "run_convert",
     "refuse_unused",
@@ -771,6 +772,75 @@ def run_sample(
     paths = save_datasets([(ds, path) for _, ds, path in built], overwrite=run.overwrite)  # all or nothing
     remove_work_dir(folder)
     return groups, [(shape, ds, path) for (shape, ds, _), path in zip(built, paths)]
+
+
+def sample_groups(
+    prompts,
+    output,
+    generation: GenerationSettings,
+    scoring: ScoringSettings,
+    *,
+    chunk_size: int,
+    progress: bool = True,
+    accelerate_config: str | None = None,
+    num_processes: int | None = None,
+):
+    """Sample and score into one groups dataset, as a phase of `trl-rw compare` / `trl-rw iterate`: [`run_sample`]
+    in this process, or with `accelerate_config` and / or `num_processes` as `accelerate launch` of `trl-rw sample`
+    with the same settings (its chunks split over the processes; the samples depend on `chunk_size`, not on the number
+    of processes).
+
+    Args:
+        prompts (`str` or `os.PathLike`):
+            A prompt file.
+        output (`str` or `os.PathLike`):
+            The groups dataset to write (resumable in `<output>.parts`).
+        generation ([`GenerationSettings`]):
+            The sampling settings.
+        scoring ([`ScoringSettings`]):
+            The judges and their settings.
+        chunk_size (`int`):
+            Prompts per chunk.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars.
+        accelerate_config (`str` or `None`, *optional*):
+            An accelerate config (a name or a path, see [`~launch.launch_command`]).
+        num_processes (`int` or `None`, *optional*):
+            Processes of the launch.
+
+    Returns:
+        `Dataset`: the scored groups.
+    """
+    import json
+    from dataclasses import fields
+
+    from .data.convert import load_dataset_any
+
+    if accelerate_config is None and num_processes is None:
+        groups, _ = run_sample(
+            prompts, {"groups": output}, generation, scoring, chunk_size=chunk_size, progress=progress
+        )
+        return groups
+    from .launch import launch_command, run_launched
+    from .sampling import resolve_backend
+
+    argv = ["trl_rewardweighted.cli", "sample", "--prompts", prompts, "--output-groups", output]
+    vllm = resolve_backend(generation.backend, generation.model) == "vllm"
+    for f in fields(generation):
+        value = getattr(generation, f.name)
+        if value is None or (f.name in ("tensor_parallel_size", "vllm_kwargs") and value == f.default):
+            continue
+        if f.name == "batch_size" and vllm:  # vLLM batches the prompts itself
+            continue
+        argv += [f"--{f.name.replace('_', '-')}", json.dumps(value) if f.name == "vllm_kwargs" else value]
+    for scorer in scoring.scorers:
+        argv += ["--scorer", scorer]
+    argv += ["--combine", scoring.combine] if len(scoring.scorers) > 1 else []
+    argv += ["--score-batch-size", scoring.batch_size]
+    argv += ["--max-length", scoring.max_length] if scoring.max_length is not None else []
+    argv += ["--chunk-size", chunk_size] + ([] if progress else ["--no-progress"])
+    run_launched(launch_command(argv, accelerate_config, num_processes), env={"TOKENIZERS_PARALLELISM": "false"})
+    return load_dataset_any(output)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
