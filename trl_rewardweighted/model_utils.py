@@ -173,7 +173,7 @@ def sequence_logps(
 
 
 def warn_if_padding_free_attention_is_dense(model) -> None:
-    """Warn when padding-free forwards will run with a dense attention kernel.
+    """Warn when padding-free forwards will run with a dense attention kernel (from a trainer's `_after_base_init`).
 
     Results are exact with any implementation that honours packed `position_ids`, but only the varlen kernels
     (`flash_attention_2/3`, hub flash kernels) attend within each sequence alone. With `sdpa` / `eager`, transformers
@@ -189,7 +189,7 @@ def warn_if_padding_free_attention_is_dense(model) -> None:
             "the square of its total tokens. The speed-up is largest with a varlen kernel: load the model with "
             "`attn_implementation='flash_attention_2'` (`model_init_kwargs`, or `attn_implementation` in a recipe).",
             UserWarning,
-            stacklevel=3,
+            stacklevel=5,  # the caller of the trainer's `__init__` (through `_construct` and `_after_base_init`)
         )
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
+
+from .common import check_finite_positive
 
 __all__ = ["OnlineVARConfig"]
 
@@ -98,12 +99,12 @@ class OnlineVARConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        beta = self.beta
-        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(
-                f"OnlineVARConfig.beta must be a finite number > 0, got {self.beta!r}. It is the KL coefficient of the "
-                "target pi_ref exp(r / beta) (the temperature of the weights); set it to the scale of your rewards."
-            )
+        check_finite_positive(
+            "OnlineVARConfig.beta",
+            self.beta,
+            "It is the KL coefficient of the target pi_ref exp(r / beta) (the temperature of the weights); set it to "
+            "the scale of your rewards.",
+        )
         for name, why in _UNSUPPORTED_GRPO_FIELDS.items():
             value, default = getattr(self, name), _grpo_default(name)
             if value != default:

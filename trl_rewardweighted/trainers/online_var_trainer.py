@@ -14,7 +14,7 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from ..losses import online_var_weights, weighted_nll
-from ..model_utils import default_or_checked_args, resolve_reference_model
+from .common import TrainerInitMixin
 from .online_var_config import OnlineVARConfig, sampler_changing_generation_kwargs
 from .var_trainer import VARTrainer
 
@@ -35,7 +35,7 @@ _FORWARD_KEYS = (
 )
 
 
-class OnlineVARTrainer(GRPOTrainer):
+class OnlineVARTrainer(TrainerInitMixin, GRPOTrainer):
     """Trainer for online VAR: the VAR objective (arXiv 2502.11026) on completions sampled during training.
 
     For every prompt, `num_generations` completions are sampled from the current policy `q` and scored by
@@ -81,6 +81,11 @@ class OnlineVARTrainer(GRPOTrainer):
     _name = "Online VAR"
     _paper = VARTrainer._paper  # the method is VAR's (arXiv 2502.11026), run online
 
+    _config_class = OnlineVARConfig
+    _default_output_suffix = "OnlineVAR"
+    # GRPO needs no training dataset with an `environment_factory`, and says so itself.
+    _requires_train_dataset = False
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -97,13 +102,20 @@ class OnlineVARTrainer(GRPOTrainer):
         ref_model: str | PreTrainedModel | None = None,
         **kwargs,
     ):
-        args = default_or_checked_args(args, model, OnlineVARConfig, "OnlineVAR")
-        if reward_funcs is None:
+        self._construct(locals())
+
+    def _check_arguments(self, arguments):
+        args, ref_model, peft_config = arguments["args"], arguments["ref_model"], arguments["peft_config"]
+        if arguments["reward_funcs"] is None:
             raise ValueError(
                 "OnlineVARTrainer needs `reward_funcs`: the weights are softmax(r / beta + log pi_ref - log q) of the "
                 "rewards of the sampled completions. Pass a reward function, a reward model (id or object) or a list."
             )
-        if args.sync_ref_model and ref_model is not None and (peft_config is not None or is_peft_model(model)):
+        if (
+            args.sync_ref_model
+            and ref_model is not None
+            and (peft_config is not None or is_peft_model(arguments["model"]))
+        ):
             # GRPO refuses a PEFT policy with `sync_ref_model` when it keeps no reference model; with an explicit
             # `ref_model` the adapter-wrapped policy would be mixed into it parameter by parameter and fail at the
             # first synchronisation.
@@ -112,34 +124,25 @@ class OnlineVARTrainer(GRPOTrainer):
                 "synchronised by mixing the policy's parameters into it, and an adapter-wrapped policy does not have "
                 "the reference's parameters. Use `sync_ref_model=False`, or train the full model."
             )
-        ref_model = resolve_reference_model(model, ref_model, args, peft_config, quantization_config)
+        # `GRPOTrainer` takes no reference model: an explicit one is installed after its `__init__`.
+        self._explicit_ref_model = self._resolved_ref_model(arguments)
+        del arguments["ref_model"]
         self.skipped_groups = 0
         self.skipped_completions = 0
         self._online_var_rewards = None
-        init = dict(
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            **kwargs,
-        )
-        if ref_model is None:
-            super().__init__(model, reward_funcs, **init)
-        else:
-            # GRPO builds its own reference when `beta != 0`: keep it from loading one, then install ours the way
-            # GRPO installs its own (dropout off, fused LM head, prepared for the backend, synced if asked).
-            beta, sync = args.beta, args.sync_ref_model
-            args.beta, args.sync_ref_model = 0.0, False
-            try:
-                super().__init__(model, reward_funcs, **init)
-            finally:
-                args.beta, args.sync_ref_model = beta, sync
-            self.beta = beta
+
+    def _hidden_from_base_init(self, args):
+        if self._explicit_ref_model is None:
+            return {}
+        # GRPO builds its own reference when `beta != 0`: keep it from loading one (ours is installed after).
+        return {"beta": 0.0, "sync_ref_model": False}
+
+    def _after_base_init(self, args):
+        ref_model, self._explicit_ref_model = self._explicit_ref_model, None
+        if ref_model is not None:
+            # Installed the way GRPO installs its own (dropout off, fused LM head, prepared for the backend, synced if
+            # asked).
+            self.beta = args.beta
             self.ref_model = self._install_reference(ref_model, args)
         self._check_sampler()
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
 from ..data.relabel import RewardAugmentFields
-from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_column_name
+from ..data.weights import check_weight_column_name
+from .common import is_finite_positive, sample_weight_column_field
 
 __all__ = ["RewardAugmentedDPOConfig"]
 
@@ -77,10 +77,7 @@ class RewardAugmentedDPOConfig(RewardAugmentFields, DPOConfig):
             "help": "Keep each pair's two goal-conditioned twins in the same micro-batch (pairs still shuffled)."
         },
     )
-    sample_weight_column: str = field(
-        default=SAMPLE_WEIGHT_COLUMN,
-        metadata={"help": "Column with one sample weight (a finite number >= 0) per pair; optional."},
-    )
+    sample_weight_column: str = sample_weight_column_field("pair", optional=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -98,12 +95,7 @@ class RewardAugmentedDPOConfig(RewardAugmentFields, DPOConfig):
                     "micro-batch. Use e.g. per_device_train_batch_size="
                     f"{max(2, self.per_device_train_batch_size - 1)} or {self.per_device_train_batch_size + 1}."
                 )
-        if (
-            isinstance(self.beta, bool)
-            or not isinstance(self.beta, (int, float))
-            or not self.beta > 0
-            or not math.isfinite(self.beta)
-        ):
+        if not is_finite_positive(self.beta):
             raise ValueError(
                 f"beta must be a finite number > 0 (the DPO KL coefficient; the paper uses 0.01), got {self.beta!r}: beta = 0 makes "
                 "the loss constant (nothing is learned), a negative beta trains toward the rejected responses and an "

@@ -31,13 +31,8 @@ from ..data.relabel import (
     twin_units,
 )
 from ..data.utils import first_row
-from ..data.weights import check_weight_columns
-from ..model_utils import (
-    CheckpointedCountersMixin,
-    compute_rowwise_distributed,
-    default_or_checked_args,
-    resolve_reference_model,
-)
+from ..model_utils import CheckpointedCountersMixin, compute_rowwise_distributed
+from .common import DPOTrainerInitMixin
 from .ra_dpo_config import RewardAugmentedDPOConfig
 from .weighted_dpo_config import check_pairwise_loss_types
 from .weighted_dpo_trainer import SampleWeightedDPOMixin
@@ -95,7 +90,7 @@ class TwinPairSampler(torch.utils.data.Sampler):
                 yield from group[k]
 
 
-class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, SampleWeightedDPOMixin, DPOTrainer):
+class RewardAugmentedDPOTrainer(DPOTrainerInitMixin, CheckpointedCountersMixin, SampleWeightedDPOMixin, DPOTrainer):
     """
     DPO on reward-augmented pairs (arXiv 2410.08067).
 
@@ -159,66 +154,36 @@ class RewardAugmentedDPOTrainer(CheckpointedCountersMixin, SampleWeightedDPOMixi
             }"""),
     }
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: RewardAugmentedDPOConfig | None = None,
-        data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-    ):
-        args = default_or_checked_args(
-            args,
-            model,
-            RewardAugmentedDPOConfig,
-            "RA-DPO",
-            "It is a DPOConfig plus the relabeling options: build "
-            "RewardAugmentedDPOConfig(output_dir=..., ...) with the same fields.",
-        )
-        if train_dataset is not None:
-            _check_not_empty(train_dataset, "train dataset")
-            sample = next(iter(train_dataset))
-            if "image" in sample or "images" in sample:
-                raise NotImplementedError(
-                    "RewardAugmentedDPOTrainer does not support vision datasets: TRL prepares them on the fly, so the "
-                    "prompts cannot be relabeled before tokenisation."
-                )
+    _config_class = RewardAugmentedDPOConfig
+    _default_output_suffix = "RA-DPO"
+    _config_fix = (
+        "It is a DPOConfig plus the relabeling options: build RewardAugmentedDPOConfig(output_dir=..., ...) with the "
+        "same fields."
+    )
+
+    def _check_arguments(self, arguments):
+        args, train_dataset, eval_dataset = arguments["args"], arguments["train_dataset"], arguments["eval_dataset"]
+        _check_not_empty(train_dataset, "train dataset")
+        sample = next(iter(train_dataset))
+        if "image" in sample or "images" in sample:
+            raise NotImplementedError(
+                "RewardAugmentedDPOTrainer does not support vision datasets: TRL prepares them on the fly, so the "
+                "prompts cannot be relabeled before tokenisation."
+            )
         if isinstance(eval_dataset, dict):
             for key, dataset in eval_dataset.items():
                 _check_not_empty(dataset, _dataset_label(key, False))
         elif eval_dataset is not None:
             _check_not_empty(eval_dataset, "eval dataset")
-        self._sample_weight_column = args.sample_weight_column
-        self._sample_weights_on = check_weight_columns(
-            train_dataset, eval_dataset, args.sample_weight_column, train_required=False
-        )
+        self._init_sample_weights(arguments, required=False)
         if self._sample_weights_on:
             check_pairwise_loss_types(args.loss_type, "RewardAugmentedDPOTrainer")
-        ref_model = resolve_reference_model(model, ref_model, args, peft_config, quantization_config)
+        arguments["ref_model"] = self._resolved_ref_model(arguments)
         self._ra_train_seen = False
         self._ra_pending_log: dict[str, float] = {}
         self.augmentation_stats: dict[str, dict] = {}
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+
+    def _after_base_init(self, args):
         self._wrap_collator_with_weights()
 
     # DPOTrainer calls this for the training dataset first (name "train"), then for each evaluation dataset (name

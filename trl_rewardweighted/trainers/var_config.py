@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
+
+from .common import check_finite_positive
 
 __all__ = ["VARConfig"]
 
@@ -159,12 +160,12 @@ class VARConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        beta = self.beta
-        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(
-                f"VARConfig.beta must be a finite number > 0, got {self.beta!r}. It is the temperature of the weights "
-                "softmax(r / beta + log pi_ref); set it to the scale of your rewards (e.g. their std)."
-            )
+        check_finite_positive(
+            "VARConfig.beta",
+            self.beta,
+            "It is the temperature of the weights softmax(r / beta + log pi_ref); set it to the scale of your rewards "
+            "(e.g. their std).",
+        )
         if self.z_scope not in self._VALID_Z_SCOPES:
             raise ValueError(f"VARConfig.z_scope must be one of {self._VALID_Z_SCOPES}, got {self.z_scope!r}.")
         if self.group_column is not None and self.z_scope != "prompt":

@@ -29,13 +29,11 @@ from ..model_utils import (
     KeepFloat32InputsMixin,
     adapters_disabled,
     compute_rowwise_distributed,
-    default_or_checked_args,
     ensure_fused_lm_head,
-    hidden_from_base_init,
-    resolve_reference_model,
     sequence_logps,
     warn_if_padding_free_attention_is_dense,
 )
+from .common import TrainerInitMixin
 from .var_config import DEFAULT_SAMPLE_WEIGHT_COLUMN, VARConfig
 
 __all__ = [
@@ -361,7 +359,7 @@ def check_sample_weights(values: list[Any], column: str, label: str) -> None:
 _FLOAT32_KEYS = ("rewards", REF_LOGPS_COLUMN, "var_weights", "sample_weights")
 
 
-class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
+class VARTrainer(TrainerInitMixin, CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
     """Trainer for VAR, reward-weighted SFT with batch-normalised exponential reward weights (arXiv 2502.11026).
 
     Takes everything [`~trl.SFTTrainer`] takes plus `ref_model`, except `compute_metrics` and
@@ -415,6 +413,17 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         ),
     }
 
+    _config_class = VARConfig
+    _default_output_suffix = "VAR"
+    _refused_arguments = {
+        name: f"VARTrainer does not support `{name}`: its forward runs TRL's fused LM head, which computes the "
+        "completion log-probs without ever building the logits that `compute_metrics` and "
+        "`preprocess_logits_for_metrics` receive. VAR logs `eval_loss`, `eval_nll`, `eval_mean_token_accuracy`, "
+        "`eval_entropy` and the weight statistics `eval_var/ess`, `eval_var/max_weight` and `eval_var/weighted_reward` "
+        "instead; compute other metrics from generations, e.g. in a `TrainerCallback`."
+        for name in ("compute_metrics", "preprocess_logits_for_metrics")
+    }
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -432,22 +441,10 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         peft_config=None,
         formatting_func=None,
     ):
-        args = default_or_checked_args(args, model, VARConfig, "VAR")
-        for what, value in (
-            ("compute_metrics", compute_metrics),
-            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics),
-        ):
-            if value is not None:
-                raise ValueError(
-                    f"VARTrainer does not support `{what}`: its forward runs TRL's fused LM head, which computes the "
-                    "completion log-probs without ever building the logits that `compute_metrics` and "
-                    "`preprocess_logits_for_metrics` receive. VAR logs `eval_loss`, `eval_nll`, "
-                    "`eval_mean_token_accuracy`, `eval_entropy` and the weight statistics `eval_var/ess`, "
-                    "`eval_var/max_weight` and `eval_var/weighted_reward` instead; compute other metrics from "
-                    "generations, e.g. in a `TrainerCallback`."
-                )
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required.")
+        self._construct(locals())
+
+    def _check_arguments(self, arguments):
+        args, train_dataset, eval_dataset = arguments["args"], arguments["train_dataset"], arguments["eval_dataset"]
         if not isinstance(train_dataset, (Dataset, IterableDataset)):
             raise TypeError(
                 f"`train_dataset` must be a `Dataset` or `IterableDataset`, got `{type(train_dataset).__name__}`"
@@ -476,10 +473,12 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         self._var_slot_size = 1
         self._var_round_size = 1
         self._var_group_sizes: torch.Tensor | None = None
+        ref_model = arguments["ref_model"]
         if isinstance(ref_model, str):
             # Loaded like the DPO-based trainers load theirs: `model_init_kwargs`, `trust_remote_code`, no device map
             # when distributed.
-            ref_model = resolve_reference_model(model, ref_model, args)
+            ref_model = self._resolved_ref_model(arguments)
+        del arguments["ref_model"]  # kept here for the pre-pass: `SFTTrainer` takes no reference model
         # Only used by the reference pre-pass in __init__, then released.
         self._var_ref_model = ref_model
         self._var_external_ref = ref_model is not None
@@ -492,23 +491,12 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
         self.dropped_rows: dict[str, int] = {}
         self.dropped_row_indices: dict[str, list[int]] = {}
 
+    def _hidden_from_base_init(self, args):
         # Padding-free forwards are run here (`sequence_logps(padding_free=True)`), on SFT's padded collator, and
         # packing is done here (after the reference pre-pass, keeping each row's reward): SFT must do neither.
-        hidden = dict(padding_free=False, packing=False, eval_packing=False)
-        with hidden_from_base_init(args, **hidden):
-            super().__init__(
-                model=model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                peft_config=peft_config,
-                formatting_func=formatting_func,
-            )
+        return {"padding_free": False, "packing": False, "eval_packing": False}
+
+    def _after_base_init(self, args):
         # Packed rows are unpacked by the collator and always run padding-free (one row per pack), as in SFT.
         self.padding_free = args.padding_free or args.packing
         if self.padding_free:
@@ -638,7 +626,7 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 f"`{reward_column}` (rows {_listed(bad.tolist())}); they get weight 0 and are counted in the "
                 "`var/rows_skipped` metric.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of `__init__`
             )
 
     @staticmethod
@@ -733,7 +721,7 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 "weight 1 within its prompt (plain SFT on that reply, its reward has no effect). Per-prompt "
                 "normalisation needs several scored replies per prompt.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of `__init__`
             )
         slots = sizes.size * self._var_slot_size
         repeats = slots - len(group_ids)
@@ -745,7 +733,7 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 f"{repeats / slots:.0%} of the rows computed. Groups of one size that divides the step ({layout}) "
                 "need none.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of `__init__`
             )
 
     def _get_train_sampler(self, train_dataset=None):
@@ -772,7 +760,7 @@ class VARTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, SFTTrainer):
                 "is plain SFT and the rewards and `beta` have no effect. Use a larger per_device_train_batch_size or "
                 "gradient_accumulation_steps (with z_scope='step').",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of `__init__`
             )
 
     def _set_signature_columns_if_needed(self):

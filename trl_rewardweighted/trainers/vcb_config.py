@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from ..data.weights import SAMPLE_WEIGHT_COLUMN
 from ..losses import VCB_PAIR_MODES
+from .common import sample_weight_column_field
 
 __all__ = ["VCBConfig"]
 
@@ -115,10 +115,7 @@ class VCBConfig(DPOConfig):
         default="rewards",
         metadata={"help": "Column with a list of one reward per completion (same order)."},
     )
-    sample_weight_column: str = field(
-        default=SAMPLE_WEIGHT_COLUMN,
-        metadata={"help": "Column with one sample weight (a finite number >= 0) per prompt group; optional."},
-    )
+    sample_weight_column: str = sample_weight_column_field("prompt group", optional=True)
     sigma_eps_abs: float = field(
         default=1e-6,
         metadata={"help": "Absolute threshold under which a group's reward std counts as 0 (reward gaps set to 0)."},

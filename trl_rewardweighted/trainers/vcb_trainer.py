@@ -38,13 +38,11 @@ from ..model_utils import (
     KeepFloat32InputsMixin,
     adapters_disabled,
     compute_rowwise_distributed,
-    default_or_checked_args,
-    hidden_from_base_init,
-    resolve_reference_model,
     sequence_logps,
     tokenize_prompt_completions,
     warn_if_padding_free_attention_is_dense,
 )
+from .common import DPOTrainerInitMixin
 from .vcb_config import VCBConfig
 
 __all__ = ["VCBTrainer", "DataCollatorForVCB"]
@@ -202,7 +200,7 @@ def flatten_groups(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
+class VCBTrainer(DPOTrainerInitMixin, CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
     r"""
     Trainer for Value-based CaliBration (VCB, Mao et al., arXiv 2402.16030) over n scored completions per prompt.
 
@@ -283,38 +281,20 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
             }"""),
     }
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: VCBConfig | None = None,
-        data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
-        processing_class: PreTrainedTokenizerBase | None = None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-    ):
-        args = default_or_checked_args(
-            args,
-            model,
-            VCBConfig,
-            "VCB",
-            "VCB needs its own fields (`gamma`, `lam`, `pair_mode`, column names): build "
-            "`VCBConfig(...)` with the same arguments.",
-        )
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required")
-        if compute_metrics is not None:
-            raise ValueError(
-                "`compute_metrics` is not supported by VCBTrainer: the fused LM head builds no logits, so the "
-                "evaluation loop only gets the loss and would never call it. The VCB metrics (`calibration_error`, "
-                "`pair_agreement`, `sigma`, `logratio`, ...) are logged at every evaluation; remove `compute_metrics`."
-            )
+    _config_class = VCBConfig
+    _default_output_suffix = "VCB"
+    _config_fix = (
+        "VCB needs its own fields (`gamma`, `lam`, `pair_mode`, column names): build `VCBConfig(...)` with the same "
+        "arguments."
+    )
+    _refused_arguments = {
+        "compute_metrics": "`compute_metrics` is not supported by VCBTrainer: the fused LM head builds no logits, so "
+        "the evaluation loop only gets the loss and would never call it. The VCB metrics (`calibration_error`, "
+        "`pair_agreement`, `sigma`, `logratio`, ...) are logged at every evaluation; remove `compute_metrics`."
+    }
 
+    def _check_arguments(self, arguments):
+        args, train_dataset, eval_dataset = arguments["args"], arguments["train_dataset"], arguments["eval_dataset"]
         acc = args.accelerator_config
         if getattr(acc, "split_batches", False):
             raise ValueError(
@@ -353,7 +333,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
             )
             args.precompute_ref_log_probs = True
 
-        ref_model = resolve_reference_model(model, ref_model, args, peft_config, quantization_config)
+        arguments["ref_model"] = self._resolved_ref_model(arguments)
 
         # Counters filled by `_prepare_dataset` (rows dropped per dataset name).
         self.dropped_rows: dict[str, int] = {}
@@ -361,26 +341,15 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
         # The user's collator, or None for `DataCollatorForVCB`. `DPOTrainer.__init__` resolves the processing class
         # and the pad token and builds its own pair collator; the VCB one replaces it below, and is built by
         # `_vcb_collator` when the reference log-probs are precomputed inside `DPOTrainer.__init__`.
-        self._user_collator = data_collator
+        self._user_collator = arguments["data_collator"]
         # Padding-free forwards are run here (`sequence_logps(padding_free=True)`), also by the precompute that
         # `DPOTrainer.__init__` triggers; DPO 1.16 itself ignores the flag (with a warning) and pads.
         self.padding_free = args.padding_free
 
-        with hidden_from_base_init(args, padding_free=False):
-            super().__init__(
-                model=model,
-                ref_model=ref_model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_metrics=None,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                quantization_config=quantization_config,
-                peft_config=peft_config,
-            )
+    def _hidden_from_base_init(self, args):
+        return {"padding_free": False}
+
+    def _after_base_init(self, args):
         self.padding_free = args.padding_free
         if self.padding_free:
             warn_if_padding_free_attention_is_dense(self.model)
@@ -391,7 +360,7 @@ class VCBTrainer(CheckpointedCountersMixin, KeepFloat32InputsMixin, DPOTrainer):
                 "VCBTrainer does not add the MoE router auxiliary loss; set `router_aux_loss_coef=0.0` to silence "
                 "this warning.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4,  # the caller of `__init__`
             )
 
         self._vcb_sums = {mode: torch.zeros(len(_STAT_KEYS), dtype=torch.float64) for mode in ("train", "eval")}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import DPOConfig
 
-from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_column_name
+from ..data.weights import check_weight_column_name
+from .common import sample_weight_column_field
 
 __all__ = ["WeightedDPOConfig", "check_pairwise_loss_types"]
 
@@ -54,10 +55,7 @@ class WeightedDPOConfig(DPOConfig):
     `use_weighting=True` (WPO) is supported: its weight multiplies the sample weight.
     """
 
-    sample_weight_column: str = field(
-        default=SAMPLE_WEIGHT_COLUMN,
-        metadata={"help": "Column with one sample weight (a finite number >= 0) per preference pair."},
-    )
+    sample_weight_column: str = sample_weight_column_field("preference pair")
 
     def __post_init__(self):
         super().__post_init__()

@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
 
 from ..data.weights import check_weight_columns, example_weights
 from ..losses import sample_weight_factors
-from ..model_utils import KeepFloat32InputsMixin, default_or_checked_args
+from ..model_utils import KeepFloat32InputsMixin
+from .common import DPOTrainerInitMixin
 from .weighted_dpo_config import WeightedDPOConfig
 
 __all__ = ["DataCollatorWithSampleWeights", "SampleWeightedDPOMixin", "WeightedDPOTrainer"]
@@ -104,14 +104,23 @@ class SampleWeightedDPOMixin(KeepFloat32InputsMixin):
     """`DPOTrainer` mixin: one sample weight per pair, the loss normalised over the whole optimizer step.
 
     The trainer sets `_sample_weight_column` (the dataset column) and `_sample_weights_on` (False: the trainer is
-    unchanged) before `DPOTrainer.__init__`, and wraps its collator with [`DataCollatorWithSampleWeights`] after.
-    Per-pair losses are multiplied by [`~losses.sample_weight_factors`] of the weights: over the whole step in
-    training (`get_batch_samples`), over the micro-batch in evaluation.
+    unchanged) before `DPOTrainer.__init__` (`_init_sample_weights`), and wraps its collator with
+    [`DataCollatorWithSampleWeights`] after. Per-pair losses are multiplied by [`~losses.sample_weight_factors`] of
+    the weights: over the whole step in training (`get_batch_samples`), over the micro-batch in evaluation.
     """
 
     _float32_input_keys = (SAMPLE_WEIGHTS, WEIGHT_FACTORS)
     _sample_weight_column: str = "sample_weight"
     _sample_weights_on: bool = False
+
+    def _init_sample_weights(self, arguments: dict, required: bool) -> None:
+        """Check the weight column of the datasets among the trainer's `arguments` and turn the weights on when the
+        training dataset has it (it must when `required`)."""
+        column = arguments["args"].sample_weight_column
+        self._sample_weight_column = column
+        self._sample_weights_on = check_weight_columns(
+            arguments["train_dataset"], arguments["eval_dataset"], column, train_required=required
+        )
 
     def _wrap_collator_with_weights(self) -> None:
         if self._sample_weights_on and not isinstance(self.data_collator, DataCollatorWithSampleWeights):
@@ -172,7 +181,7 @@ class SampleWeightedDPOMixin(KeepFloat32InputsMixin):
         return (loss, outputs) if return_outputs else loss
 
 
-class WeightedDPOTrainer(SampleWeightedDPOMixin, DPOTrainer):
+class WeightedDPOTrainer(DPOTrainerInitMixin, SampleWeightedDPOMixin, DPOTrainer):
     r"""
     [`~trl.DPOTrainer`] with a sample weight per preference pair.
 
@@ -222,48 +231,17 @@ class WeightedDPOTrainer(SampleWeightedDPOMixin, DPOTrainer):
     _tag_names = ["trl", "dpo", "sample-weights", "trl-rewardweighted"]
     _name = "Weighted DPO"
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: WeightedDPOConfig | None = None,
-        data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-    ):
-        args = default_or_checked_args(
-            args,
-            model,
-            WeightedDPOConfig,
-            "WeightedDPO",
-            "Build one with WeightedDPOConfig(**your_args.to_dict()), plus `sample_weight_column` if your "
-            "column is not `sample_weight`.",
-        )
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required.")
-        check_weight_columns(train_dataset, eval_dataset, args.sample_weight_column, train_required=True)
-        self._sample_weight_column = args.sample_weight_column
-        self._sample_weights_on = True
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+    _config_class = WeightedDPOConfig
+    _default_output_suffix = "WeightedDPO"
+    _config_fix = (
+        "Build one with WeightedDPOConfig(**your_args.to_dict()), plus `sample_weight_column` if your column is not "
+        "`sample_weight`."
+    )
+
+    def _check_arguments(self, arguments):
+        self._init_sample_weights(arguments, required=True)
+
+    def _after_base_init(self, args):
         if self._is_vision_dataset:
             raise ValueError(
                 "WeightedDPOTrainer does not support vision datasets (`image`/`images` columns): only text pairs."

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import SFTConfig
 
-from ..data.weights import SAMPLE_WEIGHT_COLUMN, check_weight_column_name
+from ..data.weights import check_weight_column_name
+from .common import sample_weight_column_field
 
 __all__ = ["WeightedSFTConfig"]
 
@@ -38,10 +39,7 @@ class WeightedSFTConfig(SFTConfig):
     (the weighted loss is always normalised over every process, so it does not depend on their number).
     """
 
-    sample_weight_column: str = field(
-        default=SAMPLE_WEIGHT_COLUMN,
-        metadata={"help": "Column with one sample weight (a finite number >= 0) per row."},
-    )
+    sample_weight_column: str = sample_weight_column_field("row")
 
     def __post_init__(self):
         super().__post_init__()

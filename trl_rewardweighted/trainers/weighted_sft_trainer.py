@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
 from trl import SFTTrainer
 
 from ..data.weights import check_weight_columns, example_weights
 from ..losses import sample_weight_factors
-from ..model_utils import KeepFloat32InputsMixin, default_or_checked_args
+from ..model_utils import KeepFloat32InputsMixin
+from .common import SFTTrainerInitMixin
 from .weighted_sft_config import WeightedSFTConfig
 
 __all__ = ["DataCollatorWithTokenWeights", "WeightedSFTTrainer"]
@@ -91,7 +91,7 @@ class _TokenWeightedForward:
         return outputs
 
 
-class WeightedSFTTrainer(KeepFloat32InputsMixin, SFTTrainer):
+class WeightedSFTTrainer(SFTTrainerInitMixin, KeepFloat32InputsMixin, SFTTrainer):
     r"""
     [`~trl.SFTTrainer`] with a sample weight per row.
 
@@ -148,56 +148,24 @@ class WeightedSFTTrainer(KeepFloat32InputsMixin, SFTTrainer):
     _tag_names = ["trl", "sft", "sample-weights", "trl-rewardweighted"]
     _name = "Weighted SFT"
 
-    def __init__(
-        self,
-        model,
-        args: WeightedSFTConfig | None = None,
-        data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_loss_func=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        optimizer_cls_and_kwargs=None,
-        preprocess_logits_for_metrics=None,
-        quantization_config=None,
-        peft_config=None,
-        formatting_func=None,
-    ):
-        args = default_or_checked_args(
-            args,
-            model,
-            WeightedSFTConfig,
-            "WeightedSFT",
-            "Build one with WeightedSFTConfig(**your_args.to_dict()), plus `sample_weight_column` if your "
-            "column is not `sample_weight`.",
+    _config_class = WeightedSFTConfig
+    _default_output_suffix = "WeightedSFT"
+    _config_fix = (
+        "Build one with WeightedSFTConfig(**your_args.to_dict()), plus `sample_weight_column` if your column is not "
+        "`sample_weight`."
+    )
+    _refused_arguments = {
+        "compute_loss_func": "`compute_loss_func` is not supported by WeightedSFTTrainer: it would replace the "
+        "weighted loss. Weight the rows with the `sample_weight` column instead, or use SFTTrainer with your loss."
+    }
+
+    def _check_arguments(self, arguments):
+        args = arguments["args"]
+        check_weight_columns(
+            arguments["train_dataset"], arguments["eval_dataset"], args.sample_weight_column, train_required=True
         )
-        if compute_loss_func is not None:
-            raise ValueError(
-                "`compute_loss_func` is not supported by WeightedSFTTrainer: it would replace the weighted loss. Weight "
-                "the rows with the `sample_weight` column instead, or use SFTTrainer with your loss."
-            )
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required.")
-        check_weight_columns(train_dataset, eval_dataset, args.sample_weight_column, train_required=True)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-        )
+
+    def _after_base_init(self, args):
         if self._is_vision_dataset:
             raise ValueError(
                 "WeightedSFTTrainer does not support vision datasets (`image`/`images` columns): their examples are "
