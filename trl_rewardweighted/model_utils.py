@@ -138,17 +138,11 @@ def sequence_logps(
     does not build the block-diagonal mask from `position_ids` and every sequence would attend to the previous ones.
     """
     if padding_free:
-        flat = padding_free_inputs(input_ids, attention_mask, labels)
-        segment_ids, num_rows = flat.pop("segment_ids"), flat.pop("num_rows")
-        outputs = model(**flat, fused_lm_head=True, use_cache=False)
+        inputs = padding_free_inputs(input_ids, attention_mask, labels)
+        segment_ids, num_rows = inputs.pop("segment_ids"), inputs.pop("num_rows")
     else:
-        outputs = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            labels=labels,
-            fused_lm_head=True,
-            use_cache=False,
-        )
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    outputs = model(**inputs, fused_lm_head=True, use_cache=False)
     log_probs = getattr(outputs, "log_probs", None)
     if log_probs is None:
         raise RuntimeError(
@@ -158,7 +152,7 @@ def sequence_logps(
     if padding_free:
         # Token k of the row is predicted at position k - 1; the first token of every segment has label -100.
         per_token = torch.cat([token_logps.new_zeros(1), token_logps[0]])
-        counted = (flat["labels"][0] != -100).to(torch.long)
+        counted = (inputs["labels"][0] != -100).to(torch.long)
         counted[0] = 0
         segment_ids = segment_ids.to(per_token.device)
         logps = per_token.new_zeros(num_rows).index_add(0, segment_ids, per_token)
