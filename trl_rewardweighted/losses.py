@@ -37,13 +37,16 @@ def _check_1d(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"`{name}` must be a 1-D tensor (one value per row), got shape {tuple(t.shape)}.")
 
 
+def _check_like_rewards(name: str, t: torch.Tensor, rewards: torch.Tensor) -> None:
+    """Refuse a per-row tensor `name` that is not 1-D or not shaped like `rewards`."""
+    _check_1d(name, t)
+    if t.shape != rewards.shape:
+        raise ValueError(f"`{name}` has shape {tuple(t.shape)} but `rewards` has shape {tuple(rewards.shape)}.")
+
+
 def _check_sample_weights(sample_weights: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     """`sample_weights` as float64, after checking that they are finite, `>= 0` and shaped like `rewards`."""
-    _check_1d("sample_weights", sample_weights)
-    if sample_weights.shape != rewards.shape:
-        raise ValueError(
-            f"`sample_weights` has shape {tuple(sample_weights.shape)} but `rewards` has shape {tuple(rewards.shape)}."
-        )
+    _check_like_rewards("sample_weights", sample_weights, rewards)
     s = sample_weights.detach().to(torch.float64)
     bad = (~torch.isfinite(s) | (s < 0)).nonzero().flatten().tolist()
     if bad:
@@ -102,11 +105,7 @@ def var_log_weights(
     valid = torch.isfinite(r)
     ref = None
     if ref_logps is not None:
-        _check_1d("ref_logps", ref_logps)
-        if ref_logps.shape != rewards.shape:
-            raise ValueError(
-                f"`ref_logps` has shape {tuple(ref_logps.shape)} but `rewards` has shape {tuple(rewards.shape)}."
-            )
+        _check_like_rewards("ref_logps", ref_logps, rewards)
         ref = ref_logps.detach().to(device=r.device, dtype=torch.float64)
         valid &= torch.isfinite(ref)
     if mask is not None:
@@ -320,11 +319,7 @@ def var_prompt_weights(
     ```
     """
     _check_1d("rewards", rewards)
-    _check_1d("group_ids", group_ids)
-    if group_ids.shape != rewards.shape:
-        raise ValueError(
-            f"`group_ids` has shape {tuple(group_ids.shape)} but `rewards` has shape {tuple(rewards.shape)}."
-        )
+    _check_like_rewards("group_ids", group_ids, rewards)
     if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
         raise ValueError(f"`group_ids` must be an integer tensor, got {group_ids.dtype}.")
     if sample_weights is not None:
