@@ -9,7 +9,7 @@ result of every cell — versions as imported inside the cell, passed / failed /
 as a Markdown table (paste it into the README's compatibility table) and written to `--json`.
 
     python .ci/compat.py                                   # the default matrix, the whole default suite
-    python .ci/compat.py --cell trl==1.15.0,transformers==5.19.0 --pytest-args "tests/test_losses.py -x"
+    python .ci/compat.py --cell trl==1.15.0,transformers==5.23.0 --pytest-args "tests/test_losses.py -x"
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 # The lowest and highest TRL minor the pin admits, crossed with the lowest and highest transformers it admits.
 DEFAULT_CELLS = [
-    "trl==1.15.0,transformers==5.19.0",
+    "trl==1.15.0,transformers==5.23.0",
     "trl==1.15.0,transformers==5.25.0",
-    "trl==1.16.0,transformers==5.19.0",
+    "trl==1.16.0,transformers==5.23.0",
     "trl==1.16.0,transformers==5.25.0",
 ]
 SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?)")

@@ -308,7 +308,9 @@ def build_train_data(method: str, groups, sampler: str, reference: str):
 def _settings(method: str, opts: IterateConfig, same: bool) -> dict:
     """The method's own settings in a round (on top of the shared ones and the `cpu-demo` preset)."""
     return {
-        "var": dict(beta=opts.beta, ref_weighting=not same, max_length=opts.max_length),
+        # One normaliser per prompt over its `--n` replies (z_scope="prompt"): the 3-seed comparison of
+        # docs/compare.md found it at least as good as the paper's step normaliser on such groups.
+        "var": dict(beta=opts.beta, ref_weighting=not same, max_length=opts.max_length, z_scope="prompt"),
         "vcb": dict(gamma=opts.gamma, max_length=opts.max_length, precompute_ref_log_probs=True),
         "reward_augmented_dpo": dict(beta=opts.beta_dpo, max_length=None, score_range=opts.reward_range),
         "dpo": dict(beta=opts.beta_dpo, max_length=opts.max_length),
