@@ -148,12 +148,15 @@ def test_compare_seeds_pools_resumable_seed_runs(tiny_model_path, tmp_path, caps
     assert (out / "seed_5" / "train_groups.jsonl").read_text() != (out / "seed_6" / "train_groups.jsonl").read_text()
 
     # Rerunning resumes every finished phase; a seed's folder is the run `--seed 6 --output-dir seed_6` resumes.
+    total = summary["per_seed"]["5"]["timings"]["total_this_run"]
     calls = []
     monkeypatch.setattr(train_phase, "run_phase", lambda f: calls.append(f))
     code, printed, err = run(argv, capsys)
     assert code == 0, err
     assert calls == []
     assert printed.count("var: trained in an earlier run, skipped") == 2
+    after = json.loads((out / "seed_5" / "compare.json").read_text())["timings"]["total_this_run"]
+    assert after == total  # the rerun that ran nothing keeps the run's own time
     single = compare_argv(tiny_model_path, out / "seed_6", "--methods", "var,var_step", "--seed", "6")
     code, printed, err = run(single, capsys)
     assert code == 0, err

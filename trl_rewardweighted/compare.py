@@ -531,6 +531,7 @@ def run_compare(opts) -> dict:
     state = _prepare_output(out, opts, _fingerprint(opts, prompts_hash))
     timings = state["timings"]
     t0 = time.time()
+    before = dict(timings)
     print("[compare] budgets (matched: the same steps and sequences per step for every method):")
     print("\n".join(_budget_lines(plan, opts)))
 
@@ -587,7 +588,9 @@ def run_compare(opts) -> dict:
     results = json.loads((out / "eval" / "eval.json").read_text())
     paths = {"json": str(out / "eval" / "eval.json"), "markdown": str(out / "eval" / "eval.md")}
     paths.update({p.stem: str(p) for p in sorted((out / "eval").glob("*.png"))})
-    timings["total_this_run"] = round(time.time() - t0, 1)
+    if timings != before:  # a phase ran: this run's time (a rerun of a finished comparison keeps the last)
+        timings["total_this_run"] = round(time.time() - t0, 1)
+        write_json(out / "run.json", state)
     _write_report(out, opts, methods, plan, budgets, results, len(train_prompts), len(eval_prompts), timings)
     summary = {"budgets": budgets, "timings": timings, "files": paths, "methods": methods}
     summary["models"] = {n: e["summary"] for n, e in results["models"].items()}
