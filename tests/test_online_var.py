@@ -148,8 +148,12 @@ def _hand_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("num_iterations", [1, 2])
-def test_weights_equal_hand_computation(tiny_model_path, tmp_path, num_iterations):
+@pytest.mark.parametrize(
+    "num_iterations,generation", [(1, "fixed"), (2, "fixed"), (1, "generate")], ids=["fixed", "fixed-2it", "generate"]
+)
+def test_weights_equal_hand_computation(tiny_model_path, tmp_path, num_iterations, generation):
+    """`fixed`: stand-in completions, log q from a no-grad pass of the policy; `generate`: transformers' `generate`,
+    log q recorded while sampling (no second pass), checked against the sampling policy's full-logit recomputation."""
     from transformers import AutoModelForCausalLM
 
     beta = 0.7
@@ -168,9 +172,18 @@ def test_weights_equal_hand_computation(tiny_model_path, tmp_path, num_iteration
     trainer = OnlineVARTrainer(
         tiny_model_path, reward_fn, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4})
     )
-    trainer._generate_single_turn = fixed_generations.__get__(trainer)
+    if generation == "fixed":
+        trainer._generate_single_turn = fixed_generations.__get__(trainer)
     generations, step_weights = [], []
     generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss
+    policy_passes = []
+    logps_and_entropies = trainer._get_per_token_logps_and_entropies
+
+    def count_passes(model, *args, **kwargs):
+        policy_passes.append(model is trainer.model)
+        return logps_and_entropies(model, *args, **kwargs)
+
+    trainer._get_per_token_logps_and_entropies = count_passes
 
     def record_generation(inputs):
         state = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model).state_dict())
@@ -187,6 +200,11 @@ def test_weights_equal_hand_computation(tiny_model_path, tmp_path, num_iteration
     trainer.train()
 
     assert len(generations) == 2 and len(step_weights) == 2 * num_iterations
+    # Per generation batch: the reference pass; the policy's no-grad log q pass only without sampler log-probs; per
+    # optimizer step, the loss pass.
+    q_passes = 0 if generation == "generate" else 1
+    assert policy_passes.count(True) == 2 * (q_passes + num_iterations)
+    assert ("sampling_per_token_logps" in generations[0][1]) == (generation == "generate")
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     sampler = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     for k, (state, out) in enumerate(generations):

@@ -4,9 +4,11 @@ replaced. See `docs/online_var.md`."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from accelerate.utils import is_peft_model
-from transformers import PreTrainedModel
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
@@ -33,6 +35,56 @@ _FORWARD_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+class _SampledTokenLogps(LogitsProcessor):
+    """Records log q of every token `generate` samples, without building more than one step's `(batch, vocab)` scores.
+
+    `generate` calls its processors once per new token with the sequences so far; a processor passed by the caller
+    runs after the model's own processors and before the sampling warpers (temperature, top-k, ...). The scores are
+    kept as `log_softmax(scores / temperature)` (exactly the distribution `generate` draws from when the warpers are
+    neutral, which the config and `_check_sampler` enforce), and the log-prob of the token drawn from them is read at
+    the next call, or from the finished sequences for the last one (`finish`)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self._last = None
+        self._steps = []
+
+    def __call__(self, input_ids, scores):
+        self._read(input_ids[:, -1:])
+        self._last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _read(self, tokens):
+        if self._last is not None:
+            self._steps.append(self._last.gather(1, tokens).squeeze(1))
+            self._last = None
+
+    def finish(self, sequences):
+        """`(batch, new tokens)` log-probs of the sampled tokens, given the sequences `generate` returned."""
+        self._read(sequences[:, -1:])
+        steps, self._steps = self._steps, []
+        return torch.stack(steps, dim=1) if steps else sequences.new_zeros((sequences.size(0), 0), dtype=torch.float)
+
+
+@contextlib.contextmanager
+def _recording_sampled_logps(model, recorder: _SampledTokenLogps):
+    """Within the block, `model.generate` runs with `recorder` among its logits processors and hands it the returned
+    sequences."""
+
+    def generate(*args, **kwargs):
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(recorder)
+        sequences = type(model).generate(model, *args, logits_processor=processors, **kwargs)
+        recorder.result = recorder.finish(sequences if torch.is_tensor(sequences) else sequences.sequences)
+        return sequences
+
+    model.generate = generate
+    try:
+        yield
+    finally:
+        del model.generate
 
 
 class OnlineVARTrainer(TrainerInitMixin, GRPOTrainer):
@@ -228,9 +280,28 @@ class OnlineVARTrainer(TrainerInitMixin, GRPOTrainer):
         )
         return (per_token_logps * self._loss_mask(inputs)).sum(dim=1), aux_loss
 
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """GRPO's generation; with transformers' `generate`, also the log-prob of every sampled token under the
+        distribution it was drawn from (GRPO keeps none there), so log q needs no second pass of the policy."""
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
+            )
+        recorder = _SampledTokenLogps(self.temperature)
+        recorder.result = None
+        with _recording_sampled_logps(self.accelerator.unwrap_model(self.model_wrapped), recorder):
+            completion_ids, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
+            )
+        if logprobs is not None or recorder.result is None:
+            return completion_ids, logprobs
+        # GRPO keeps each completion up to its first EOS (the rest is padding `generate` appended).
+        per_token = recorder.result.cpu()
+        return completion_ids, [row[: len(ids)].tolist() for row, ids in zip(per_token, completion_ids, strict=True)]
+
     def _sampling_logps(self, output, mode):
-        """Summed log q(y|x) of the local completions: the sampler's own log-probs (vLLM, rollout functions), or the
-        policy's at generation time."""
+        """Summed log q(y|x) of the local completions: the sampler's own log-probs (transformers' `generate`, vLLM,
+        rollout functions), or else the policy's at generation time (one more forward pass)."""
         mask = self._loss_mask(output).float()
         if "sampling_per_token_logps" in output:
             per_token = output["sampling_per_token_logps"]
