@@ -100,6 +100,12 @@ def test_online_var_weights_refuses_bad_input():
             dict(multi_objective_aggregation="normalize_then_sum"),
             r"multi_objective_aggregation='normalize_then_sum' is not supported",
         ),
+        (dict(log_q_from="sampler"), r"OnlineVARConfig.log_q_from='sampler' is not one of 'auto', 'generate', 'po"),
+        (
+            dict(log_q_from="generate", use_transformers_continuous_batching=True),
+            r"log_q_from='generate' applies to transformers' `generate` only: with "
+            r"`use_transformers_continuous_batching=True`, log q is a forward of the policy after sampling\. Leave",
+        ),
     ],
 )
 def test_config_refusals(tmp_path, kwargs, message):
@@ -118,6 +124,24 @@ def test_trainer_refuses_wrong_config_and_missing_rewards(tiny_model_path, tmp_p
     args = OnlineVARConfig(str(tmp_path), num_generations=2, per_device_train_batch_size=2, **cpu_args())
     with pytest.raises(ValueError, match=r"OnlineVARTrainer needs `reward_funcs`"):
         OnlineVARTrainer(tiny_model_path, None, args=args, train_dataset=ds)
+
+
+def test_log_q_source_auto_is_policy_pass_in_half_precision(tiny_model_path, tmp_path):
+    """`log_q_from="auto"` records log q while sampling only where the cached and the full forward agree to float32
+    rounding: a bfloat16 model recomputes it with the policy pass, as `log_q_from="policy"` does."""
+    from transformers import AutoModelForCausalLM
+
+    ds = Dataset.from_dict({"prompt": PROMPTS})
+
+    def trainer(model, **kwargs):
+        args = OnlineVARConfig(str(tmp_path), num_generations=2, per_device_train_batch_size=2, **cpu_args(), **kwargs)
+        return OnlineVARTrainer(model, reward_fn, args=args, train_dataset=ds)
+
+    assert trainer(tiny_model_path).log_q_from_generate
+    assert not trainer(tiny_model_path, log_q_from="policy").log_q_from_generate
+    half = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16)
+    assert not trainer(half).log_q_from_generate
+    assert trainer(half, log_q_from="generate").log_q_from_generate
 
 
 def test_model_generation_config_that_changes_sampling_is_refused(tiny_model_path, tmp_path):
@@ -149,11 +173,14 @@ def _hand_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 
 @pytest.mark.parametrize(
-    "num_iterations,generation", [(1, "fixed"), (2, "fixed"), (1, "generate")], ids=["fixed", "fixed-2it", "generate"]
+    "num_iterations,generation",
+    [(1, "fixed"), (2, "fixed"), (1, "generate"), (1, "policy")],
+    ids=["fixed", "fixed-2it", "generate", "policy"],
 )
 def test_weights_equal_hand_computation(tiny_model_path, tmp_path, num_iterations, generation):
-    """`fixed`: stand-in completions, log q from a no-grad pass of the policy; `generate`: transformers' `generate`,
-    log q recorded while sampling (no second pass), checked against the sampling policy's full-logit recomputation."""
+    """`fixed`: stand-in completions, log q from a no-grad pass of the policy; `generate`: transformers' `generate`
+    with `log_q_from="auto"` (float32: log q recorded while sampling, no second pass); `policy`: `generate` with
+    `log_q_from="policy"` (the no-grad pass). Each checked against the sampling policy's full-logit recomputation."""
     from transformers import AutoModelForCausalLM
 
     beta = 0.7
@@ -167,11 +194,13 @@ def test_weights_equal_hand_computation(tiny_model_path, tmp_path, num_iteration
         learning_rate=0.05,
         optim="sgd",
         beta=beta,
+        log_q_from="policy" if generation == "policy" else "auto",
         **cpu_args(),
     )
     trainer = OnlineVARTrainer(
         tiny_model_path, reward_fn, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4})
     )
+    assert trainer.log_q_from_generate == (generation != "policy")
     if generation == "fixed":
         trainer._generate_single_turn = fixed_generations.__get__(trainer)
     generations, step_weights = [], []

@@ -53,6 +53,9 @@ _UNSUPPORTED_GRPO_FIELDS = {
 _SAMPLER_FIELDS = {"top_p": (1.0,), "top_k": (0, None), "min_p": (None, 0.0), "repetition_penalty": (1.0,)}
 
 
+LOG_Q_SOURCES = ("auto", "generate", "policy")
+
+
 @dataclass
 class OnlineVARConfig(GRPOConfig):
     r"""
@@ -71,6 +74,15 @@ class OnlineVARConfig(GRPOConfig):
             KL coefficient of the RLHF objective (VAR's λ): the temperature of the weights. It must match the scale of
             the rewards: rewards spanning tens of units with `beta=1` give one-hot weights. Unlike GRPO's `beta`, it
             is not a penalty term and must be `> 0` (the reference model is always used).
+        log_q_from (`str`, *optional*, defaults to `"auto"`):
+            Where `log q(y|x)` comes from with transformers' `generate`: `"generate"` records the log-prob of each
+            sampled token while sampling (no extra pass; exactly the distribution drawn from, computed by the cached
+            incremental forward); `"policy"` recomputes it with one no-grad forward of the policy right after sampling
+            (the same computation as the reference's and the loss's log-probs, so at the start `log q = log pi_ref`
+            exactly even in half precision, where the two paths differ by rounding); `"auto"` takes `"generate"` when
+            the model runs in float32 (no `bf16` / `fp16`, float32 parameters: the two agree to rounding there) and
+            `"policy"` otherwise. With vLLM, `log q` is vLLM's own sampling log-probability and this field must stay
+            `"auto"`.
 
     Inherited GRPO fields keep their meaning, with these differences:
 
@@ -97,8 +109,28 @@ class OnlineVARConfig(GRPOConfig):
         },
     )
 
+    log_q_from: str = field(
+        default="auto",
+        metadata={
+            "help": "Source of log q with transformers' generate: 'generate' (recorded while sampling, no extra pass), "
+            "'policy' (one no-grad forward after sampling) or 'auto' ('generate' in float32, else 'policy').",
+            "choices": list(LOG_Q_SOURCES),
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.log_q_from not in LOG_Q_SOURCES:
+            raise ValueError(
+                f"OnlineVARConfig.log_q_from={self.log_q_from!r} is not one of {', '.join(map(repr, LOG_Q_SOURCES))}."
+            )
+        if self.log_q_from != "auto" and (self.use_vllm or self.use_transformers_continuous_batching):
+            backend = "use_vllm" if self.use_vllm else "use_transformers_continuous_batching"
+            source = "vLLM's own sampling log-probs" if self.use_vllm else "a forward of the policy after sampling"
+            raise ValueError(
+                f"OnlineVARConfig.log_q_from={self.log_q_from!r} applies to transformers' `generate` only: with "
+                f"`{backend}=True`, log q is {source}. Leave `log_q_from` at 'auto'."
+            )
         check_finite_positive(
             "OnlineVARConfig.beta",
             self.beta,

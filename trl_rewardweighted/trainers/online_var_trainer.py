@@ -197,6 +197,17 @@ class OnlineVARTrainer(TrainerInitMixin, GRPOTrainer):
             self.beta = args.beta
             self.ref_model = self._install_reference(ref_model, args)
         self._check_sampler()
+        self.log_q_from_generate = self._resolve_log_q_source(args)
+
+    def _resolve_log_q_source(self, args) -> bool:
+        """Whether log q is recorded while `generate` samples (`OnlineVARConfig.log_q_from`)."""
+        if self.use_vllm or self.use_transformers_continuous_batching or args.log_q_from == "policy":
+            return False
+        if args.log_q_from == "generate":
+            return True
+        # "auto": where the cached incremental forward and the full forward agree to float32 rounding.
+        dtypes = {p.dtype for p in self.accelerator.unwrap_model(self.model).parameters()}
+        return not (args.bf16 or args.fp16) and dtypes == {torch.float32}
 
     def _install_reference(self, ref_model, args):
         if args.sync_ref_model:
@@ -281,9 +292,10 @@ class OnlineVARTrainer(TrainerInitMixin, GRPOTrainer):
         return (per_token_logps * self._loss_mask(inputs)).sum(dim=1), aux_loss
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """GRPO's generation; with transformers' `generate`, also the log-prob of every sampled token under the
-        distribution it was drawn from (GRPO keeps none there), so log q needs no second pass of the policy."""
-        if self.use_vllm or self.use_transformers_continuous_batching:
+        """GRPO's generation; with transformers' `generate` and `log_q_from` resolved to "generate", also the log-prob
+        of every sampled token under the distribution it was drawn from (GRPO keeps none there), so log q needs no
+        second pass of the policy."""
+        if not self.log_q_from_generate or self.use_vllm or self.use_transformers_continuous_batching:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
             )
