@@ -14,7 +14,9 @@ and the policy's forward and backward. Three trainers:
 - GRPOTrainer with TRL's default `beta=0` (no KL term, no reference model): the baseline;
 - GRPOTrainer with `beta=--grpo-kl-beta` (its KL penalty: a reference forward per step);
 - OnlineVARTrainer (no clipping and no KL term, but a reference pass and the sampling policy's log-probs for the
-  weights `softmax(r / beta + log pi_ref - log q)`).
+  weights `softmax(r / beta + log pi_ref - log q)`) with its default `log_q_from="auto"` (log q recorded while
+  sampling in float32, one no-grad policy pass in bf16; the settings say which it resolved to), and with
+  `log_q_from="policy"` (always the policy pass).
 
 Online VAR is compared with both GRPO set-ups. Step times are measured in interleaved rounds in one process (each round
 runs a few steps of every trainer, alternating the order; the first step of each round is dropped) and the median is
@@ -50,7 +52,8 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from trl_rewardweighted.data.utils import dumps_json  # noqa: E402
 
-KINDS = ("grpo", "grpo_kl", "online_var")
+KINDS = ("grpo", "grpo_kl", "online_var", "online_var_policy")
+ONLINE = ("online_var", "online_var_policy")
 GOAL = {"time_ratio": 1.05, "mem_ratio": 1.05}
 WORDS = "the a good bad happy sad day night river star light dark we you they run see make find love old new".split()
 
@@ -59,7 +62,9 @@ def labels(opts) -> dict:
     return {
         "grpo": "GRPOTrainer (TRL), beta=0",
         "grpo_kl": f"GRPOTrainer (TRL), beta={opts.grpo_kl_beta:g}",
-        "online_var": f"OnlineVARTrainer, beta={opts.beta:g}",
+        "online_var": f"OnlineVARTrainer, beta={opts.beta:g}, log_q_from=auto"
+        + (f" ({opts.online_var_log_q})" if getattr(opts, "online_var_log_q", None) else ""),
+        "online_var_policy": f"OnlineVARTrainer, beta={opts.beta:g}, log_q_from=policy",
     }
 
 
@@ -100,8 +105,10 @@ def build_trainer(kind: str, path: str, opts, timer: StepTimer, steps: int):
         disable_dropout=True,
     )
     dataset = make_prompts(opts.prompts, opts.words)
-    if kind == "online_var":
-        args = OnlineVARConfig(beta=opts.beta, **common)
+    if kind in ONLINE:
+        args = OnlineVARConfig(
+            beta=opts.beta, log_q_from="policy" if kind == "online_var_policy" else "auto", **common
+        )
         trainer = OnlineVARTrainer(path, reward_funcs=length_reward, args=args, train_dataset=dataset)
     else:
         args = GRPOConfig(beta=0.0 if kind == "grpo" else opts.grpo_kl_beta, **common)
@@ -134,6 +141,11 @@ def run_timing(opts) -> tuple[dict, dict, bool]:
         )
         for k in opts.kinds
     }
+    if "online_var" in trainers:  # what `log_q_from="auto"` resolved to on this model and device
+        opts.online_var_log_q = "generate" if trainers["online_var"].trainer.log_q_from_generate else "policy"
+        if opts.online_var_log_q == "policy":  # (bf16) the `log_q_from=policy` trainer would do the same work
+            opts.kinds = tuple(k for k in opts.kinds if k != "online_var_policy")
+            trainers.pop("online_var_policy", None)
     medians = interleaved_step_medians(trainers, timers, opts.rounds)
     first = timers[opts.kinds[0]].generations
     same = all(timers[k].generations == first for k in opts.kinds)
@@ -151,7 +163,7 @@ def json_results(opts, device: str, times: dict, tokens_per_s: dict, memory: dic
     """The measured numbers in the schema of `_common.write_json`."""
     names, rows = labels(opts), []
     for baseline, group in groups(opts).items():
-        for kind in (baseline, "online_var"):
+        for kind in (baseline, *(k for k in ONLINE if k in opts.kinds)):
             rows.append(
                 compared_row(
                     names[kind],

@@ -186,25 +186,33 @@ def test_online_var_pair_rows_and_run_all_arguments():
 
     import bench_online_var
 
-    opts = Namespace(model="tiny", beta=1.0, grpo_kl_beta=0.04, batch_size=8, kinds=("grpo", "grpo_kl", "online_var"))
-    times = {"grpo": 0.100, "grpo_kl": 0.110, "online_var": 0.104}
-    tokens = {"grpo": 5000.4, "grpo_kl": 4545.0, "online_var": None}
+    kinds = ("grpo", "grpo_kl", "online_var", "online_var_policy")
+    opts = Namespace(model="tiny", beta=1.0, grpo_kl_beta=0.04, batch_size=8, kinds=kinds, online_var_log_q="generate")
+    times = {"grpo": 0.100, "grpo_kl": 0.110, "online_var": 0.104, "online_var_policy": 0.121}
+    tokens = {"grpo": 5000.4, "grpo_kl": 4545.0, "online_var": None, "online_var_policy": 4000.0}
     memory = {k: {"peak_mib": v, "train_mib": None} for k, v in (("grpo", 500.0), ("grpo_kl", 520.0),
                                                                    ("online_var", 525.0))}  # fmt: skip
     data = bench_online_var.json_results(opts, "CPU (1 threads)", times, tokens, memory, True)
     assert data["benchmark"] == "bench_online_var" and data["settings"]["same_generations"] is True
+    assert data["settings"]["online_var_log_q"] == "generate"
+    auto, policy = (
+        "OnlineVARTrainer, beta=1, log_q_from=auto (generate)",
+        "OnlineVARTrainer, beta=1, log_q_from=policy",
+    )
     assert [(r["name"], r["baseline"], r["time_ratio"], r.get("mem_ratio")) for r in data["rows"]] == [
         ("GRPOTrainer (TRL), beta=0", None, 1.0, 1.0),
-        ("OnlineVARTrainer, beta=1", "GRPOTrainer (TRL), beta=0", 1.04, 1.05),
+        (auto, "GRPOTrainer (TRL), beta=0", 1.04, 1.05),
+        (policy, "GRPOTrainer (TRL), beta=0", 1.21, None),
         ("GRPOTrainer (TRL), beta=0.04", None, 1.0, 1.0),
-        ("OnlineVARTrainer, beta=1", "GRPOTrainer (TRL), beta=0.04", 0.9455, 1.0096),
+        (auto, "GRPOTrainer (TRL), beta=0.04", 0.9455, 1.0096),
+        (policy, "GRPOTrainer (TRL), beta=0.04", 1.1, None),
     ]
     assert data["rows"][0]["tokens_per_s"] == 5000 and data["rows"][1]["tokens_per_s"] is None
     run = _run()
     run["benchmarks"]["bench_online_var"] = {"command": "python benchmarks/bench_online_var.py", "json": data}
     text = run_all.render_results(run)
     assert (
-        "| `bench_online_var` | OnlineVARTrainer, beta=1 | GRPOTrainer (TRL), beta=0 | 1.040× | 1.050× | "
+        f"| `bench_online_var` | {auto} | GRPOTrainer (TRL), beta=0 | 1.040× | 1.050× | "
         "step time ≤ 1.05×, peak memory ≤ 1.05× | time ≤ 1.05×: yes; memory ≤ 1.05×: yes |"
     ) in text
     assert "## Online VAR vs GRPOTrainer — `benchmarks/bench_online_var.py`" in text
