@@ -766,6 +766,8 @@ def main(argv=None) -> int:
     output = Path(opts.output) if opts.output else RESULTS
     if opts.from_raw:
         run = json.loads(Path(opts.from_raw).read_text())
+        if opts.note:  # a note added when re-rendering a saved run
+            run["note"] = " ".join(filter(None, (run.get("note"), opts.note)))
         if opts.gpu_check_json:
             run["gpu_check"] = read_gpu_check(opts.gpu_check_json)
     else:

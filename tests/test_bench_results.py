@@ -146,6 +146,10 @@ def test_run_all_renders_a_saved_run(tmp_path):
     raw.write_text(json.dumps(_run()))
     assert run_all.main(["--from-raw", str(raw), "--output", str(out)]) == 0
     assert out.read_text() == run_all.render_results(_run())
+    # --note is applied when re-rendering too (added under the header), not ignored.
+    assert run_all.main(["--from-raw", str(raw), "--output", str(out), "--note", "Quiet host."]) == 0
+    assert out.read_text() == run_all.render_results({**_run(), "note": "Quiet host."})
+    assert "\nQuiet host.\n" in out.read_text()
     with pytest.raises(SystemExit, match="unknown"):
         run_all.benchmark_names("bench_var,bench_nope")
 
