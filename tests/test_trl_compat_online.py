@@ -1204,7 +1204,7 @@ def test_pad_to_multiple_of(tiny_model_path, tmp_path, baseline):
 @pytest.mark.slow
 def test_continuous_batching(tiny_model_path, tmp_path):
     """`use_transformers_continuous_batching=True`: transformers' `generate_batch` samples (about 25 s for one step on
-    CPU, hence `slow`); log q is the policy's, computed after sampling, as with `generate`."""
+    CPU, hence `slow`); it returns no log-probs, so log q is the policy's, computed by a forward after sampling."""
     reward = recording_reward()
     args = config(tmp_path, use_transformers_continuous_batching=True)
     trainer = expect("continuous_batching", lambda: make(tmp_path, tiny_model_path, reward, args))
