@@ -23,6 +23,10 @@ runs a few steps of every trainer, alternating the order; the first step of each
 reported; tokens/s counts the real prompt + completion tokens of a step. Peak memory, each trainer in a fresh
 subprocess: on CUDA `max_memory_allocated` during `train()`, on CPU the peak RSS during `train()` and its increase
 over the RSS before it. Goal: online VAR ≤ 1.05× GRPO's step time and peak memory.
+
+Then one step of online VAR with `log_q_from="generate"` checks how far log q recorded while sampling is from the
+policy's full forward on this model, dtype and device, and how much that moves the weights (`log_q_agreement` in the
+JSON; `--no-agreement` skips it): the evidence for what `log_q_from="auto"` chooses.
 """
 
 from __future__ import annotations
@@ -105,10 +109,9 @@ def build_trainer(kind: str, path: str, opts, timer: StepTimer, steps: int):
         disable_dropout=True,
     )
     dataset = make_prompts(opts.prompts, opts.words)
-    if kind in ONLINE:
-        args = OnlineVARConfig(
-            beta=opts.beta, log_q_from="policy" if kind == "online_var_policy" else "auto", **common
-        )
+    if kind.startswith("online_var"):
+        log_q_from = {"online_var_policy": "policy", "online_var_generate": "generate"}.get(kind, "auto")
+        args = OnlineVARConfig(beta=opts.beta, log_q_from=log_q_from, **common)
         trainer = OnlineVARTrainer(path, reward_funcs=length_reward, args=args, train_dataset=dataset)
     else:
         args = GRPOConfig(beta=0.0 if kind == "grpo" else opts.grpo_kl_beta, **common)
@@ -152,6 +155,41 @@ def run_timing(opts) -> tuple[dict, dict, bool]:
     return medians, {k: timers[k].tokens_per_second(medians[k]) for k in opts.kinds}, same
 
 
+def log_q_agreement(opts) -> dict:
+    """How far log q recorded while `generate` samples (`log_q_from="generate"`) is from the policy's full forward, on
+    one generation batch of this model, dtype and device. The learning rate is 0 and the first batch is sampled by the
+    starting policy, so the policy's full-forward log-probs are the reference's (`ref_per_token_logps`, computed by
+    GRPO's forward with the fused LM head): the difference is rounding between the cached incremental forward and the
+    full one. Also how much it moves the weights: `log_q_from="policy"` would give softmax(log w + log q_gen - log
+    pi_ref) per prompt where the recorded source gave w."""
+    trainer = build_trainer("online_var_generate", model_path(opts.model), opts, StepTimer(), 1)
+    outputs = []
+    generate = trainer._generate_and_score_completions
+
+    def capture(inputs):
+        outputs.append(generate(inputs))
+        return outputs[-1]
+
+    trainer._generate_and_score_completions = capture
+    set_seed(opts.seed)
+    trainer.train()
+    out = outputs[0]
+    mask = out["completion_mask"].bool()
+    diff = (out["sampling_per_token_logps"].double() - out["ref_per_token_logps"].double()).masked_fill(~mask, 0.0)
+    per_sequence = diff.sum(dim=1)
+    w_generate = out["var_weights"].double().view(-1, opts.num_generations)
+    w_policy = torch.softmax(w_generate.log() + per_sequence.view(-1, opts.num_generations), dim=1)
+    return {
+        "sequences": int(mask.size(0)),
+        "tokens": int(mask.sum()),
+        "per_token_mean_abs": float(diff[mask].abs().mean()),
+        "per_token_max_abs": float(diff[mask].abs().max()),
+        "per_sequence_mean_abs": float(per_sequence.abs().mean()),
+        "per_sequence_max_abs": float(per_sequence.abs().max()),
+        "weight_max_abs_change": float((w_generate - w_policy).abs().max()),
+    }
+
+
 def run_memory_child(opts, kind: str) -> dict:
     """Peak memory (MiB) of one trainer in this fresh process ([`_common.train_peak_memory`])."""
     set_seed(opts.seed)
@@ -159,7 +197,9 @@ def run_memory_child(opts, kind: str) -> dict:
     return train_peak_memory(trainer)
 
 
-def json_results(opts, device: str, times: dict, tokens_per_s: dict, memory: dict, same: bool) -> dict:
+def json_results(
+    opts, device: str, times: dict, tokens_per_s: dict, memory: dict, same: bool, agreement: dict | None = None
+) -> dict:
     """The measured numbers in the schema of `_common.write_json`."""
     names, rows = labels(opts), []
     for baseline, group in groups(opts).items():
@@ -188,7 +228,9 @@ def json_results(opts, device: str, times: dict, tokens_per_s: dict, memory: dic
         if torch.cuda.is_available()
         else "peak RSS during train() (peak MiB) and its increase over the RSS before train() (train() +MiB)",
     )
+    extra = {} if agreement is None else {"log_q_agreement": agreement}
     return {
+        **extra,
         "benchmark": "bench_online_var",
         "goal": "online VAR <= 1.05x GRPOTrainer's step time and peak memory (same prompts, generations and lengths)",
         "goals": {group: GOAL for group in groups(opts).values()},
@@ -217,6 +259,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--no-agreement",
+        action="store_true",
+        help="skip the check of log q recorded while sampling against the policy's full forward (one extra step)",
+    )
     parser.add_argument("--json", help="also write the measured numbers here (read by benchmarks/run_all.py)")
     parser.add_argument("--_memory_child", choices=KINDS, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -238,7 +285,8 @@ def main(argv=None):
     )
     times, tokens_per_s, same = run_timing(opts)
     memory = {} if opts.no_memory else memory_in_children(__file__, argv, opts.kinds)
-    results = json_results(opts, device, times, tokens_per_s, memory, same)
+    agreement = None if opts.no_agreement else log_q_agreement(opts)
+    results = json_results(opts, device, times, tokens_per_s, memory, same, agreement)
     print(f"{'trainer':<34}{'vs':<30}{'step (ms)':>10}{'ratio':>8}{'tokens/s':>10}{'peak MiB':>10}{'ratio':>8}")
     for r in results["rows"]:
         peak = f"{r['peak_mib']:>10.0f}{r['mem_ratio']:>7.3f}x" if "peak_mib" in r else ""
@@ -247,6 +295,11 @@ def main(argv=None):
             f"{r['tokens_per_s'] or 0:>10}{peak}"
         )
     print(f"same generations in every trainer: {same}; memory: {results['settings']['memory']}")
+    if agreement:
+        print(
+            "log q recorded while sampling vs the policy's full forward: "
+            + ", ".join(f"{k}={v:.3g}" for k, v in agreement.items())
+        )
     write_json(opts.json, results)
 
 

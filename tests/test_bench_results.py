@@ -196,8 +196,10 @@ def test_online_var_pair_rows_and_run_all_arguments():
     tokens = {"grpo": 5000.4, "grpo_kl": 4545.0, "online_var": None, "online_var_policy": 4000.0}
     memory = {k: {"peak_mib": v, "train_mib": None} for k, v in (("grpo", 500.0), ("grpo_kl", 520.0),
                                                                    ("online_var", 525.0))}  # fmt: skip
-    data = bench_online_var.json_results(opts, "CPU (1 threads)", times, tokens, memory, True)
+    agreement = {"sequences": 8, "tokens": 240, "per_sequence_mean_abs": 0.35, "weight_max_abs_change": 0.13}
+    data = bench_online_var.json_results(opts, "CPU (1 threads)", times, tokens, memory, True, agreement)
     assert data["benchmark"] == "bench_online_var" and data["settings"]["same_generations"] is True
+    assert data["log_q_agreement"] == agreement
     assert data["settings"]["online_var_log_q"] == "generate"
     auto, policy = (
         "OnlineVARTrainer, beta=1, log_q_from=auto (generate)",
@@ -213,13 +215,18 @@ def test_online_var_pair_rows_and_run_all_arguments():
     ]
     assert data["rows"][0]["tokens_per_s"] == 5000 and data["rows"][1]["tokens_per_s"] is None
     run = _run()
-    run["benchmarks"]["bench_online_var"] = {"command": "python benchmarks/bench_online_var.py", "json": data}
+    run["benchmarks"]["bench_online_var"] = {
+        "command": "python benchmarks/bench_online_var.py",
+        "json": data,
+        "returncode": 0,
+    }
     text = run_all.render_results(run)
     assert (
         f"| `bench_online_var` | {auto} | GRPOTrainer (TRL), beta=0 | 1.040× | 1.050× | "
         "step time ≤ 1.05×, peak memory ≤ 1.05× | time ≤ 1.05×: yes; memory ≤ 1.05×: yes |"
     ) in text
     assert "## Online VAR vs GRPOTrainer — `benchmarks/bench_online_var.py`" in text
+    assert "per_sequence_mean_abs" in text and "weight_max_abs_change" in text
 
     gpu = Namespace(quick=False, args=None, gpu_model="smollm2")
     assert "bench_online_var" in run_all.benchmark_names(None)
