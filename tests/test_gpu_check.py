@@ -144,6 +144,23 @@ def test_parts_are_isolated_and_kept_within_their_budget(tmp_path):
     assert late[1].detail == "out of time: the 45 s budget was spent"
 
 
+def test_bench_outcome_keeps_what_else_the_benchmark_measured(tmp_path):
+    """A benchmark's values outside the rows schema (bench_online_var's `log_q_agreement`) reach the result and the
+    part's detail line."""
+    data = {
+        "benchmark": "bench_online_var",
+        "settings": {"device": "GPU", "memory": "CUDA", "bf16": True},
+        "rows": [],
+        "log_q_agreement": {"tokens": 512, "per_sequence_mean_abs": 0.35012, "weight_max_abs_change": 0.1337},
+    }
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    part = gpu_check.Part("bench_online_var smollm2", "bench", ["x"], 60.0, output=str(tmp_path / "b.json"))
+    gpu_check.read_outcome(part, 0, [])
+    assert part.status == "ok" and part.result["log_q_agreement"] == data["log_q_agreement"]
+    assert part.result["device"] == "GPU" and "bf16" not in part.result
+    assert part.detail == "log_q_agreement: tokens=512, per_sequence_mean_abs=0.35, weight_max_abs_change=0.134"
+
+
 def test_zero3_outcome_reads_the_logged_losses_and_the_saved_model(tmp_path):
     part = gpu_check.Part("zero3 var", "zero3", ["x"], 60.0, output=str(tmp_path))
     part.seconds = 12.0
