@@ -126,6 +126,41 @@ def test_trainer_refuses_wrong_config_and_missing_rewards(tiny_model_path, tmp_p
         OnlineVARTrainer(tiny_model_path, None, args=args, train_dataset=ds)
 
 
+def test_sampled_token_logps_recorder_and_generate_patch():
+    """The recorder keeps log_softmax(scores / T) of each step at the token drawn next (read at the next call, the
+    last one from the returned sequences); the patch hands it to `generate` and puts back what was there."""
+    from trl_rewardweighted.trainers.online_var_trainer import _recording_sampled_logps, _SampledTokenLogps
+
+    torch.manual_seed(0)
+    steps, tokens = [torch.randn(2, 5) for _ in range(3)], torch.tensor([[1, 4, 0], [3, 3, 2]])
+
+    class Model:
+        def generate(self, input_ids, logits_processor=None):
+            for t, scores in enumerate(steps):
+                for processor in logits_processor:
+                    assert processor(input_ids, scores) is scores
+                input_ids = torch.cat([input_ids, tokens[:, t : t + 1]], dim=1)
+            return input_ids
+
+    expected = torch.stack(
+        [torch.log_softmax(x / 2.0, -1).gather(1, tokens[:, t : t + 1])[:, 0] for t, x in enumerate(steps)], dim=1
+    )
+    model, recorder = Model(), _SampledTokenLogps(temperature=2.0)
+    with _recording_sampled_logps(model, recorder):
+        out = model.generate(torch.zeros(2, 1, dtype=torch.long))
+    torch.testing.assert_close(out[:, 1:], tokens)
+    torch.testing.assert_close(recorder.result, expected)
+    assert "generate" not in vars(model)  # the class's method again
+
+    own = Model.generate.__get__(model)
+    model.generate = own  # an instance attribute (a wrapper someone installed) is called, then put back
+    recorder = _SampledTokenLogps(temperature=2.0)
+    with _recording_sampled_logps(model, recorder):
+        model.generate(torch.zeros(2, 1, dtype=torch.long))
+    torch.testing.assert_close(recorder.result, expected)
+    assert vars(model)["generate"] is own
+
+
 def test_log_q_source_auto_is_policy_pass_in_half_precision(tiny_model_path, tmp_path):
     """`log_q_from="auto"` records log q while sampling only where the cached and the full forward agree to float32
     rounding: a bfloat16 model recomputes it with the policy pass, as `log_q_from="policy"` does."""

@@ -5,6 +5,7 @@ replaced. See `docs/online_var.md`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from accelerate.utils import is_peft_model
@@ -73,10 +74,13 @@ def _recording_sampled_logps(model, recorder: _SampledTokenLogps):
     """Within the block, `model.generate` runs with `recorder` among its logits processors and hands it the returned
     sequences."""
 
+    own = vars(model).get("generate")  # an instance attribute already there is called, and put back after
+    original = own if own is not None else functools.partial(type(model).generate, model)
+
     def generate(*args, **kwargs):
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(recorder)
-        sequences = type(model).generate(model, *args, logits_processor=processors, **kwargs)
+        sequences = original(*args, logits_processor=processors, **kwargs)
         recorder.result = recorder.finish(sequences if torch.is_tensor(sequences) else sequences.sequences)
         return sequences
 
@@ -84,7 +88,10 @@ def _recording_sampled_logps(model, recorder: _SampledTokenLogps):
     try:
         yield
     finally:
-        del model.generate
+        if own is None:
+            del model.generate
+        else:
+            model.generate = own
 
 
 class OnlineVARTrainer(TrainerInitMixin, GRPOTrainer):
