@@ -528,13 +528,6 @@ def run_command(cmd: list[str], timeout: float, log: Path, tail_lines: int = 25)
     return code, list(tail)
 
 
-def _brief(value) -> str:
-    """A measured value in a line: a mapping as `key=value` pairs, numbers to 3 significant digits."""
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_brief(v)}" for k, v in value.items())
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def read_outcome(part: Part, code: int | None, tail: list[str], log: str = "") -> None:
     """Fill `part`'s status and results from its exit code, the last lines of its output and the whole of it."""
     part.returncode, part.tail = code, tail
@@ -557,10 +550,13 @@ def read_outcome(part: Part, code: int | None, tail: list[str], log: str = "") -
         part.rows, part.goals = data.get("rows") or [], data.get("goals") or {}
         settings = data.get("settings") or {}
         part.result = {k: settings[k] for k in ("device", "memory", "same_generations") if k in settings}
-        # What else the benchmark measured (e.g. bench_online_var's `log_q_agreement`), kept and named in the detail.
-        extra = {k: v for k, v in data.items() if k not in ("benchmark", "goal", "goals", "settings", "rows")}
+        # What else the benchmark measured (e.g. bench_online_var's `log_q_agreement`), kept and named in the detail
+        # the way RESULTS.md shows it.
+        from run_all import SCHEMA_KEYS, flatten, fmt_value
+
+        extra = {k: v for k, v in data.items() if k not in SCHEMA_KEYS}
         part.result.update(extra)
-        part.detail = "; ".join(f"{k}: {_brief(v)}" for k, v in extra.items())
+        part.detail = ", ".join(f"{k}={fmt_value(v)}" for k, v in flatten(extra))
     elif part.kind == "zero3":
         saved = Path(part.output, "model.safetensors").exists() or any(Path(part.output).glob("*.safetensors"))
         losses = re.findall(r"'loss': '?([-+0-9.eEnaif]+)", log or "\n".join(tail))

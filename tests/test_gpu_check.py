@@ -158,7 +158,10 @@ def test_bench_outcome_keeps_what_else_the_benchmark_measured(tmp_path):
     gpu_check.read_outcome(part, 0, [])
     assert part.status == "ok" and part.result["log_q_agreement"] == data["log_q_agreement"]
     assert part.result["device"] == "GPU" and "bf16" not in part.result
-    assert part.detail == "log_q_agreement: tokens=512, per_sequence_mean_abs=0.35, weight_max_abs_change=0.134"
+    assert part.detail == (
+        "log_q_agreement.tokens=512, log_q_agreement.per_sequence_mean_abs=0.3501, "
+        "log_q_agreement.weight_max_abs_change=0.1337"
+    )
 
 
 def test_zero3_outcome_reads_the_logged_losses_and_the_saved_model(tmp_path):

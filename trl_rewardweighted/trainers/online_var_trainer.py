@@ -45,10 +45,11 @@ class _SampledTokenLogps(LogitsProcessor):
     runs after the model's own processors and before the sampling warpers (temperature, top-k, ...). The scores are
     kept as `log_softmax(scores / temperature)` (exactly the distribution `generate` draws from when the warpers are
     neutral, which the config and `_check_sampler` enforce), and the log-prob of the token drawn from them is read at
-    the next call, or from the finished sequences for the last one (`finish`)."""
+    the next call, or from the finished sequences for the last one (`finish`, which sets `result`)."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
+        self.result = None
         self._last = None
         self._steps = []
 
@@ -63,10 +64,13 @@ class _SampledTokenLogps(LogitsProcessor):
             self._last = None
 
     def finish(self, sequences):
-        """`(batch, new tokens)` log-probs of the sampled tokens, given the sequences `generate` returned."""
+        """Set `result`: the `(batch, new tokens)` log-probs of the sampled tokens, given the sequences `generate`
+        returned."""
         self._read(sequences[:, -1:])
         steps, self._steps = self._steps, []
-        return torch.stack(steps, dim=1) if steps else sequences.new_zeros((sequences.size(0), 0), dtype=torch.float)
+        self.result = (
+            torch.stack(steps, dim=1) if steps else sequences.new_zeros((sequences.size(0), 0), dtype=torch.float)
+        )
 
 
 @contextlib.contextmanager
@@ -81,7 +85,7 @@ def _recording_sampled_logps(model, recorder: _SampledTokenLogps):
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(recorder)
         sequences = original(*args, logits_processor=processors, **kwargs)
-        recorder.result = recorder.finish(sequences if torch.is_tensor(sequences) else sequences.sequences)
+        recorder.finish(sequences if torch.is_tensor(sequences) else sequences.sequences)
         return sequences
 
     model.generate = generate
@@ -302,12 +306,11 @@ class OnlineVARTrainer(TrainerInitMixin, GRPOTrainer):
         """GRPO's generation; with transformers' `generate` and `log_q_from` resolved to "generate", also the log-prob
         of every sampled token under the distribution it was drawn from (GRPO keeps none there), so log q needs no
         second pass of the policy."""
-        if not self.log_q_from_generate or self.use_vllm or self.use_transformers_continuous_batching:
+        if not self.log_q_from_generate:  # (never with vLLM or continuous batching)
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
             )
         recorder = _SampledTokenLogps(self.temperature)
-        recorder.result = None
         with _recording_sampled_logps(self.accelerator.unwrap_model(self.model_wrapped), recorder):
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
